@@ -1,0 +1,22 @@
+"""FieldScope edge runtime: classify images on a Raspberry Pi, on the CPU or a Coral Edge TPU.
+
+Nothing here imports TensorFlow: the Pi runs LiteRT (or tflite-runtime) only.
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+__all__ = ["Classifier", "Result", "__version__", "load_model"]
+
+
+def __getattr__(name: str):  # lazy: `import edge` stays cheap and numpy-free
+    if name in ("Classifier", "Result"):
+        from . import classifier
+
+        return getattr(classifier, name)
+    if name == "load_model":
+        from .bundle import load_model
+
+        return load_model
+    raise AttributeError(name)

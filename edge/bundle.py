@@ -1,0 +1,269 @@
+"""Model bundles: a folder with manifest.json, the model files and labels.txt.
+
+The manifest is the contract between training and the Pi. It is validated against
+``schemas/manifest.schema.json`` and then cross-checked (labels, groups, files, digests), so a
+bad bundle is refused at load time with a message naming the field and the fix, not at the
+first frame.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from .errors import BundleError
+from .labels import read_labels, write_labels
+from .tflite_file import is_edgetpu_compiled, read_model_bytes, sha256_file
+
+SCHEMA_VERSION = 1
+ARTIFACT_KINDS = ("float", "int8", "edgetpu")
+# Defaults that fit MobileNet-style models and Coral's reference models.
+DEFAULT_INPUT = {
+    "color_order": "RGB",
+    "resize": "center-crop",
+    "normalization": {"mean": [127.5, 127.5, 127.5], "std": [127.5, 127.5, 127.5]},
+}
+
+
+@lru_cache(maxsize=1)
+def manifest_schema() -> dict[str, Any]:
+    text = resources.files("edge").joinpath("schemas/manifest.schema.json").read_text()
+    return json.loads(text)
+
+
+@dataclass(frozen=True)
+class Artifact:
+    kind: str
+    path: Path
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """A validated bundle (or a bare .tflite wrapped to look like one)."""
+
+    root: Path | None
+    manifest: dict[str, Any]
+    artifacts: dict[str, Artifact]
+
+    @property
+    def name(self) -> str:
+        return self.manifest["name"]
+
+    @property
+    def version(self) -> str:
+        return self.manifest["version"]
+
+    @property
+    def labels(self) -> list[str]:
+        return list(self.manifest["labels"])
+
+    @property
+    def label_groups(self) -> dict[str, list[str]]:
+        return dict(self.manifest.get("label_groups", {}))
+
+    @property
+    def decision(self) -> dict[str, Any] | None:
+        return self.manifest.get("decision")
+
+    @property
+    def input_spec(self) -> dict[str, Any]:
+        spec = {**DEFAULT_INPUT, **self.manifest["input"]}
+        return spec
+
+    @property
+    def output_kind(self) -> str:
+        return self.manifest.get("output", "auto")
+
+    def cpu_artifact(self) -> Artifact | None:
+        """The artifact the CPU runs: int8 when present (fast on a Pi's ARM cores), else float."""
+        return self.artifacts.get("int8") or self.artifacts.get("float")
+
+    def file(self, key: str) -> Path | None:
+        rel = self.manifest.get(key)
+        if not rel or self.root is None:
+            return None
+        return self.root / rel
+
+
+def _schema_errors(manifest: Any) -> list[str]:
+    import jsonschema
+
+    validator = jsonschema.Draft202012Validator(manifest_schema())
+    out = []
+    for err in sorted(validator.iter_errors(manifest), key=lambda e: list(e.absolute_path)):
+        where = "/".join(str(p) for p in err.absolute_path) or "(top level)"
+        out.append(f"{where}: {err.message}")
+    return out
+
+
+def _cross_errors(manifest: dict[str, Any]) -> list[str]:
+    errors = []
+    labels = manifest["labels"]
+    if len(set(labels)) != len(labels):
+        errors.append("labels: duplicate labels")
+    groups = manifest.get("label_groups", {})
+    for group, members in groups.items():
+        unknown = [m for m in members if m not in labels]
+        if unknown:
+            errors.append(f"label_groups/{group}: unknown labels {unknown} (known: {labels})")
+    decision = manifest.get("decision")
+    if decision and decision["group"] not in groups:
+        errors.append(
+            f"decision/group: {decision['group']!r} is not one of label_groups {sorted(groups)}"
+        )
+    return errors
+
+
+def validate_manifest(manifest: Any, source: str = "manifest") -> None:
+    errors = _schema_errors(manifest)
+    if not errors:
+        errors = _cross_errors(manifest)
+    if errors:
+        lines = "\n  ".join(errors)
+        raise BundleError(
+            f"{source} is not a valid bundle manifest:\n  {lines}",
+            "see docs/bundle-format.md for the schema",
+        )
+
+
+def _check_artifact(root: Path, kind: str, info: dict[str, Any], verify: bool) -> Artifact:
+    path = root / info["file"]
+    if not path.is_file():
+        raise BundleError(
+            f"bundle {root.name}: artifact '{kind}' file {info['file']} is missing",
+            "copy the file into the bundle or remove the artifact from manifest.json",
+        )
+    if verify:
+        size = path.stat().st_size
+        if "size" in info and info["size"] != size:
+            raise BundleError(
+                f"bundle {root.name}: {info['file']} is {size} bytes, manifest says {info['size']}",
+                "the file is truncated or was replaced; copy the bundle again",
+            )
+        if "sha256" in info:
+            digest = sha256_file(path)
+            if digest != info["sha256"]:
+                raise BundleError(
+                    f"bundle {root.name}: sha256 of {info['file']} is {digest[:12]}…, "
+                    f"manifest says {info['sha256'][:12]}…",
+                    "the file is corrupt or was replaced; copy the bundle again",
+                )
+        data = read_model_bytes(path)
+        compiled = is_edgetpu_compiled(data)
+        if kind == "edgetpu" and not compiled:
+            raise BundleError(
+                f"bundle {root.name}: artifact 'edgetpu' ({info['file']}) is not compiled for the "
+                "Edge TPU",
+                "compile the int8 model with `python -m training compile`",
+            )
+        if kind != "edgetpu" and compiled:
+            raise BundleError(
+                f"bundle {root.name}: artifact '{kind}' ({info['file']}) is compiled for the Edge "
+                "TPU and cannot run on the CPU",
+                "list it under artifacts.edgetpu and add the plain int8 model as artifacts.int8",
+            )
+    return Artifact(kind, path, dict(info))
+
+
+def load_bundle(path: Path | str, verify: bool = True) -> Bundle:
+    """Load and check a bundle folder. ``verify`` hashes the model files (a few ms per MB)."""
+    root = Path(path)
+    manifest_path = root / "manifest.json"
+    if not root.is_dir():
+        raise BundleError(f"model bundle not found: {root}", "pass --model with a bundle folder")
+    if not manifest_path.is_file():
+        raise BundleError(
+            f"{root} has no manifest.json",
+            "a bundle needs manifest.json; for a bare model use --model FILE.tflite --labels FILE",
+        )
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BundleError(f"{manifest_path} is not valid JSON: {exc}") from exc
+    validate_manifest(manifest, str(manifest_path))
+    labels_file = root / "labels.txt"
+    if labels_file.is_file():
+        file_labels = read_labels(labels_file)
+        if file_labels != manifest["labels"]:
+            raise BundleError(
+                f"{labels_file} ({len(file_labels)} labels) disagrees with manifest.json "
+                f"({len(manifest['labels'])} labels)",
+                "regenerate labels.txt from the manifest or re-export the bundle",
+            )
+    artifacts = {
+        kind: _check_artifact(root, kind, info, verify)
+        for kind, info in manifest["artifacts"].items()
+    }
+    return Bundle(root, manifest, artifacts)
+
+
+def bundle_from_tflite(
+    model: Path | str, labels: Path | str | None = None, name: str | None = None
+) -> Bundle:
+    """Wrap a bare .tflite (what Coral users have today) in an in-memory bundle."""
+    model = Path(model)
+    data = read_model_bytes(model)
+    kind = "edgetpu" if is_edgetpu_compiled(data) else "int8"
+    label_list = read_labels(Path(labels)) if labels else None
+    manifest: dict[str, Any] = {
+        "schema_version": SCHEMA_VERSION,
+        "name": name or model.stem,
+        "version": "unversioned",
+        "labels": label_list or ["class_0", "class_1"],
+        "input": {"size": [0, 0]},  # filled from the interpreter when opened
+        "output": "auto",
+        "artifacts": {kind: {"file": model.name}},
+        "_labels_from_model": label_list is None,
+    }
+    return Bundle(None, manifest, {kind: Artifact(kind, model, {"file": model.name})})
+
+
+def load_model(model: Path | str, labels: Path | str | None = None, verify: bool = True) -> Bundle:
+    """A bundle folder, or a bare .tflite with an optional labels file."""
+    path = Path(model)
+    if path.is_dir():
+        if labels:
+            raise BundleError("--labels is only for a bare .tflite; a bundle has its own labels")
+        return load_bundle(path, verify=verify)
+    if path.suffix == ".json" and path.name == "manifest.json":
+        return load_bundle(path.parent, verify=verify)
+    return bundle_from_tflite(path, labels)
+
+
+def write_bundle(
+    out_dir: Path | str,
+    manifest: dict[str, Any],
+    files: dict[str, Path],
+) -> Path:
+    """Write a bundle: copy each artifact in, fill in sha256 and size, write labels.txt.
+
+    ``files`` maps artifact kind to a model file; the manifest's ``artifacts`` entries (metrics,
+    compiler logs) are kept and completed.
+    """
+    import shutil
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    manifest = json.loads(json.dumps(manifest))  # deep copy, JSON-clean
+    manifest.setdefault("schema_version", SCHEMA_VERSION)
+    arts = manifest.setdefault("artifacts", {})
+    for kind, src in files.items():
+        src = Path(src)
+        entry = arts.setdefault(kind, {})
+        entry.setdefault("file", src.name)
+        dest = out / entry["file"]
+        if src.resolve() != dest.resolve():
+            shutil.copyfile(src, dest)
+        entry["sha256"] = sha256_file(dest)
+        entry["size"] = dest.stat().st_size
+    validate_manifest(manifest, f"{out}/manifest.json")
+    write_labels(out / "labels.txt", manifest["labels"])
+    tmp = out / "manifest.json.tmp"
+    tmp.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    tmp.replace(out / "manifest.json")
+    return out

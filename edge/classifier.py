@@ -1,0 +1,185 @@
+"""Classifier: bundle + backend + pre/post-processing, with Edge TPU → CPU fallback."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from . import postprocess
+from .backends import Backend, open_backend, open_cpu
+from .bundle import Bundle
+from .errors import BundleError, EdgeTpuError
+from .preprocess import DEFAULT_MAX_PIXELS, ImageSource, InputAdapter, open_image, resize
+from .runtime import resolve_runtime
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Result:
+    label: str
+    score: float
+    probabilities: dict[str, float]
+    top_k: list[tuple[str, float]]
+    groups: dict[str, float]
+    decision: dict[str, Any] | None
+    backend: str
+    timings_ms: dict[str, float]
+    model: str = ""
+    image: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["top_k"] = [{"label": lab, "score": s} for lab, s in self.top_k]
+        return out
+
+
+class Classifier:
+    """Thread-safe: one inference at a time per classifier (the interpreter is not re-entrant)."""
+
+    def __init__(
+        self,
+        bundle: Bundle,
+        backend: str = "auto",
+        threads: int | None = None,
+        device: str | None = None,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+    ) -> None:
+        self.bundle = bundle
+        self.policy = backend
+        self.threads = threads
+        self.max_pixels = max_pixels
+        self.runtime = resolve_runtime()
+        self._lock = threading.Lock()
+        selection = open_backend(bundle, backend, threads, device, self.runtime)
+        self.backend_reason = selection.reason
+        self.fallback_events: list[str] = []
+        self._use(selection.backend)
+
+    # -- setup ---------------------------------------------------------------------------
+    def _use(self, backend: Backend) -> None:
+        spec = dict(self.bundle.input_spec)
+        shape = backend.input_shape
+        if len(shape) != 4 or shape[0] != 1 or shape[3] != 3:
+            raise BundleError(
+                f"{backend.artifact.path.name}: input shape {list(shape)} is not [1, H, W, 3]",
+                "FieldScope runs single-image RGB classifiers",
+            )
+        size = tuple(spec["size"])
+        if size == (0, 0):  # bare .tflite: trust the model
+            spec["size"] = [shape[1], shape[2]]
+        elif size != (shape[1], shape[2]):
+            raise BundleError(
+                f"{backend.artifact.path.name}: input is {shape[1]}×{shape[2]} but the manifest "
+                f"says {size[0]}×{size[1]}",
+                "fix input.size in manifest.json or re-export the bundle",
+            )
+        want = backend.artifact.info.get("input_dtype")
+        if want and np.dtype(want) != backend.input_dtype:
+            raise BundleError(
+                f"{backend.artifact.path.name}: input type is {backend.input_dtype}, the manifest "
+                f"says {want}",
+                "re-export the bundle so manifest and model agree",
+            )
+        n_out = backend.output_size
+        if self.bundle.manifest.get("_labels_from_model"):
+            self.bundle.manifest["labels"] = [f"class_{i}" for i in range(n_out)]
+        if n_out != len(self.bundle.labels):
+            raise BundleError(
+                f"{backend.artifact.path.name} has {n_out} outputs but there are "
+                f"{len(self.bundle.labels)} labels",
+                "use the labels file that belongs to this model",
+            )
+        self.spec = spec
+        self.adapter = InputAdapter.for_model(backend.input_detail, spec)
+        self.backend = backend
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        return self.adapter.size
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            **self.backend.describe(),
+            "policy": self.policy,
+            "reason": self.backend_reason,
+            "fallbacks": list(self.fallback_events),
+            "model": self.bundle.name,
+            "model_version": self.bundle.version,
+        }
+
+    # -- inference -----------------------------------------------------------------------
+    def prepare(self, source: ImageSource | np.ndarray) -> tuple[np.ndarray, dict[str, float]]:
+        """Decode and resize; returns the (H, W, 3) uint8 RGB input and the stage times."""
+        h, w = self.adapter.size
+        t0 = time.perf_counter()
+        if isinstance(source, np.ndarray):
+            img = Image.fromarray(source)
+        else:
+            img = open_image(source, target=(w, h), max_pixels=self.max_pixels)
+        t1 = time.perf_counter()
+        small = np.asarray(resize(img, (h, w), self.spec["resize"]), dtype=np.uint8)
+        t2 = time.perf_counter()
+        return small, {"decode": (t1 - t0) * 1e3, "preprocess": (t2 - t1) * 1e3}
+
+    def _invoke(self, rgb: np.ndarray) -> tuple[np.ndarray, list[str]]:
+        try:
+            return self.backend.invoke(self.adapter(rgb)), []
+        except Exception as exc:
+            if self.backend.name != "edgetpu" or self.policy != "auto":
+                if self.backend.name == "edgetpu":
+                    raise EdgeTpuError(f"the Edge TPU failed during inference: {exc}") from exc
+                raise
+            why = f"the Edge TPU failed during inference ({exc}); switched to the CPU"
+            log.warning(why)
+            self.fallback_events.append(why)
+            selection = open_cpu(self.bundle, self.runtime, self.threads, f"CPU fallback: {why}")
+            old = self.backend
+            self._use(selection.backend)
+            self.backend_reason = selection.reason
+            old.close()
+            return self.backend.invoke(self.adapter(rgb)), [why]
+
+    def classify(
+        self, source: ImageSource | np.ndarray, top_k: int = 3, name: str | None = None
+    ) -> Result:
+        t_start = time.perf_counter()
+        rgb, times = self.prepare(source)
+        with self._lock:
+            t0 = time.perf_counter()
+            raw, notes = self._invoke(rgb)
+            t1 = time.perf_counter()
+            detail = self.backend.output_detail
+            backend_name = self.backend.name
+        values = postprocess.dequantize(raw, detail)
+        probs = postprocess.to_probabilities(values, self.bundle.output_kind)
+        labels = self.bundle.labels
+        best = postprocess.top_k(probs, labels, top_k)
+        groups = postprocess.group_scores(probs, labels, self.bundle.label_groups)
+        decision = postprocess.decide(groups, self.bundle.decision)
+        t2 = time.perf_counter()
+        times.update(invoke=(t1 - t0) * 1e3, postprocess=(t2 - t1) * 1e3)
+        times["total"] = (t2 - t_start) * 1e3
+        return Result(
+            label=best[0][0],
+            score=best[0][1],
+            probabilities={lab: float(p) for lab, p in zip(labels, probs)},
+            top_k=best,
+            groups=groups,
+            decision=decision,
+            backend=backend_name,
+            timings_ms={k: round(v, 3) for k, v in times.items()},
+            model=f"{self.bundle.name} {self.bundle.version}",
+            image=name if name is not None else (str(source) if isinstance(source, str) else None),
+            notes=notes,
+        )
+
+    def close(self) -> None:
+        self.backend.close()

@@ -1,0 +1,139 @@
+"""Command line: ``python -m edge classify|doctor``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from .errors import FieldScopeError
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif"}
+log = logging.getLogger("edge")
+
+
+def _expand(inputs: list[str]) -> tuple[list[Path], list[str]]:
+    """Files as given; folders give their image files (sorted). Returns (files, problems)."""
+    files: list[Path] = []
+    problems: list[str] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            found = sorted(
+                p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+            )
+            if not found:
+                problems.append(f"{path}: no images in this folder ({', '.join(sorted(IMAGE_SUFFIXES))})")
+            files.extend(found)
+        elif path.exists():
+            files.append(path)
+        else:
+            problems.append(f"{path}: no such file or folder")
+    return files, problems
+
+
+def _format(result, top_k: int) -> str:
+    parts = ", ".join(f"{lab} {score:.3f}" for lab, score in result.top_k[:top_k])
+    t = result.timings_ms
+    line = (
+        f"{result.image}: {parts} [{result.backend}, invoke {t['invoke']:.1f} ms, "
+        f"total {t['total']:.1f} ms]"
+    )
+    if result.decision:
+        line += f"  {result.decision['text']}"
+    return line
+
+
+def cmd_classify(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from .bundle import load_model
+    from .classifier import Classifier
+    from .paths import default_bundle
+
+    model = args.model or default_bundle()
+    bundle = load_model(model, args.labels)
+    clf = Classifier(bundle, backend=args.backend, threads=args.threads, device=args.device)
+    log.info("model %s %s on %s: %s", bundle.name, bundle.version, clf.backend.name,
+             clf.backend_reason)
+    if not args.json:
+        print(f"# {bundle.name} {bundle.version} · {clf.backend.name} "
+              f"({clf.backend_reason}) · {clf.runtime.label}", file=sys.stderr)
+    files, problems = _expand(args.images)
+    for p in problems:
+        print(f"error: {p}", file=sys.stderr)
+    failed = len(problems)
+    bar = tqdm(files, unit="img", file=sys.stderr, disable=len(files) < 5 or None,
+               leave=False)
+    for path in bar:
+        try:
+            result = clf.classify(str(path), top_k=args.top_k, name=str(path))
+        except FieldScopeError as exc:
+            failed += 1
+            bar.write(f"error: {exc}", file=sys.stderr)
+            continue
+        if args.json:
+            doc = result.to_dict()
+            out = {k: doc[k] for k in ("image", "label", "score", "probabilities", "top_k",
+                                       "groups", "decision", "backend", "timings_ms", "model",
+                                       "notes")}
+            bar.write(json.dumps(out))
+        else:
+            bar.write(_format(result, args.top_k))
+    return 1 if failed or not files else 0
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from .doctor import render, run_checks
+
+    checks = run_checks(models=args.models)
+    if args.json:
+        print(json.dumps({"checks": [c.to_dict() for c in checks],
+                          "ok": not any(c.status == "fail" for c in checks)}, indent=2))
+    else:
+        print(render(checks))
+    return 1 if any(c.status == "fail" for c in checks) else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m edge", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("classify", help="classify images or folders of images")
+    p.add_argument("images", nargs="+", metavar="IMAGE_OR_FOLDER")
+    p.add_argument("--model", help="bundle folder or .tflite file (default: models/blood-smear)")
+    p.add_argument("--labels", help="labels file for a bare .tflite")
+    p.add_argument("--backend", choices=("auto", "cpu", "edgetpu"), default="auto")
+    p.add_argument("--device", help="Edge TPU device: usb, usb:N, pci, pci:N or :N")
+    p.add_argument("--threads", type=int, default=os.cpu_count(), help="CPU threads")
+    p.add_argument("--top-k", type=int, default=3)
+    p.add_argument("--json", action="store_true", help="one JSON object per image per line")
+    p.set_defaults(func=cmd_classify)
+
+    d = sub.add_parser("doctor", help="check this device: runtime, Edge TPU, cameras, bundles")
+    d.add_argument("--json", action="store_true")
+    d.add_argument("--models", help="folder of bundles to check (default: models/)")
+    d.set_defaults(func=cmd_doctor)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    if getattr(args, "threads", 1) is not None and getattr(args, "threads", 1) < 1:
+        parser.error("--threads must be at least 1")
+    try:
+        return args.func(args)
+    except FieldScopeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130

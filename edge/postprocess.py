@@ -1,0 +1,65 @@
+"""Raw model output → probabilities, label groups and the bundle's decision."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+
+def dequantize(raw: np.ndarray, detail: dict[str, Any]) -> np.ndarray:
+    """(q − zero_point) × scale for uint8/int8 outputs; float outputs pass through."""
+    values = raw.reshape(-1)
+    scale, zero = detail.get("quantization", (0.0, 0))
+    if values.dtype in (np.uint8, np.int8, np.int16) and scale:
+        return (values.astype(np.float32) - zero) * np.float32(scale)
+    return values.astype(np.float32)
+
+
+def looks_like_probabilities(values: np.ndarray) -> bool:
+    # Quantised softmax outputs sum to 1 within a few steps of 1/256.
+    return bool(values.min() >= -1e-3 and values.max() <= 1.0 + 1e-3 and abs(values.sum() - 1) < 0.05)
+
+
+def softmax(values: np.ndarray) -> np.ndarray:
+    shifted = values - values.max()
+    e = np.exp(shifted)
+    return e / e.sum()
+
+
+def to_probabilities(values: np.ndarray, kind: str = "auto") -> np.ndarray:
+    """Apply softmax only when the model emits logits (``kind`` or, if auto, by inspection)."""
+    if kind == "logits" or (kind == "auto" and not looks_like_probabilities(values)):
+        return softmax(values.astype(np.float64)).astype(np.float32)
+    probs = np.clip(values, 0.0, None)
+    total = probs.sum()
+    return probs / total if total > 0 else probs
+
+
+def top_k(probs: np.ndarray, labels: list[str], k: int) -> list[tuple[str, float]]:
+    order = np.argsort(-probs, kind="stable")[: max(1, k)]
+    return [(labels[i], float(probs[i])) for i in order]
+
+
+def group_scores(probs: np.ndarray, labels: list[str], groups: dict[str, list[str]]) -> dict:
+    index = {label: i for i, label in enumerate(labels)}
+    return {g: float(sum(probs[index[m]] for m in members)) for g, members in groups.items()}
+
+
+def decide(groups: dict[str, float], rule: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The manifest's rule, e.g. malignant 0.83 ≥ 0.30 → refer."""
+    if not rule:
+        return None
+    score = groups[rule["group"]]
+    threshold = float(rule["threshold"])
+    positive = score >= threshold
+    outcome = rule.get("positive", "positive") if positive else rule.get("negative", "negative")
+    sign = "≥" if positive else "<"
+    return {
+        "group": rule["group"],
+        "score": score,
+        "threshold": threshold,
+        "positive": positive,
+        "outcome": outcome,
+        "text": f"{rule['group']}: {score:.2f} {sign} {threshold:.2f} → {outcome}",
+    }

@@ -1,0 +1,173 @@
+"""Image → model input tensor, following the bundle's input spec.
+
+Decoding is the expensive part on a Pi, so JPEGs are decoded at reduced scale (draft mode) when
+the model input is much smaller than the photo, and resizing reduces by whole factors first.
+Normalisation is folded into the input quantisation: for a uint8/int8 model a 256-entry lookup
+table per channel maps pixels straight to the quantised values the model expects.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .errors import ImageError
+
+DEFAULT_MAX_PIXELS = 50_000_000  # a 12 MP HQ camera frame is well below; a bomb is far above
+RESIZE_MODES = ("center-crop", "squash", "letterbox")
+
+ImageSource = str | Path | bytes | BinaryIO | Image.Image
+
+
+def open_image(
+    source: ImageSource, target: tuple[int, int] | None = None, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> Image.Image:
+    """Decode to an RGB image, EXIF orientation applied; refuse bombs and broken files.
+
+    ``target`` is (width, height) of what will be needed, to let JPEG decode at 1/2..1/8 scale.
+    """
+    if isinstance(source, Image.Image):
+        img = source
+    else:
+        name = str(source) if isinstance(source, (str, Path)) else "upload"
+        if isinstance(source, (str, Path)):
+            path = Path(source)
+            if not path.is_file():
+                raise ImageError(f"{path}: no such file")
+            if path.stat().st_size == 0:
+                raise ImageError(f"{path}: empty file")
+        elif isinstance(source, bytes):
+            if not source:
+                raise ImageError("empty image data")
+            source = io.BytesIO(source)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                img = Image.open(source)
+                if img.width * img.height > max_pixels:
+                    raise ImageError(
+                        f"{name}: {img.width}×{img.height} pixels is more than the "
+                        f"{max_pixels:,} allowed (decompression bomb guard)"
+                    )
+                if target and img.format == "JPEG":
+                    img.draft("RGB", target)
+                img.load()
+        except ImageError:
+            raise
+        except (UnidentifiedImageError, Image.DecompressionBombError,
+                Image.DecompressionBombWarning) as exc:
+            raise ImageError(f"{name}: not a readable image ({exc})") from exc
+        except (OSError, SyntaxError, ValueError) as exc:
+            raise ImageError(f"{name}: damaged or truncated image ({exc})") from exc
+    img = ImageOps.exif_transpose(img) or img
+    return to_rgb(img)
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Grayscale, palette, RGBA, CMYK and 16-bit images become 8-bit RGB."""
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        top = arr.max() if arr.size else 0.0
+        if img.mode.startswith("I;16") or (img.mode == "I" and top > 255):
+            arr = arr / (65535.0 if top > 255 or img.mode.startswith("I;16") else 255.0) * 255.0
+        elif img.mode == "F" and top <= 1.0:
+            arr = arr * 255.0
+        img = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "L")
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def resize(img: Image.Image, size: tuple[int, int], mode: str) -> Image.Image:
+    """Resize to (height, width) by ``mode``; reduce by whole factors first (reducing_gap)."""
+    h, w = size
+    if mode == "squash":
+        return img.resize((w, h), Image.Resampling.BILINEAR, reducing_gap=2.0)
+    if mode == "center-crop":
+        scale = max(w / img.width, h / img.height)
+        rw, rh = max(w, round(img.width * scale)), max(h, round(img.height * scale))
+        left, top = (rw - w) / 2, (rh - h) / 2
+        box = (left / scale, top / scale, (left + w) / scale, (top + h) / scale)
+        return img.resize((w, h), Image.Resampling.BILINEAR, box=box, reducing_gap=2.0)
+    if mode == "letterbox":
+        scale = min(w / img.width, h / img.height)
+        rw, rh = max(1, round(img.width * scale)), max(1, round(img.height * scale))
+        inner = img.resize((rw, rh), Image.Resampling.BILINEAR, reducing_gap=2.0)
+        canvas = Image.new("RGB", (w, h), (0, 0, 0))
+        canvas.paste(inner, ((w - rw) // 2, (h - rh) // 2))
+        return canvas
+    raise ValueError(f"resize mode must be one of {RESIZE_MODES}, not {mode!r}")
+
+
+@dataclass
+class InputAdapter:
+    """Turns an (H, W, 3) uint8 RGB array into the model's input tensor."""
+
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    mean: np.ndarray
+    std: np.ndarray
+    scale: float
+    zero_point: int
+    bgr: bool = False
+
+    @classmethod
+    def for_model(cls, detail: dict[str, Any], spec: dict[str, Any]) -> InputAdapter:
+        scale, zero = detail.get("quantization", (0.0, 0))
+        norm = spec["normalization"]
+        adapter = cls(
+            shape=tuple(int(d) for d in detail["shape"]),
+            dtype=np.dtype(detail["dtype"]),
+            mean=np.asarray(norm["mean"], dtype=np.float64),
+            std=np.asarray(norm["std"], dtype=np.float64),
+            scale=float(scale),
+            zero_point=int(zero),
+            bgr=spec.get("color_order", "RGB") == "BGR",
+        )
+        adapter._build()
+        return adapter
+
+    def _build(self) -> None:
+        self._lut: np.ndarray | None = None
+        self._identity = False
+        if self.dtype in (np.uint8, np.int8):
+            if self.scale <= 0:
+                raise ImageError("the model's integer input has no quantisation scale")
+            info = np.iinfo(self.dtype)
+            pixels = np.arange(256, dtype=np.float64)
+            real = (pixels[None, :] - self.mean[:, None]) / self.std[:, None]
+            q = np.clip(np.round(real / self.scale + self.zero_point), info.min, info.max)
+            self._lut = q.astype(self.dtype)  # (3, 256)
+            if self.dtype == np.uint8 and all(
+                np.array_equal(self._lut[c], np.arange(256)) for c in range(3)
+            ):
+                self._identity = True
+        elif self.dtype != np.float32:
+            raise ImageError(f"unsupported model input type {self.dtype}")
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return self.shape[1], self.shape[2]
+
+    def __call__(self, rgb: np.ndarray) -> np.ndarray:
+        if self.bgr:
+            rgb = rgb[..., ::-1]
+        if self._identity:
+            out = rgb
+        elif self._lut is not None:
+            out = np.empty(rgb.shape, dtype=self.dtype)
+            for c in range(3):
+                np.take(self._lut[c], rgb[..., c], out=out[..., c])
+        else:
+            out = ((rgb.astype(np.float32) - self.mean) / self.std).astype(np.float32)
+        return np.ascontiguousarray(out, dtype=self.dtype).reshape(self.shape)
