@@ -104,13 +104,17 @@ def _schema_errors(manifest: Any) -> list[str]:
 def _cross_errors(manifest: dict[str, Any]) -> list[str]:
     errors = []
     labels = manifest["labels"]
-    if len(set(labels)) != len(labels):
-        errors.append("labels: duplicate labels")
+    # Duplicates happen in real label sets (ImageNet has two "crane"s); they are only an error
+    # where a group would be ambiguous.
+    duplicates = {lab for lab in labels if labels.count(lab) > 1}
     groups = manifest.get("label_groups", {})
     for group, members in groups.items():
         unknown = [m for m in members if m not in labels]
         if unknown:
             errors.append(f"label_groups/{group}: unknown labels {unknown} (known: {labels})")
+        ambiguous = sorted(duplicates.intersection(members))
+        if ambiguous:
+            errors.append(f"label_groups/{group}: labels {ambiguous} occur more than once")
     decision = manifest.get("decision")
     if decision and decision["group"] not in groups:
         errors.append(
@@ -226,6 +230,11 @@ def bundle_from_tflite(
 def load_model(model: Path | str, labels: Path | str | None = None, verify: bool = True) -> Bundle:
     """A bundle folder, or a bare .tflite with an optional labels file."""
     path = Path(model)
+    if not path.exists():
+        raise BundleError(
+            f"model bundle not found: {path}",
+            "pass --model with a bundle folder, or a .tflite file and --labels",
+        )
     if path.is_dir():
         if labels:
             raise BundleError("--labels is only for a bare .tflite; a bundle has its own labels")

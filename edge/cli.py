@@ -26,7 +26,8 @@ def _expand(inputs: list[str]) -> tuple[list[Path], list[str]]:
                 p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
             )
             if not found:
-                problems.append(f"{path}: no images in this folder ({', '.join(sorted(IMAGE_SUFFIXES))})")
+                kinds = ", ".join(sorted(IMAGE_SUFFIXES))
+                problems.append(f"{path}: no images in this folder ({kinds})")
             files.extend(found)
         elif path.exists():
             files.append(path)

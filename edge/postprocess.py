@@ -18,7 +18,8 @@ def dequantize(raw: np.ndarray, detail: dict[str, Any]) -> np.ndarray:
 
 def looks_like_probabilities(values: np.ndarray) -> bool:
     # Quantised softmax outputs sum to 1 within a few steps of 1/256.
-    return bool(values.min() >= -1e-3 and values.max() <= 1.0 + 1e-3 and abs(values.sum() - 1) < 0.05)
+    in_range = values.min() >= -1e-3 and values.max() <= 1.0 + 1e-3
+    return bool(in_range and abs(values.sum() - 1) < 0.05)
 
 
 def softmax(values: np.ndarray) -> np.ndarray:

@@ -75,7 +75,8 @@ def _load(name: str) -> Runtime:
         return Runtime(name, ver, mod.Interpreter, mod.load_delegate)
     if name == "tensorflow":
         tf = importlib.import_module("tensorflow")
-        return Runtime(name, tf.__version__, tf.lite.Interpreter, tf.lite.experimental.load_delegate)
+        lite = tf.lite
+        return Runtime(name, tf.__version__, lite.Interpreter, lite.experimental.load_delegate)
     raise ValueError(name)
 
 

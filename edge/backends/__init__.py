@@ -29,8 +29,9 @@ def open_cpu(bundle: Bundle, runtime: Runtime, threads: int | None, why: str) ->
     artifact = bundle.cpu_artifact()
     if artifact is None:
         raise ModelError(
-            f"bundle {bundle.name} has only an Edge TPU artifact and no Edge TPU is usable ({why})",
-            "add the plain int8 model to the bundle, or attach a Coral",
+            f"{bundle.name}: the model is compiled for the Edge TPU (it holds edgetpu-custom-op) "
+            f"and cannot run on the CPU, and no Edge TPU is usable here ({why})",
+            "attach a Coral, or use the plain int8 model (the file without _edgetpu) for the CPU",
         )
     return Selection(BACKENDS["cpu"](artifact, runtime, threads), why)
 

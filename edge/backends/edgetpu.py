@@ -6,6 +6,7 @@ pycoral does internally. When pycoral is installed it is only asked for the runt
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import platform
@@ -75,7 +76,8 @@ def explain_delegate_failure(exc: BaseException) -> str:
             f"the Edge TPU runtime is too old for this model ({text.strip()}); install a newer "
             "libedgetpu1-std or recompile the model with `edgetpu_compiler -m <runtime version>`"
         )
-    return text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    return ": ".join(lines) if lines else type(exc).__name__
 
 
 def load_edgetpu_delegate(runtime: Any, device: str | None = None) -> Any:
@@ -83,10 +85,14 @@ def load_edgetpu_delegate(runtime: Any, device: str | None = None) -> Any:
     options = {"device": device} if device else {}
     library = edgetpu_library()
     try:
-        return runtime.load_delegate(library, options)
+        # dlopen first: a missing library is then an OSError we can explain, and the runtime's
+        # Delegate object is never half-built.
+        ctypes.CDLL(library)
     except OSError as exc:
         raise EdgeTpuError(f"Edge TPU runtime {library} not found ({exc})", INSTALL_HINT) from exc
-    except (ValueError, RuntimeError) as exc:
+    try:
+        return runtime.load_delegate(library, options)
+    except (ValueError, RuntimeError, OSError) as exc:
         raise EdgeTpuError(
             f"Edge TPU delegate {library} failed to load: {explain_delegate_failure(exc)}",
             "check the Coral is plugged in (a USB 3 port, or a powered hub), the udev rules are "

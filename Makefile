@@ -1,0 +1,40 @@
+# FieldScope — `make demo` runs the kit on the bundled model; `make test` runs the tests.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+# Where the datasets and reference models live (never committed).
+export FIELDSCOPE_SHARED ?= $(abspath ../shared)
+
+.PHONY: install install-edge test lint format demo doctor clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[edge,train,dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# What a Pi needs: no TensorFlow.
+install-edge:
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet -e '.[edge]'
+
+lint: $(STAMP)
+	$(PY) -m ruff check edge training scripts tests
+
+format: $(STAMP)
+	$(PY) -m ruff format edge training scripts tests
+
+test: $(STAMP) lint
+	$(PY) -m pytest -q
+
+doctor: $(STAMP)
+	$(PY) -m edge doctor
+
+demo: $(STAMP)
+	$(PY) -m edge classify --model models/blood-smear models/blood-smear/samples
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,0 +1,157 @@
+"""Backend policy and the Edge TPU delegate path, against a real shared library."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from edge.backends import open_backend
+from edge.backends.edgetpu import EdgeTpuBackend, explain_delegate_failure, parse_device
+from edge.bundle import Artifact, Bundle, load_bundle
+from edge.classifier import Classifier
+from edge.errors import EdgeTpuError, ModelError
+from edge.runtime import resolve_runtime
+
+
+def test_auto_on_tpu_less_machine_runs_on_cpu_and_says_why(coral_bundle, parrot, host_without_tpu):
+    clf = Classifier(load_bundle(coral_bundle))
+    assert clf.backend.name == "cpu"
+    assert clf.backend.artifact.kind == "int8"
+    assert "no Edge TPU found" in clf.backend_reason
+    result = clf.classify(str(parrot))
+    assert result.label == "macaw"
+    assert result.backend == "cpu"
+    assert result.decision["outcome"] == "parrot"
+
+
+def test_edgetpu_policy_without_tpu_fails_naming_the_tpu(coral_bundle, host_without_tpu):
+    with pytest.raises(EdgeTpuError, match="no Edge TPU found"):
+        open_backend(load_bundle(coral_bundle), "edgetpu")
+
+
+def test_cpu_policy_never_loads_the_delegate(coral_bundle, host_with_tpu, fake_tpu_lib):
+    before = fake_tpu_lib.created
+    sel = open_backend(load_bundle(coral_bundle), "cpu")
+    assert sel.backend.name == "cpu"
+    assert fake_tpu_lib.created == before
+
+
+def test_delegate_is_loaded_from_the_shared_library_and_applied(coral, parrot, fake_tpu_lib):
+    """The real load_delegate path: our fake libedgetpu is dlopen'ed, created with the device
+    option and its Prepare is called by the interpreter; a plain model still runs."""
+    runtime = resolve_runtime()
+    art = Artifact("edgetpu", coral / "mobilenet_v2_1.0_224_quant.tflite")
+    prepared = fake_tpu_lib.prepared
+    backend = EdgeTpuBackend(art, runtime, threads=1, device="usb:0")
+    assert fake_tpu_lib.last_device == "usb:0"
+    assert fake_tpu_lib.prepared == prepared + 1
+    from edge.preprocess import InputAdapter, open_image, resize
+
+    spec = {"normalization": {"mean": [127.5] * 3, "std": [127.5] * 3}}
+    adapter = InputAdapter.for_model(backend.input_detail, spec)
+    rgb = np.asarray(resize(open_image(parrot), (224, 224), "center-crop"))
+    out = backend.invoke(adapter(rgb))
+    assert int(np.argmax(out)) == 89  # macaw
+
+
+def test_delegate_creation_failure_is_reported(coral, fake_tpu_lib):
+    art = Artifact("edgetpu", coral / "mobilenet_v2_1.0_224_quant_edgetpu.tflite")
+    with pytest.raises(EdgeTpuError, match="failed to load.*fake: no such TPU"):
+        EdgeTpuBackend(art, resolve_runtime(), device="usb:99")
+
+
+def test_auto_falls_back_when_delegate_cannot_be_created(
+    coral_bundle, parrot, host_with_tpu, fake_tpu_lib
+):
+    clf = Classifier(load_bundle(coral_bundle), device=":99")
+    assert clf.backend.name == "cpu"
+    assert "failed to load" in clf.backend_reason
+    assert clf.classify(str(parrot)).label == "macaw"
+
+
+def test_auto_falls_back_when_compiled_model_does_not_prepare(
+    coral_bundle, parrot, host_with_tpu, fake_tpu_lib
+):
+    """TPU present, delegate loads, but the compiled model cannot run (as with a TPU the runtime
+    cannot open): auto goes to the CPU and the reason names the Edge TPU."""
+    clf = Classifier(load_bundle(coral_bundle))
+    assert clf.backend.name == "cpu"
+    assert "Edge TPU could not run mobilenet_v2_1.0_224_quant_edgetpu.tflite" in clf.backend_reason
+    assert clf.classify(str(parrot)).label == "macaw"
+
+
+def test_auto_reports_missing_runtime_library(coral_bundle, host_with_tpu, monkeypatch, tmp_path):
+    monkeypatch.setenv("FIELDSCOPE_EDGETPU_LIB", str(tmp_path / "libedgetpu.so.1"))
+    clf = Classifier(load_bundle(coral_bundle))
+    assert clf.backend.name == "cpu"
+    assert "Edge TPU runtime" in clf.backend_reason and "not found" in clf.backend_reason
+
+
+def _bundle_running_on_fake_tpu(coral, coral_bundle) -> Bundle:
+    """In-memory bundle whose 'edgetpu' artifact is the plain model, so the fake delegate runs it."""
+    real = load_bundle(coral_bundle)
+    plain = coral / "mobilenet_v2_1.0_224_quant.tflite"
+    arts = {"edgetpu": Artifact("edgetpu", plain), "int8": real.artifacts["int8"]}
+    return Bundle(None, real.manifest, arts)
+
+
+def test_tpu_failing_mid_run_falls_back_to_cpu(coral, coral_bundle, parrot, host_with_tpu,
+                                               fake_tpu_lib):
+    clf = Classifier(_bundle_running_on_fake_tpu(coral, coral_bundle))
+    assert clf.backend.name == "edgetpu"
+    assert clf.classify(str(parrot)).backend == "edgetpu"
+
+    def usb_reset():
+        raise RuntimeError("Edge TPU: USB transfer error (device reset)")
+
+    clf.backend.interpreter.invoke = usb_reset  # the hardware fault, injected at the interface
+    result = clf.classify(str(parrot))
+    assert result.backend == "cpu"
+    assert result.label == "macaw"
+    assert "USB transfer error" in result.notes[0]
+    assert clf.describe()["fallbacks"] and "CPU fallback" in clf.backend_reason
+    assert clf.classify(str(parrot)).backend == "cpu"
+
+
+def test_tpu_failing_mid_run_with_edgetpu_policy_raises(coral, coral_bundle, parrot,
+                                                        host_with_tpu, fake_tpu_lib):
+    clf = Classifier(_bundle_running_on_fake_tpu(coral, coral_bundle), backend="edgetpu")
+
+    def usb_reset():
+        raise RuntimeError("USB transfer error")
+
+    clf.backend.interpreter.invoke = usb_reset
+    with pytest.raises(EdgeTpuError, match="failed during inference"):
+        clf.classify(str(parrot))
+
+
+def test_compiled_model_refused_on_cpu(coral):
+    from edge.backends.cpu import CpuBackend
+
+    art = Artifact("int8", coral / "mobilenet_v2_1.0_224_quant_edgetpu.tflite")
+    with pytest.raises(ModelError, match="compiled for the Edge TPU"):
+        CpuBackend(art, resolve_runtime())
+
+
+@pytest.mark.parametrize("good", ["usb", "usb:0", "usb:12", "pci", "pci:1", ":0", None])
+def test_device_strings_accepted(good):
+    assert parse_device(good) == good
+
+
+@pytest.mark.parametrize("bad", ["USB", "usb0", "usb:", "pcie:0", "usb:x", "/dev/apex_0"])
+def test_device_strings_refused(bad):
+    with pytest.raises(EdgeTpuError, match="bad Edge TPU device"):
+        parse_device(bad)
+
+
+def test_runtime_too_old_is_explained():
+    msg = ("Failed to prepare for TPU. Failed precondition: Package requires runtime version "
+           "(14), which is newer than this runtime version (13).")
+    text = explain_delegate_failure(RuntimeError(msg))
+    assert "too old" in text and "edgetpu_compiler -m" in text
+
+
+def test_threads_are_passed_to_the_interpreter(coral_bundle, host_without_tpu):
+    clf = Classifier(load_bundle(coral_bundle), backend="cpu", threads=1)
+    assert clf.describe()["threads"] == 1
+    assert clf.describe()["artifact"] == "int8"
