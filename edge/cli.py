@@ -58,17 +58,20 @@ def cmd_classify(args: argparse.Namespace) -> int:
     model = args.model or default_bundle()
     bundle = load_model(model, args.labels)
     clf = Classifier(bundle, backend=args.backend, threads=args.threads, device=args.device)
-    log.info("model %s %s on %s: %s", bundle.name, bundle.version, clf.backend.name,
-             clf.backend_reason)
+    log.info(
+        "model %s %s on %s: %s", bundle.name, bundle.version, clf.backend.name, clf.backend_reason
+    )
     if not args.json:
-        print(f"# {bundle.name} {bundle.version} · {clf.backend.name} "
-              f"({clf.backend_reason}) · {clf.runtime.label}", file=sys.stderr)
+        print(
+            f"# {bundle.name} {bundle.version} · {clf.backend.name} "
+            f"({clf.backend_reason}) · {clf.runtime.label}",
+            file=sys.stderr,
+        )
     files, problems = _expand(args.images)
     for p in problems:
         print(f"error: {p}", file=sys.stderr)
     failed = len(problems)
-    bar = tqdm(files, unit="img", file=sys.stderr, disable=len(files) < 5 or None,
-               leave=False)
+    bar = tqdm(files, unit="img", file=sys.stderr, disable=len(files) < 5 or None, leave=False)
     for path in bar:
         try:
             result = clf.classify(str(path), top_k=args.top_k, name=str(path))
@@ -78,9 +81,22 @@ def cmd_classify(args: argparse.Namespace) -> int:
             continue
         if args.json:
             doc = result.to_dict()
-            out = {k: doc[k] for k in ("image", "label", "score", "probabilities", "top_k",
-                                       "groups", "decision", "backend", "timings_ms", "model",
-                                       "notes")}
+            out = {
+                k: doc[k]
+                for k in (
+                    "image",
+                    "label",
+                    "score",
+                    "probabilities",
+                    "top_k",
+                    "groups",
+                    "decision",
+                    "backend",
+                    "timings_ms",
+                    "model",
+                    "notes",
+                )
+            }
             bar.write(json.dumps(out))
         else:
             bar.write(_format(result, args.top_k))
@@ -92,8 +108,15 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
     checks = run_checks(models=args.models)
     if args.json:
-        print(json.dumps({"checks": [c.to_dict() for c in checks],
-                          "ok": not any(c.status == "fail" for c in checks)}, indent=2))
+        print(
+            json.dumps(
+                {
+                    "checks": [c.to_dict() for c in checks],
+                    "ok": not any(c.status == "fail" for c in checks),
+                },
+                indent=2,
+            )
+        )
     else:
         print(render(checks))
     return 1 if any(c.status == "fail" for c in checks) else 0

@@ -53,7 +53,9 @@ def check_edgetpu() -> Check:
     tpus = hardware.find_edgetpus()
     if not tpus:
         return Check(
-            "edge-tpu", "warn", "no Edge TPU found; inference runs on the CPU",
+            "edge-tpu",
+            "warn",
+            "no Edge TPU found; inference runs on the CPU",
             "plug the Coral USB Accelerator into a USB 3 (blue) port or a powered hub; "
             "a PCIe/M.2 Coral needs the gasket-dkms driver (/dev/apex_0)",
         )
@@ -74,7 +76,9 @@ def check_cameras() -> Check:
         pic = f"picamera2 not importable ({type(exc).__name__})"
     if not videos:
         return Check(
-            "cameras", "warn", f"no /dev/video* devices; {pic}",
+            "cameras",
+            "warn",
+            f"no /dev/video* devices; {pic}",
             "connect the camera or USB microscope; for a CSI camera check the ribbon cable and "
             "`rpicam-hello --list-cameras`; replay:DIR works without a camera",
         )
@@ -89,7 +93,9 @@ def check_groups() -> Check:
     missing = [g for g in ("video", "plugdev") if g not in have]
     if missing:
         return Check(
-            "groups", "warn", f"user {user} is not in {', '.join(missing)}",
+            "groups",
+            "warn",
+            f"user {user} is not in {', '.join(missing)}",
             f"sudo usermod -aG {','.join(missing)} {user} && log out and in again",
         )
     return Check("groups", "ok", f"user {user} is in video and plugdev")
@@ -101,7 +107,9 @@ def check_governor() -> Check:
         return Check("cpu-governor", "ok", "no cpufreq information (not a Pi, or a VM)")
     if govs != ["performance"]:
         return Check(
-            "cpu-governor", "warn", f"governor {', '.join(govs)}: latency varies with load",
+            "cpu-governor",
+            "warn",
+            f"governor {', '.join(govs)}: latency varies with load",
             "echo performance | sudo tee /sys/devices/system/cpu/cpu*/cpufreq/scaling_governor",
         )
     return Check("cpu-governor", "ok", "performance")
@@ -118,7 +126,9 @@ def check_thermal() -> Check:
         parts.append(f"throttled=0x{flags:x}" + (f" ({'; '.join(events)})" if events else ""))
         if events:
             return Check(
-                "thermal", "warn", ", ".join(parts),
+                "thermal",
+                "warn",
+                ", ".join(parts),
                 "use the official power supply (5 V 3 A Pi 4, 5 A Pi 5) and a heatsink or fan",
             )
     if temp is not None and temp >= 80:
@@ -143,12 +153,24 @@ def check_bundles(folder: Path) -> list[Check]:
     from .errors import FieldScopeError
 
     if not folder.is_dir():
-        return [Check("models", "fail", f"no models folder at {folder}",
-                      "copy the bundles into models/ or set FIELDSCOPE_MODELS")]
+        return [
+            Check(
+                "models",
+                "fail",
+                f"no models folder at {folder}",
+                "copy the bundles into models/ or set FIELDSCOPE_MODELS",
+            )
+        ]
     bundles = sorted(p for p in folder.iterdir() if (p / "manifest.json").is_file())
     if not bundles:
-        return [Check("models", "fail", f"no bundles in {folder}",
-                      "copy a bundle folder (with manifest.json) into it")]
+        return [
+            Check(
+                "models",
+                "fail",
+                f"no bundles in {folder}",
+                "copy a bundle folder (with manifest.json) into it",
+            )
+        ]
     out = []
     for path in bundles:
         try:

@@ -60,8 +60,11 @@ def open_image(
                 img.load()
         except ImageError:
             raise
-        except (UnidentifiedImageError, Image.DecompressionBombError,
-                Image.DecompressionBombWarning) as exc:
+        except (
+            UnidentifiedImageError,
+            Image.DecompressionBombError,
+            Image.DecompressionBombWarning,
+        ) as exc:
             raise ImageError(f"{name}: not a readable image ({exc})") from exc
         except (OSError, SyntaxError, ValueError) as exc:
             raise ImageError(f"{name}: damaged or truncated image ({exc})") from exc

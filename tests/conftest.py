@@ -51,19 +51,32 @@ def coral_bundle(coral: Path, tmp_path_factory) -> Path:
         "name": "coral-mobilenet",
         "version": "1.0",
         "labels": read_labels(coral / "imagenet_labels.txt"),
-        "label_groups": {"parrots": ["macaw", "lorikeet", "African grey, African gray, "
-                                     "Psittacus erithacus", "sulphur-crested cockatoo, "
-                                     "Kakatoe galerita, Cacatua galerita"]},
-        "decision": {"group": "parrots", "threshold": 0.5, "positive": "parrot",
-                     "negative": "not a parrot"},
+        "label_groups": {
+            "parrots": [
+                "macaw",
+                "lorikeet",
+                "African grey, African gray, Psittacus erithacus",
+                "sulphur-crested cockatoo, Kakatoe galerita, Cacatua galerita",
+            ]
+        },
+        "decision": {
+            "group": "parrots",
+            "threshold": 0.5,
+            "positive": "parrot",
+            "negative": "not a parrot",
+        },
         "input": {"size": [224, 224], "resize": "center-crop"},
         "output": "probabilities",
         "artifacts": {"int8": {"input_dtype": "uint8"}, "edgetpu": {"input_dtype": "uint8"}},
     }
-    return write_bundle(out, manifest, {
-        "int8": coral / "mobilenet_v2_1.0_224_quant.tflite",
-        "edgetpu": coral / "mobilenet_v2_1.0_224_quant_edgetpu.tflite",
-    })
+    return write_bundle(
+        out,
+        manifest,
+        {
+            "int8": coral / "mobilenet_v2_1.0_224_quant.tflite",
+            "edgetpu": coral / "mobilenet_v2_1.0_224_quant_edgetpu.tflite",
+        },
+    )
 
 
 @pytest.fixture(scope="session")
@@ -74,8 +87,9 @@ def fake_libedgetpu(tmp_path_factory) -> Path:
         pytest.fail("a C compiler (cc) is needed to build the fake Edge TPU delegate")
     out = tmp_path_factory.mktemp("libedgetpu") / "libedgetpu.so.1"
     src = ROOT / "tests" / "native" / "fake_edgetpu_delegate.c"
-    subprocess.run([cc, "-shared", "-fPIC", "-O1", "-Wall", "-Werror", "-o", str(out), str(src)],
-                   check=True)
+    subprocess.run(
+        [cc, "-shared", "-fPIC", "-O1", "-Wall", "-Werror", "-o", str(out), str(src)], check=True
+    )
     return out
 
 

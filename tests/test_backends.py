@@ -88,15 +88,16 @@ def test_auto_reports_missing_runtime_library(coral_bundle, host_with_tpu, monke
 
 
 def _bundle_running_on_fake_tpu(coral, coral_bundle) -> Bundle:
-    """In-memory bundle whose 'edgetpu' artifact is the plain model, so the fake delegate runs it."""
+    """In-memory bundle whose 'edgetpu' artifact is the plain model: the fake delegate runs it."""
     real = load_bundle(coral_bundle)
     plain = coral / "mobilenet_v2_1.0_224_quant.tflite"
     arts = {"edgetpu": Artifact("edgetpu", plain), "int8": real.artifacts["int8"]}
     return Bundle(None, real.manifest, arts)
 
 
-def test_tpu_failing_mid_run_falls_back_to_cpu(coral, coral_bundle, parrot, host_with_tpu,
-                                               fake_tpu_lib):
+def test_tpu_failing_mid_run_falls_back_to_cpu(
+    coral, coral_bundle, parrot, host_with_tpu, fake_tpu_lib
+):
     clf = Classifier(_bundle_running_on_fake_tpu(coral, coral_bundle))
     assert clf.backend.name == "edgetpu"
     assert clf.classify(str(parrot)).backend == "edgetpu"
@@ -113,8 +114,9 @@ def test_tpu_failing_mid_run_falls_back_to_cpu(coral, coral_bundle, parrot, host
     assert clf.classify(str(parrot)).backend == "cpu"
 
 
-def test_tpu_failing_mid_run_with_edgetpu_policy_raises(coral, coral_bundle, parrot,
-                                                        host_with_tpu, fake_tpu_lib):
+def test_tpu_failing_mid_run_with_edgetpu_policy_raises(
+    coral, coral_bundle, parrot, host_with_tpu, fake_tpu_lib
+):
     clf = Classifier(_bundle_running_on_fake_tpu(coral, coral_bundle), backend="edgetpu")
 
     def usb_reset():
@@ -145,8 +147,10 @@ def test_device_strings_refused(bad):
 
 
 def test_runtime_too_old_is_explained():
-    msg = ("Failed to prepare for TPU. Failed precondition: Package requires runtime version "
-           "(14), which is newer than this runtime version (13).")
+    msg = (
+        "Failed to prepare for TPU. Failed precondition: Package requires runtime version "
+        "(14), which is newer than this runtime version (13)."
+    )
     text = explain_delegate_failure(RuntimeError(msg))
     assert "too old" in text and "edgetpu_compiler -m" in text
 

@@ -99,7 +99,10 @@ def test_labels_file_must_agree(bundle_copy):
 def test_compiled_model_listed_as_int8_is_refused(bundle_copy):
     def swap(m):
         m["artifacts"]["int8"], m["artifacts"]["edgetpu"] = (
-            m["artifacts"]["edgetpu"], m["artifacts"]["int8"])
+            m["artifacts"]["edgetpu"],
+            m["artifacts"]["int8"],
+        )
+
     edit_manifest(bundle_copy, swap)
     with pytest.raises(BundleError, match="compiled for the Edge TPU and cannot run on the CPU"):
         load_bundle(bundle_copy)
@@ -138,5 +141,13 @@ def test_bare_model_without_labels_gets_numbered_classes(coral, parrot):
 
 
 def test_validate_manifest_accepts_minimal():
-    validate_manifest({"schema_version": 1, "name": "x", "version": "1", "labels": ["a", "b"],
-                       "input": {"size": [96, 96]}, "artifacts": {"float": {"file": "m.tflite"}}})
+    validate_manifest(
+        {
+            "schema_version": 1,
+            "name": "x",
+            "version": "1",
+            "labels": ["a", "b"],
+            "input": {"size": [96, 96]},
+            "artifacts": {"float": {"file": "m.tflite"}},
+        }
+    )

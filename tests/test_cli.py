@@ -17,20 +17,43 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def run(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "edge", *args], capture_output=True, text=True,
-                          cwd=ROOT, env={**os.environ, **(env or {})}, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "edge", *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, **(env or {})},
+        timeout=300,
+    )
 
 
 def test_classify_parrot_with_bare_model(coral, parrot):
-    proc = run("classify", "--model", str(coral / "mobilenet_v2_1.0_224_quant.tflite"),
-               "--labels", str(coral / "imagenet_labels.txt"), "--backend", "cpu", str(parrot))
+    proc = run(
+        "classify",
+        "--model",
+        str(coral / "mobilenet_v2_1.0_224_quant.tflite"),
+        "--labels",
+        str(coral / "imagenet_labels.txt"),
+        "--backend",
+        "cpu",
+        str(parrot),
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith(f"{parrot}: macaw ")
 
 
 def test_classify_json_lines(coral_bundle, parrot, tmp_path):
-    proc = run("classify", "--model", str(coral_bundle), "--json", "--top-k", "2", str(parrot),
-               str(parrot), env={"FIELDSCOPE_HOST_ROOT": str(make_host(tmp_path / "h"))})
+    proc = run(
+        "classify",
+        "--model",
+        str(coral_bundle),
+        "--json",
+        "--top-k",
+        "2",
+        str(parrot),
+        str(parrot),
+        env={"FIELDSCOPE_HOST_ROOT": str(make_host(tmp_path / "h"))},
+    )
     assert proc.returncode == 0, proc.stderr
     lines = [json.loads(ln) for ln in proc.stdout.splitlines()]
     assert len(lines) == 2
@@ -42,16 +65,27 @@ def test_classify_json_lines(coral_bundle, parrot, tmp_path):
 
 
 def test_edgetpu_model_alone_fails_naming_the_tpu(coral, parrot, tmp_path):
-    proc = run("classify", "--model", str(coral / "mobilenet_v2_1.0_224_quant_edgetpu.tflite"),
-               str(parrot), env={"FIELDSCOPE_HOST_ROOT": str(make_host(tmp_path / "h"))})
+    proc = run(
+        "classify",
+        "--model",
+        str(coral / "mobilenet_v2_1.0_224_quant_edgetpu.tflite"),
+        str(parrot),
+        env={"FIELDSCOPE_HOST_ROOT": str(make_host(tmp_path / "h"))},
+    )
     assert proc.returncode == 2
     assert "Edge TPU" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
 
 
 def test_edgetpu_model_on_cpu_backend_is_explained(coral, parrot):
-    proc = run("classify", "--backend", "cpu", "--model",
-               str(coral / "mobilenet_v2_1.0_224_quant_edgetpu.tflite"), str(parrot))
+    proc = run(
+        "classify",
+        "--backend",
+        "cpu",
+        "--model",
+        str(coral / "mobilenet_v2_1.0_224_quant_edgetpu.tflite"),
+        str(parrot),
+    )
     assert proc.returncode == 2
     assert "compiled for the Edge TPU" in proc.stderr and "edgetpu-custom-op" in proc.stderr
 
@@ -67,19 +101,31 @@ def test_bad_inputs_are_reported_and_the_batch_goes_on(coral, parrot, tmp_path):
     empty_dir = tmp_path / "nothing"
     empty_dir.mkdir()
     (empty_dir / "readme.txt").write_text("x")
-    proc = run("classify", "--backend", "cpu", "--model",
-               str(coral / "mobilenet_v2_1.0_224_quant.tflite"), "--labels",
-               str(coral / "imagenet_labels.txt"), str(folder), str(empty_dir),
-               str(tmp_path / "missing.jpg"))
+    proc = run(
+        "classify",
+        "--backend",
+        "cpu",
+        "--model",
+        str(coral / "mobilenet_v2_1.0_224_quant.tflite"),
+        "--labels",
+        str(coral / "imagenet_labels.txt"),
+        str(folder),
+        str(empty_dir),
+        str(tmp_path / "missing.jpg"),
+    )
     assert proc.returncode == 1
     good = [ln for ln in proc.stdout.splitlines() if "macaw" in ln]
     assert len(good) == 2
     errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
     assert len(errors) == 5, proc.stderr
     text = "\n".join(errors)
-    for needle in ("b_empty.jpg: empty file", "c_truncated.jpg: damaged or truncated",
-                   "d_text.png: not a readable image", "no images in this folder",
-                   "missing.jpg: no such file"):
+    for needle in (
+        "b_empty.jpg: empty file",
+        "c_truncated.jpg: damaged or truncated",
+        "d_text.png: not a readable image",
+        "no images in this folder",
+        "missing.jpg: no such file",
+    ):
         assert needle in text
     assert "Traceback" not in proc.stderr
 
@@ -104,16 +150,23 @@ def test_doctor_json_with_a_coral_attached(coral_bundle, fake_libedgetpu, tmp_pa
     (thermal / "temp").write_text("61234\n")
     models = tmp_path / "models"
     shutil.copytree(coral_bundle, models / "coral")
-    proc = run("doctor", "--json", "--models", str(models),
-               env={"FIELDSCOPE_HOST_ROOT": str(host), "FIELDSCOPE_EDGETPU_LIB":
-                    str(fake_libedgetpu)})
+    proc = run(
+        "doctor",
+        "--json",
+        "--models",
+        str(models),
+        env={"FIELDSCOPE_HOST_ROOT": str(host), "FIELDSCOPE_EDGETPU_LIB": str(fake_libedgetpu)},
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     checks = {c["name"]: c for c in json.loads(proc.stdout)["checks"]}
     assert checks["runtime"]["status"] == "ok" and "ai-edge-litert" in checks["runtime"]["detail"]
     assert checks["libedgetpu"]["status"] == "ok"
     assert checks["edge-tpu"]["status"] == "ok" and "18d1:9302" in checks["edge-tpu"]["detail"]
     assert checks["cameras"]["status"] == "ok" and "video0" in checks["cameras"]["detail"]
-    assert checks["cpu-governor"]["status"] == "warn" and "performance" in checks["cpu-governor"]["fix"]
+    assert (
+        checks["cpu-governor"]["status"] == "warn"
+        and "performance" in checks["cpu-governor"]["fix"]
+    )
     assert checks["thermal"]["status"] == "warn"
     assert "under-voltage has occurred" in checks["thermal"]["detail"]
     assert "61.2 °C" in checks["thermal"]["detail"]
@@ -124,8 +177,12 @@ def test_doctor_fails_on_a_broken_bundle_and_says_why(coral_bundle, tmp_path):
     models = tmp_path / "models"
     shutil.copytree(coral_bundle, models / "coral")
     (models / "coral" / "mobilenet_v2_1.0_224_quant.tflite").write_bytes(b"garbage")
-    proc = run("doctor", "--models", str(models),
-               env={"FIELDSCOPE_HOST_ROOT": str(make_host(tmp_path / "h"))})
+    proc = run(
+        "doctor",
+        "--models",
+        str(models),
+        env={"FIELDSCOPE_HOST_ROOT": str(make_host(tmp_path / "h"))},
+    )
     assert proc.returncode == 1
     assert "FAIL] model coral" in proc.stdout
     assert "edge-tpu: no Edge TPU found" in proc.stdout

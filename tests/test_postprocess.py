@@ -10,8 +10,9 @@ from edge import postprocess as pp
 def test_dequantize_uint8_and_int8():
     d = {"quantization": (0.5, 10)}
     assert pp.dequantize(np.array([[10, 12, 20]], np.uint8), d).tolist() == [0.0, 1.0, 5.0]
-    assert pp.dequantize(np.array([-128, 0], np.int8), {"quantization": (1 / 256, -128)}).tolist() \
-        == [0.0, 0.5]
+    assert pp.dequantize(
+        np.array([-128, 0], np.int8), {"quantization": (1 / 256, -128)}
+    ).tolist() == [0.0, 0.5]
 
 
 def test_softmax_only_for_logits():
@@ -29,8 +30,15 @@ def test_groups_and_decision_text():
     probs = np.array([0.05, 0.10, 0.05, 0.02, 0.68, 0.08, 0.02])
     groups = pp.group_scores(probs, labels, {"malignant": ["mel", "bcc", "akiec"]})
     assert abs(groups["malignant"] - 0.83) < 1e-9
-    d = pp.decide(groups, {"group": "malignant", "threshold": 0.30, "positive": "refer",
-                           "negative": "routine follow-up"})
+    d = pp.decide(
+        groups,
+        {
+            "group": "malignant",
+            "threshold": 0.30,
+            "positive": "refer",
+            "negative": "routine follow-up",
+        },
+    )
     assert d["positive"] is True
     assert d["text"] == "malignant: 0.83 ≥ 0.30 → refer"
     low = pp.decide({"malignant": 0.1}, {"group": "malignant", "threshold": 0.3})

@@ -31,8 +31,14 @@ def run_python(code: str, block: str = "", env: dict | None = None, extra_path: 
     script = BLOCKER + textwrap.dedent(code)
     full_env = {**os.environ, **(env or {})}
     full_env["PYTHONPATH"] = os.pathsep.join(p for p in (extra_path, str(ROOT)) if p)
-    return subprocess.run([sys.executable, "-c", script, block], capture_output=True, text=True,
-                          env=full_env, cwd=ROOT, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-c", script, block],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        cwd=ROOT,
+        timeout=300,
+    )
 
 
 def test_edge_classifies_with_tensorflow_absent(parrot, coral):
@@ -41,8 +47,8 @@ def test_edge_classifies_with_tensorflow_absent(parrot, coral):
         import edge
         from edge.bundle import load_model
         from edge.classifier import Classifier
-        clf = Classifier(load_model({str(coral / 'mobilenet_v2_1.0_224_quant.tflite')!r},
-                                    {str(coral / 'imagenet_labels.txt')!r}))
+        clf = Classifier(load_model({str(coral / "mobilenet_v2_1.0_224_quant.tflite")!r},
+                                    {str(coral / "imagenet_labels.txt")!r}))
         r = clf.classify({str(parrot)!r})
         print(json.dumps({{"label": r.label, "runtime": clf.runtime.name,
                           "tf": "tensorflow" in sys.modules}}))
@@ -70,10 +76,20 @@ def test_no_module_in_edge_imports_tensorflow():
 
 def test_no_runtime_gives_one_clear_error(parrot):
     proc = subprocess.run(
-        [sys.executable, "-c", BLOCKER + "from edge.cli import main; raise SystemExit(main())",
-         "ai_edge_litert,tflite_runtime,tensorflow", "classify", "--model",
-         str(parrot.parent / "mobilenet_v2_1.0_224_quant.tflite"), str(parrot)],
-        capture_output=True, text=True, cwd=ROOT, timeout=120,
+        [
+            sys.executable,
+            "-c",
+            BLOCKER + "from edge.cli import main; raise SystemExit(main())",
+            "ai_edge_litert,tflite_runtime,tensorflow",
+            "classify",
+            "--model",
+            str(parrot.parent / "mobilenet_v2_1.0_224_quant.tflite"),
+            str(parrot),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
     )
     assert proc.returncode == 2
@@ -118,8 +134,8 @@ def test_tensorflow_lite_is_the_last_resort(parrot, coral):
     code = f"""
         from edge.bundle import load_model
         from edge.classifier import Classifier
-        clf = Classifier(load_model({str(coral / 'mobilenet_v2_1.0_224_quant.tflite')!r},
-                                    {str(coral / 'imagenet_labels.txt')!r}))
+        clf = Classifier(load_model({str(coral / "mobilenet_v2_1.0_224_quant.tflite")!r},
+                                    {str(coral / "imagenet_labels.txt")!r}))
         print(clf.runtime.name, clf.classify({str(parrot)!r}).label)
     """
     proc = run_python(code, block="ai_edge_litert,tflite_runtime")

@@ -60,7 +60,9 @@ def runtime_version() -> str | None:
         try:
             out = subprocess.run(
                 ["dpkg-query", "-W", "-f=${Version}", pkg],
-                capture_output=True, text=True, timeout=5,
+                capture_output=True,
+                text=True,
+                timeout=5,
             )
         except (OSError, subprocess.SubprocessError):
             return None

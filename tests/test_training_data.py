@@ -1,0 +1,158 @@
+"""Datasets, splits, metrics and configs: no TensorFlow needed."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from training.config import ConfigError, load_config
+from training.datasets import (
+    DatasetError,
+    Sample,
+    check_samples,
+    class_weights,
+    load_ham10000,
+    load_samples,
+    split_samples,
+)
+from training.metrics import confusion, roc_auc, summarise, threshold_for_sensitivity
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_ham10000_split_never_puts_a_lesion_in_two_parts(shared):
+    samples = load_ham10000(shared / "datasets" / "ham10000")
+    assert len(samples) == 8553
+    parts = split_samples(samples, seed=7)
+    groups = {p: {s.group for s in items} for p, items in parts.items()}
+    assert not groups["train"] & groups["val"]
+    assert not groups["train"] & groups["test"]
+    assert not groups["val"] & groups["test"]
+    assert sum(len(v) for v in parts.values()) == len(samples)
+    # stratified: melanoma share within 1.5 points in every part
+    share = {p: np.mean([s.label == "mel" for s in items]) for p, items in parts.items()}
+    overall = np.mean([s.label == "mel" for s in samples])
+    assert all(abs(v - overall) < 0.015 for v in share.values()), share
+    assert abs(len(parts["test"]) / len(samples) - 0.15) < 0.02
+
+
+def test_split_is_deterministic_from_the_seed(shared):
+    samples = load_samples("folders", shared / "datasets" / "all-blood-smear")
+    a = split_samples(samples, seed=1)
+    b = split_samples(samples, seed=1)
+    c = split_samples(samples, seed=2)
+    assert [s.path for s in a["test"]] == [s.path for s in b["test"]]
+    assert [s.path for s in a["test"]] != [s.path for s in c["test"]]
+
+
+def test_group_with_many_images_stays_together():
+    samples = [
+        Sample(Path(f"/x/{g}_{i}.jpg"), "a" if g < 10 else "b", f"L{g}")
+        for g in range(20)
+        for i in range(1 + g % 4)
+    ]
+    parts = split_samples(samples, seed=3)
+    where = {}
+    for p, items in parts.items():
+        for s in items:
+            assert where.setdefault(s.group, p) == p
+
+
+def test_bad_datasets_fail_clearly(tmp_path):
+    good = tmp_path / "a.jpg"
+    good.write_bytes(b"x")
+    with pytest.raises(DatasetError, match="1 images are missing"):
+        check_samples([Sample(good, "a", "1"), Sample(tmp_path / "nope.jpg", "b", "2")], ["a", "b"])
+    with pytest.raises(DatasetError, match=r"labels \['zzz'\] are not in the config"):
+        check_samples([Sample(good, "a", "1"), Sample(good, "zzz", "2")], ["a", "b"])
+    with pytest.raises(DatasetError, match="only one class"):
+        check_samples([Sample(good, "a", "1"), Sample(good, "a", "2")], ["a", "b"])
+    with pytest.raises(DatasetError, match="HAM10000_metadata.csv"):
+        load_ham10000(tmp_path)
+    bad_csv = tmp_path / "d.csv"
+    bad_csv.write_text("file,class\nx.jpg,a\n")
+    with pytest.raises(DatasetError, match="needs columns path and label"):
+        load_samples("csv", bad_csv)
+
+
+def test_generic_csv_layout(tmp_path):
+    (tmp_path / "img").mkdir()
+    with open(tmp_path / "d.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["path", "label", "group"])
+        w.writerow(["img/1.jpg", "a", "p1"])
+        w.writerow(["img/2.jpg", "b", ""])
+    s = load_samples("csv", tmp_path / "d.csv")
+    assert s[0] == Sample(tmp_path / "img/1.jpg", "a", "p1")
+    assert s[1].group == "img/2.jpg"
+
+
+def test_class_weights_balance():
+    s = [Sample(Path(str(i)), "a", str(i)) for i in range(30)] + [
+        Sample(Path(str(i)), "b", str(i)) for i in range(10)
+    ]
+    w = class_weights(s, ["a", "b"])
+    assert w[0] * 30 == pytest.approx(w[1] * 10)
+    assert w[1] == pytest.approx(40 / (2 * 10))
+
+
+def test_auc_matches_hand_computed_case():
+    # positives score 0.9, 0.4; negatives 0.5, 0.1: pairs won 3 of 4 → 0.75
+    assert roc_auc(np.array([1, 1, 0, 0]), np.array([0.9, 0.4, 0.5, 0.1])) == 0.75
+    # a tie between a positive and a negative counts half
+    assert roc_auc(np.array([1, 0]), np.array([0.5, 0.5])) == 0.5
+
+
+def test_summary_matches_hand_computed_case():
+    labels = ["benign", "x", "y"]
+    y = np.array([0, 0, 1, 2, 2])
+    probs = np.array(
+        [
+            [0.8, 0.1, 0.1],  # benign, right
+            [0.3, 0.6, 0.1],  # benign predicted x: group score 0.7 → flagged at 0.5
+            [0.2, 0.7, 0.1],  # x, right
+            [0.1, 0.1, 0.8],  # y, right
+            [0.6, 0.1, 0.3],  # y predicted benign: group score 0.4 → missed
+        ]
+    )
+    m = summarise(y, probs, labels, [1, 2], threshold=0.5)
+    assert m["accuracy"] == pytest.approx(3 / 5)
+    assert m["recall"] == {"benign": 0.5, "x": 1.0, "y": 0.5}
+    assert m["balanced_accuracy"] == pytest.approx((0.5 + 1 + 0.5) / 3)
+    assert m["confusion"] == [[1, 1, 0], [0, 1, 0], [1, 0, 1]]
+    assert m["sensitivity"] == pytest.approx(2 / 3)
+    assert m["specificity"] == pytest.approx(1 / 2)
+    # group AUC: positives 0.8, 0.9, 0.4 vs negatives 0.2, 0.7 → wins 2+2+1 = 5 of 6
+    assert m["group_auc"] == pytest.approx(5 / 6)
+    assert confusion(np.array([0, 1]), np.array([1, 1]), 2).tolist() == [[0, 1], [0, 1]]
+
+
+def test_threshold_reaches_target_sensitivity():
+    y = np.array([1] * 10 + [0] * 5)
+    s = np.array([0.95, 0.9, 0.85, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.1, 0.3, 0.5, 0.9])
+    t = threshold_for_sensitivity(y, s, 0.9)
+    assert t == 0.3 and (s[y == 1] >= t).mean() >= 0.9
+    assert threshold_for_sensitivity(y, s, 1.0) == 0.2
+
+
+def test_shipped_configs_load():
+    for name in ("blood-smear", "skin-lesion"):
+        cfg = load_config(ROOT / "training" / "configs" / f"{name}.toml")
+        assert cfg.name == name and cfg.decision.group in cfg.decision.groups
+
+
+def test_config_errors_are_clear(tmp_path):
+    base = (ROOT / "training/configs/blood-smear.toml").read_text()
+    p = tmp_path / "c.toml"
+    p.write_text(base.replace('backbone = "mobilenetv2"', 'backbone = "resnet"'))
+    with pytest.raises(ConfigError, match="backbone: 'resnet' is not one of"):
+        load_config(p)
+    p.write_text(base.replace("batch_size = 32", "batch_size = 32\nbatchsize = 1"))
+    with pytest.raises(ConfigError, match=r"unknown keys \['batchsize'\]"):
+        load_config(p)
+    p.write_text(base.replace('ALL = ["Early", "Pre", "Pro"]', 'ALL = ["Early", "Blast"]'))
+    with pytest.raises(ConfigError, match=r"groups.ALL: \['Blast'\] are not dataset labels"):
+        load_config(p)

@@ -1,0 +1,176 @@
+"""The training pipeline end to end on a few dozen real images (tiny CNN, one epoch each)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("tensorflow", reason="training needs the train extra (installed in CI)")
+
+from edge.bundle import load_bundle  # noqa: E402
+from edge.classifier import Classifier  # noqa: E402
+from training.config import load_config  # noqa: E402
+from training.edgetpu import parse_compiler_log, preflight  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = {
+    "model.backbone": "small_cnn",
+    "model.weights": "none",
+    "model.input_size": 48,
+    "model.dense": 16,
+    "dataset.limit_per_class": 12,
+    "train.head_epochs": 1,
+    "train.finetune_epochs": 1,
+    "train.batch_size": 8,
+    "export.representative_images": 16,
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_run(shared, tmp_path_factory):
+    from training.build import build_bundle
+    from training.train import train
+
+    cfg = load_config(ROOT / "training/configs/blood-smear.toml", TINY)
+    work = tmp_path_factory.mktemp("train")
+    run_dir, out = work / "run", work / "bundle"
+    train(cfg, run_dir)
+    ev = build_bundle(cfg, run_dir, out, keep_float=True, samples_per_class=1)
+    return cfg, run_dir, out, ev
+
+
+def test_pipeline_writes_a_valid_bundle(tiny_run):
+    cfg, run_dir, out, ev = tiny_run
+    bundle = load_bundle(out)
+    assert set(bundle.artifacts) == {"float", "int8"}
+    m = bundle.manifest
+    assert m["labels"] == ["Benign", "Early", "Pre", "Pro"]
+    assert m["decision"]["group"] == "ALL" and 0 <= m["decision"]["threshold"] <= 1
+    assert m["artifacts"]["int8"]["metrics"]["n"] == ev["n"] > 0
+    assert (out / "CARD.md").read_text().startswith("# Model card: blood-smear")
+    for png in ("roc.png", "confusion.png", "training.png"):
+        assert (out / png).stat().st_size > 1000
+    assert len(list((out / "samples").glob("*.jpg"))) == 4
+    assert "Aria M." in (out / "samples" / "ATTRIBUTION.md").read_text()
+    assert (run_dir / "split.csv").is_file() and (run_dir / "history.csv").is_file()
+
+
+def test_int8_runs_in_the_edge_runtime_and_agrees_with_float(tiny_run):
+    _, _, out, ev = tiny_run
+    bundle = load_bundle(out)
+    clf = Classifier(bundle, backend="cpu")
+    assert clf.backend.artifact.kind == "int8" and clf.backend.input_dtype == np.uint8
+    sample = next((out / "samples").glob("*.jpg"))
+    r = clf.classify(str(sample))
+    assert r.label in bundle.labels and abs(sum(r.probabilities.values()) - 1) < 0.05
+    # a one-epoch model is nearly uniform, so compare probabilities rather than argmax
+    from training.datasets import read_split
+    from training.evaluate import predict
+
+    test = read_split(tiny_run[1] / "split.csv")["test"]
+    p_int8, _ = predict(bundle, "int8", test)
+    p_float, _ = predict(bundle, "float", test)
+    assert np.abs(p_int8 - p_float).mean() < 0.02
+    assert np.abs(p_int8 - p_float).max() < 0.08
+    assert 0 <= ev["int8_float_agreement"] <= 1
+    assert preflight(bundle.artifacts["int8"].path)  # every op reported
+    assert all(
+        r.ok
+        for r in preflight(bundle.artifacts["int8"].path)
+        if r.op not in ("QUANTIZE", "DEQUANTIZE")
+    )
+
+
+def test_preflight_flags_float_ops(tiny_run):
+    _, _, out, _ = tiny_run
+    reports = preflight(load_bundle(out).artifacts["float"].path)
+    bad = [r for r in reports if not r.ok]
+    assert bad and any("not quantised" in reason for r in bad for reason in r.reasons)
+
+
+def test_evaluate_command_json(tiny_run):
+    _, run_dir, out, ev = tiny_run
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "training",
+            "evaluate",
+            "--model",
+            str(out),
+            "--data",
+            str(run_dir / "split.csv"),
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)
+    assert doc["artifacts"]["int8"]["accuracy"] == pytest.approx(
+        ev["artifacts"]["int8"]["accuracy"]
+    )
+
+
+def test_compile_without_compiler_says_how_to_get_it(tiny_run, monkeypatch):
+    _, _, out, _ = tiny_run
+    proc = subprocess.run(
+        [sys.executable, "-m", "training", "compile", "--model", str(out)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)},
+    )
+    assert proc.returncode == 3
+    assert "edgetpu_compiler is not installed" in proc.stderr
+    assert "apt install edgetpu-compiler" in proc.stderr
+    assert "ops can map to the Edge TPU" in proc.stdout
+
+
+def test_compiler_log_is_parsed():
+    text = """Edge TPU Compiler version 16.0.384591198
+Model compiled successfully in 1153 ms.
+Input model: m_int8.tflite
+On-chip memory used for caching model parameters: 3.24MiB
+On-chip memory remaining for caching model parameters: 4.29MiB
+Off-chip memory used for streaming uncached model parameters: 0.00B
+Number of Edge TPU subgraphs: 1
+Total number of operations: 72
+Operation log: m_int8_edgetpu.log
+Number of operations that will run on Edge TPU: 71
+Number of operations that will run on CPU: 1
+"""
+    log = parse_compiler_log(text)
+    assert log == {
+        "ops_on_tpu": 71,
+        "ops_on_cpu": 1,
+        "on_chip_memory": "3.24MiB",
+        "off_chip_memory": "0.00B",
+        "compiler_version": "16.0.384591198",
+    }
+
+
+def test_offline_imagenet_initialisation_recognises_the_macaw(coral, parrot):
+    import keras
+    from PIL import Image
+
+    from training.coral_weights import load_into_mobilenetv2
+
+    base = keras.applications.MobileNetV2(
+        input_shape=(224, 224, 3), include_top=False, weights=None, pooling="avg"
+    )
+    kernel, bias = load_into_mobilenetv2(base, coral / "mobilenet_v2_1.0_224_quant.tflite")
+    img = Image.open(parrot).convert("RGB").resize((224, 224))
+    x = (np.asarray(img, np.float32) - 127.5) / 127.5
+    logits = base(x[None], training=False).numpy() @ kernel + bias
+    p = np.exp(logits - logits.max())
+    p /= p.sum()
+    assert int(p.argmax()) == 89 and p.max() > 0.95

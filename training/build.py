@@ -1,0 +1,186 @@
+"""A trained Keras model → a complete bundle: artifacts, threshold, metrics, card, samples."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+from edge.bundle import load_bundle, write_bundle
+
+from .config import Config
+from .datasets import read_split
+from .edgetpu import CompilerMissing, compile_model, preflight, render_preflight
+from .evaluate import choose_threshold, evaluate_bundle
+
+log = logging.getLogger(__name__)
+
+
+def base_manifest(cfg: Config, threshold: float) -> dict:
+    ds = cfg.dataset
+    return {
+        "schema_version": 1,
+        "name": cfg.name,
+        "version": cfg.version,
+        "description": cfg.description,
+        "labels": ds.labels,
+        "label_names": ds.label_names,
+        "label_groups": cfg.decision.groups,
+        "decision": {
+            "group": cfg.decision.group,
+            "threshold": round(float(threshold), 4),
+            "target_sensitivity": cfg.decision.target_sensitivity,
+            "positive": cfg.decision.positive,
+            "negative": cfg.decision.negative,
+        },
+        "input": {
+            "size": [cfg.model.input_size, cfg.model.input_size],
+            "color_order": "RGB",
+            "resize": "squash" if ds.layout == "ham10000" else "center-crop",
+            "normalization": {"mean": [127.5] * 3, "std": [127.5] * 3},
+        },
+        "output": "probabilities",
+        "artifacts": {},
+        "dataset": {"source": ds.source, "license": ds.license, "citation": ds.citation},
+        "intended_use": cfg.export.intended_use,
+        "card": "CARD.md",
+        "samples": "samples",
+    }
+
+
+def export_artifacts(cfg: Config, run_dir: Path) -> dict[str, Path]:
+    import keras
+
+    from .export import export_float, export_int8
+    from .train import prepare_data
+
+    model = keras.models.load_model(run_dir / "model.keras")
+    out = run_dir / "export"
+    out.mkdir(exist_ok=True)
+    files = {}
+    if cfg.export.float:
+        files["float"] = export_float(model, out / f"{cfg.name}_float.tflite")
+    if cfg.export.int8:
+        data = prepare_data(cfg, run_dir)
+        rng = np.random.default_rng(cfg.dataset.seed)
+        x = data["x_train"]
+        pick = rng.choice(len(x), size=min(cfg.export.representative_images, len(x)), replace=False)
+        files["int8"] = export_int8(model, x[pick], out / f"{cfg.name}_int8.tflite")
+    return files
+
+
+def add_samples(bundle_dir: Path, cfg: Config, test: list, per_class: int) -> None:
+    """A few test-split images per class for the demo, with their attribution."""
+    dest = bundle_dir / "samples"
+    if dest.exists():
+        shutil.rmtree(dest)
+    dest.mkdir()
+    counts: Counter = Counter()
+    rows = []
+    for s in test:
+        if counts[s.label] >= per_class:
+            continue
+        counts[s.label] += 1
+        name = f"{s.label}_{s.path.stem}{s.path.suffix.lower()}"
+        shutil.copyfile(s.path, dest / name)
+        rows.append(f"| {name} | {s.label} | {s.path.name} |")
+    (dest / "ATTRIBUTION.md").write_text(
+        "\n".join(
+            [
+                f"# Sample images for the {cfg.name} demo",
+                "",
+                "From the held-out test split (never seen in training). Source and licence:",
+                "",
+                f"- {cfg.dataset.citation}",
+                f"- {cfg.dataset.source} — {cfg.dataset.license}",
+                "",
+                "| file | ground truth | original file |",
+                "|---|---|---|",
+                *rows,
+                "",
+            ]
+        )
+    )
+
+
+def build_bundle(
+    cfg: Config, run_dir: Path, out_dir: Path, keep_float: bool = False, samples_per_class: int = 0
+) -> dict:
+    files = export_artifacts(cfg, run_dir)
+    parts = read_split(run_dir / "split.csv")
+    staging = run_dir / "bundle"
+    if staging.exists():
+        shutil.rmtree(staging)
+    manifest = base_manifest(cfg, 0.5)
+    write_bundle(staging, manifest, files)
+    threshold = choose_threshold(
+        load_bundle(staging),
+        parts["val"],
+        cfg.decision.target_sensitivity,
+        "int8" if "int8" in files else "float",
+    )
+    manifest = base_manifest(cfg, threshold)
+    write_bundle(staging, manifest, files)
+    ev = evaluate_bundle(staging, parts["test"])
+    for kind, metrics in ev["artifacts"].items():
+        manifest["artifacts"].setdefault(kind, {})["metrics"] = {
+            k: v for k, v in metrics.items() if k not in ("confusion",)
+        }
+        manifest["artifacts"][kind]["input_dtype"] = "uint8" if kind == "int8" else "float32"
+    manifest["evaluation"] = {
+        "split": "test",
+        "n": ev["n"],
+        "int8_float_agreement": ev.get("int8_float_agreement"),
+        "int8_minus_float_accuracy": ev.get("int8_minus_float_accuracy"),
+    }
+    extra: dict = {
+        "split_counts": "/".join(str(len(parts[p])) for p in ("train", "val", "test")),
+        "group_by": "lesion_id" if cfg.dataset.layout == "ham10000" else "image",
+    }
+    tt = run_dir / "train_time.json"
+    if tt.is_file():
+        extra["train_minutes"] = json.loads(tt.read_text())["minutes"]
+    final_files = {k: v for k, v in files.items() if k == "int8" or keep_float}
+    if "int8" in files:
+        reports = preflight(files["int8"])
+        text = render_preflight(reports)
+        manifest["artifacts"]["int8"]["edgetpu_preflight"] = {
+            "ops": len(reports),
+            "mappable": sum(r.ok for r in reports),
+        }
+        try:
+            compiled, clog = compile_model(
+                files["int8"], files["int8"].parent, cfg.export.edgetpu_runtime_version
+            )
+            final_files["edgetpu"] = compiled
+            manifest["artifacts"]["edgetpu"] = {"input_dtype": "uint8", "edgetpu": clog}
+            text += f"\n\nCompiled: {clog}"
+        except CompilerMissing as exc:
+            log.warning("%s", exc)
+            text += (
+                "\n\nNot compiled here: edgetpu_compiler is not installed on the training "
+                "machine. Run `python -m training compile --model models/"
+                f"{cfg.name}` where it is."
+            )
+        extra["edgetpu"] = "Preflight of the int8 model: " + text
+    for kind in list(manifest["artifacts"]):
+        if kind not in final_files:
+            manifest["artifacts"].pop(kind)
+            manifest.setdefault("evaluated_not_shipped", {})[kind] = ev["artifacts"][kind]
+            manifest["evaluated_not_shipped"][kind].pop("confusion", None)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    write_bundle(out_dir, manifest, final_files)
+    from .card import write_card
+
+    write_card(out_dir, manifest, ev, run_dir / "history.csv", cfg, extra)
+    if samples_per_class:
+        add_samples(out_dir, cfg, parts["test"], samples_per_class)
+    load_bundle(out_dir)  # the result must load on the Pi side
+    ev.pop("_probs")
+    ev.pop("_y")
+    return ev

@@ -1,0 +1,161 @@
+"""``python -m training train|export|evaluate|compile``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from edge.errors import FieldScopeError
+
+from .config import ConfigError, load_config
+from .datasets import DatasetError, load_samples, read_split
+
+
+def _cfg(args):
+    overrides = {}
+    for item in args.set or []:
+        key, _, value = item.partition("=")
+        try:
+            overrides[key] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[key] = value
+    return load_config(args.config, overrides)
+
+
+def cmd_train(args) -> int:
+    from .build import build_bundle
+    from .train import train
+
+    cfg = _cfg(args)
+    run_dir = Path(args.run_dir or f"runs/{cfg.name}")
+    if not args.skip_training:
+        train(cfg, run_dir)
+    out = Path(args.out or f"models/{cfg.name}")
+    ev = build_bundle(
+        cfg, run_dir, out, keep_float=args.keep_float, samples_per_class=args.samples_per_class
+    )
+    print(json.dumps(ev, indent=2, default=float))
+    print(f"bundle written to {out}", file=sys.stderr)
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .build import export_artifacts
+
+    cfg = _cfg(args)
+    files = export_artifacts(cfg, Path(args.run_dir or f"runs/{cfg.name}"))
+    for kind, path in files.items():
+        print(f"{kind}: {path} ({path.stat().st_size / 1e6:.2f} MB)")
+    return 0
+
+
+def _samples_from(data: str, part: str):
+    path = Path(data)
+    if path.is_file() and path.suffix == ".csv":
+        with open(path) as fh:
+            header = fh.readline()
+        if header.startswith("part,"):
+            return read_split(path)[part]
+        return load_samples("csv", path)
+    if (path / "HAM10000_metadata.csv").is_file():
+        return load_samples("ham10000", path)
+    return load_samples("folders", path)
+
+
+def cmd_evaluate(args) -> int:
+    from .evaluate import evaluate_bundle
+
+    samples = _samples_from(args.data, args.part)
+    ev = evaluate_bundle(Path(args.model), samples)
+    ev.pop("_probs")
+    ev.pop("_y")
+    if args.json:
+        print(json.dumps(ev, default=float))
+    else:
+        for kind, m in ev["artifacts"].items():
+            print(
+                f"{kind}: accuracy {m['accuracy']:.4f}, balanced {m['balanced_accuracy']:.4f}, "
+                f"macro AUC {m['macro_auc']:.4f}, group AUC {m['group_auc']:.4f}, "
+                f"sensitivity {m['sensitivity']:.4f}, specificity {m['specificity']:.4f} "
+                f"at {m['threshold']:.3f} (n={m['n']})"
+            )
+        if "int8_float_agreement" in ev:
+            print(f"int8/float agreement {ev['int8_float_agreement']:.4f}")
+    return 0
+
+
+def cmd_compile(args) -> int:
+    from edge.bundle import load_bundle, write_bundle
+
+    from .edgetpu import CompilerMissing, compile_model, preflight, render_preflight
+
+    bundle = load_bundle(args.model)
+    int8 = bundle.artifacts.get("int8")
+    if int8 is None:
+        print("error: the bundle has no int8 artifact to compile", file=sys.stderr)
+        return 2
+    print(render_preflight(preflight(int8.path)))
+    try:
+        compiled, clog = compile_model(int8.path, bundle.root, args.runtime_version)
+    except CompilerMissing as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 3
+    manifest = dict(bundle.manifest)
+    manifest["artifacts"]["edgetpu"] = {
+        "file": compiled.name,
+        "input_dtype": "uint8",
+        "edgetpu": clog,
+    }
+    files = {k: a.path for k, a in bundle.artifacts.items()}
+    files["edgetpu"] = compiled
+    write_bundle(bundle.root, manifest, files)
+    print(f"compiled: {clog}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m training")
+    sub = p.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train", help="train, export, evaluate and write the bundle")
+    t.add_argument("--config", required=True)
+    t.add_argument("--run-dir")
+    t.add_argument("--out", help="bundle folder (default models/<name>)")
+    t.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set train.finetune_epochs=1",
+    )
+    t.add_argument("--keep-float", action="store_true", help="ship the float artifact too")
+    t.add_argument("--samples-per-class", type=int, default=0)
+    t.add_argument("--skip-training", action="store_true", help="reuse run-dir/model.keras")
+    t.set_defaults(func=cmd_train)
+    e = sub.add_parser("export", help="export float and int8 TFLite from a run")
+    e.add_argument("--config", required=True)
+    e.add_argument("--run-dir")
+    e.add_argument("--set", action="append")
+    e.set_defaults(func=cmd_export)
+    v = sub.add_parser("evaluate", help="evaluate a bundle's artifacts on a dataset")
+    v.add_argument("--model", required=True)
+    v.add_argument(
+        "--data",
+        required=True,
+        help="split.csv (uses --part), a path,label CSV, HAM10000 or class folders",
+    )
+    v.add_argument("--part", default="test")
+    v.add_argument("--json", action="store_true")
+    v.set_defaults(func=cmd_evaluate)
+    c = sub.add_parser("compile", help="compile a bundle's int8 model for the Edge TPU")
+    c.add_argument("--model", required=True)
+    c.add_argument("--runtime-version", type=int, default=14)
+    c.set_defaults(func=cmd_compile)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except (ConfigError, DatasetError, FieldScopeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2

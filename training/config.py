@@ -1,0 +1,156 @@
+"""Training configuration: one TOML file per model, validated with clear messages."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import tomllib
+
+from edge.paths import shared_dir
+
+BACKBONES = ("mobilenetv2", "inceptionv3", "small_cnn")
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass
+class DatasetConfig:
+    layout: str
+    root: str
+    labels: list[str]
+    label_names: dict[str, str] = field(default_factory=dict)
+    seed: int = 42
+    fractions: list[float] = field(default_factory=lambda: [0.7, 0.15, 0.15])
+    limit_per_class: int = 0  # 0: all images; tests use a few dozen
+    csv: str = ""
+    citation: str = ""
+    license: str = ""
+    source: str = ""
+
+    @property
+    def root_path(self) -> Path:
+        p = Path(self.root)
+        return p if p.is_absolute() else shared_dir() / p
+
+
+@dataclass
+class DecisionConfig:
+    group: str
+    groups: dict[str, list[str]]
+    target_sensitivity: float = 0.9
+    positive: str = "refer"
+    negative: str = "no referral"
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "mobilenetv2"
+    weights: str = "coral"  # coral | imagenet | none | path to a .weights.h5 file
+    input_size: int = 224
+    dropout: float = 0.2
+    dense: int = 128
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 32
+    head_epochs: int = 5
+    head_lr: float = 1e-3
+    finetune_epochs: int = 6
+    finetune_lr: float = 1e-4
+    unfreeze_from: str = "block_13_expand"
+    patience: int = 3
+    augment: bool = True
+    label_smoothing: float = 0.0
+
+
+@dataclass
+class ExportConfig:
+    representative_images: int = 200
+    int8: bool = True
+    float: bool = True
+    intended_use: str = ""
+    limitations: list[str] = field(default_factory=list)
+    edgetpu_runtime_version: int = 14
+
+
+@dataclass
+class Config:
+    name: str
+    version: str
+    description: str
+    dataset: DatasetConfig
+    decision: DecisionConfig
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    source: str = ""
+
+
+def _build(cls, data: Any, where: str):
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a table, got {type(data).__name__}")
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise ConfigError(f"{where}: unknown keys {unknown} (known: {sorted(known)})")
+    try:
+        return cls(**data)
+    except TypeError as exc:
+        raise ConfigError(f"{where}: {exc}") from exc
+
+
+def load_config(path: Path | str, overrides: dict[str, Any] | None = None) -> Config:
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text())
+    except FileNotFoundError as exc:
+        raise ConfigError(f"config file not found: {path}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+    for dotted, value in (overrides or {}).items():
+        table, _, key = dotted.rpartition(".")
+        target = raw
+        for part in filter(None, table.split(".")):
+            target = target.setdefault(part, {})
+        target[key] = value
+    for required in ("name", "version", "dataset", "decision"):
+        if required not in raw:
+            raise ConfigError(f"{path}: missing {required!r}")
+    cfg = Config(
+        name=raw["name"],
+        version=str(raw["version"]),
+        description=raw.get("description", ""),
+        dataset=_build(DatasetConfig, raw["dataset"], f"{path} [dataset]"),
+        decision=_build(DecisionConfig, raw["decision"], f"{path} [decision]"),
+        model=_build(ModelConfig, raw.get("model", {}), f"{path} [model]"),
+        train=_build(TrainConfig, raw.get("train", {}), f"{path} [train]"),
+        export=_build(ExportConfig, raw.get("export", {}), f"{path} [export]"),
+        source=str(path),
+    )
+    _check(cfg, path)
+    return cfg
+
+
+def _check(cfg: Config, path: Path) -> None:
+    if cfg.model.backbone not in BACKBONES:
+        raise ConfigError(
+            f"{path} [model] backbone: {cfg.model.backbone!r} is not one of {BACKBONES}"
+        )
+    if not 32 <= cfg.model.input_size <= 512:
+        raise ConfigError(f"{path} [model] input_size must be between 32 and 512")
+    if cfg.decision.group not in cfg.decision.groups:
+        raise ConfigError(f"{path} [decision] group {cfg.decision.group!r} is not in groups")
+    for g, members in cfg.decision.groups.items():
+        bad = sorted(set(members) - set(cfg.dataset.labels))
+        if bad:
+            raise ConfigError(f"{path} [decision] groups.{g}: {bad} are not dataset labels")
+    fr = cfg.dataset.fractions
+    if len(fr) != 3 or abs(sum(fr) - 1) > 1e-6 or min(fr) <= 0:
+        raise ConfigError(f"{path} [dataset] fractions must be three positive numbers summing to 1")
+    if not 0 < cfg.decision.target_sensitivity <= 1:
+        raise ConfigError(f"{path} [decision] target_sensitivity must be in (0, 1]")

@@ -1,0 +1,100 @@
+"""Evaluate bundle artifacts through the edge classifier: the exact code the Pi runs."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from edge.bundle import Bundle, load_bundle
+from edge.classifier import Classifier
+
+from .datasets import Sample
+from .metrics import summarise, threshold_for_sensitivity
+
+
+def predict(
+    bundle: Bundle, kind: str, samples: list[Sample], threads: int | None = None, desc: str = ""
+) -> tuple[np.ndarray, float]:
+    """Probabilities (N, classes) from one artifact on the CPU, and the mean invoke time (ms)."""
+    view = Bundle(bundle.root, bundle.manifest, {kind: bundle.artifacts[kind]})
+    clf = Classifier(view, backend="cpu", threads=threads)
+    labels = bundle.labels
+    probs = np.zeros((len(samples), len(labels)), dtype=np.float32)
+    invoke = []
+    for i, s in enumerate(tqdm(samples, desc=desc or f"evaluate {kind}", unit="img", leave=False)):
+        r = clf.classify(str(s.path))
+        probs[i] = [r.probabilities[lab] for lab in labels]
+        invoke.append(r.timings_ms["invoke"])
+    clf.close()
+    return probs, float(np.median(invoke)) if invoke else float("nan")
+
+
+def group_indices(bundle: Bundle) -> list[int]:
+    rule = bundle.decision
+    if not rule:
+        return []
+    members = bundle.label_groups[rule["group"]]
+    return [bundle.labels.index(m) for m in members]
+
+
+def choose_threshold(
+    bundle: Bundle, samples: list[Sample], target: float, kind: str = "int8"
+) -> float:
+    """Threshold on the decision group's score that reaches ``target`` sensitivity."""
+    probs, _ = predict(bundle, kind, samples, desc="threshold on validation")
+    y = np.array([bundle.labels.index(s.label) for s in samples])
+    gidx = group_indices(bundle)
+    return threshold_for_sensitivity(np.isin(y, gidx), probs[:, gidx].sum(axis=1), target)
+
+
+def latency_ms(path: Path, threads: int, runs: int = 30) -> float:
+    from edge.runtime import resolve_runtime
+
+    interp = resolve_runtime().interpreter_cls(model_path=str(path), num_threads=threads)
+    interp.allocate_tensors()
+    d = interp.get_input_details()[0]
+    x = np.zeros(d["shape"], dtype=d["dtype"])
+    interp.set_tensor(d["index"], x)
+    for _ in range(3):
+        interp.invoke()
+    times = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        interp.invoke()
+        times.append((time.perf_counter() - t) * 1e3)
+    return float(np.median(times))
+
+
+def evaluate_bundle(
+    bundle_dir: Path | Bundle, samples: list[Sample], kinds: list[str] | None = None
+) -> dict:
+    """Metrics per CPU artifact on ``samples``, int8-vs-float agreement, sizes and latency."""
+    bundle = bundle_dir if isinstance(bundle_dir, Bundle) else load_bundle(bundle_dir)
+    kinds = kinds or [k for k in ("float", "int8") if k in bundle.artifacts]
+    y = np.array([bundle.labels.index(s.label) for s in samples])
+    threshold = bundle.decision["threshold"] if bundle.decision else 0.5
+    out: dict = {"n": len(samples), "artifacts": {}}
+    preds = {}
+    for kind in kinds:
+        probs, invoke = predict(bundle, kind, samples)
+        preds[kind] = probs
+        m = summarise(y, probs, bundle.labels, group_indices(bundle), threshold)
+        art = bundle.artifacts[kind]
+        m["file_size_bytes"] = art.path.stat().st_size
+        m["median_invoke_ms_in_classifier"] = invoke
+        m["latency_ms_1_thread"] = latency_ms(art.path, 1)
+        m["latency_ms_2_threads"] = latency_ms(art.path, 2)
+        out["artifacts"][kind] = m
+    if "float" in preds and "int8" in preds:
+        out["int8_float_agreement"] = float(
+            (preds["float"].argmax(1) == preds["int8"].argmax(1)).mean()
+        )
+        out["int8_minus_float_accuracy"] = (
+            out["artifacts"]["int8"]["accuracy"] - out["artifacts"]["float"]["accuracy"]
+        )
+    out["_probs"] = preds
+    out["_y"] = y
+    return out

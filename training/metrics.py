@@ -1,0 +1,79 @@
+"""Classification metrics in plain numpy, so evaluation needs no TensorFlow or scikit-learn."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def roc_auc(y_true: np.ndarray, score: np.ndarray) -> float:
+    """Area under the ROC curve (Mann–Whitney U with tied ranks averaged)."""
+    y = np.asarray(y_true).astype(bool)
+    s = np.asarray(score, dtype=np.float64)
+    n_pos, n_neg = int(y.sum()), int((~y).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    order = np.argsort(s, kind="mergesort")
+    ranks = np.empty(len(s), dtype=np.float64)
+    sorted_s = s[order]
+    i = 0
+    while i < len(s):
+        j = i
+        while j + 1 < len(s) and sorted_s[j + 1] == sorted_s[i]:
+            j += 1
+        ranks[order[i : j + 1]] = (i + j) / 2.0 + 1.0
+        i = j + 1
+    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+
+
+def roc_curve(y_true: np.ndarray, score: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(false positive rate, true positive rate, thresholds), thresholds descending."""
+    y = np.asarray(y_true).astype(bool)
+    thresholds = np.unique(np.asarray(score))[::-1]
+    tpr = np.array([(score[y] >= t).mean() for t in thresholds])
+    fpr = np.array([(score[~y] >= t).mean() for t in thresholds])
+    return np.r_[0.0, fpr], np.r_[0.0, tpr], np.r_[np.inf, thresholds]
+
+
+def confusion(y_true: np.ndarray, y_pred: np.ndarray, n: int) -> np.ndarray:
+    m = np.zeros((n, n), dtype=np.int64)
+    np.add.at(m, (np.asarray(y_true), np.asarray(y_pred)), 1)
+    return m
+
+
+def threshold_for_sensitivity(y_true: np.ndarray, score: np.ndarray, target: float) -> float:
+    """The highest threshold whose sensitivity reaches ``target`` (most specific such rule)."""
+    y = np.asarray(y_true).astype(bool)
+    pos = np.sort(np.asarray(score)[y])[::-1]
+    if len(pos) == 0:
+        return 0.5
+    k = int(np.ceil(target * len(pos)))  # positives that must score at or above the threshold
+    return float(pos[max(k, 1) - 1])
+
+
+def summarise(
+    y_true: np.ndarray, probs: np.ndarray, labels: list[str], group_idx: list[int], threshold: float
+) -> dict:
+    """Everything the model card reports, for one artifact on one split."""
+    y_true = np.asarray(y_true)
+    pred = probs.argmax(axis=1)
+    n = len(labels)
+    cm = confusion(y_true, pred, n)
+    recall = {
+        labels[i]: float(cm[i, i] / cm[i].sum()) if cm[i].sum() else float("nan") for i in range(n)
+    }
+    aucs = [roc_auc(y_true == i, probs[:, i]) for i in range(n) if (y_true == i).any()]
+    is_pos = np.isin(y_true, group_idx)
+    gscore = probs[:, group_idx].sum(axis=1)
+    flagged = gscore >= threshold
+    return {
+        "n": int(len(y_true)),
+        "accuracy": float((pred == y_true).mean()),
+        "balanced_accuracy": float(np.nanmean(list(recall.values()))),
+        "recall": recall,
+        "macro_auc": float(np.nanmean(aucs)),
+        "confusion": cm.tolist(),
+        "group_auc": roc_auc(is_pos, gscore),
+        "threshold": float(threshold),
+        "sensitivity": float(flagged[is_pos].mean()) if is_pos.any() else float("nan"),
+        "specificity": float((~flagged[~is_pos]).mean()) if (~is_pos).any() else float("nan"),
+    }

@@ -1,0 +1,172 @@
+"""Two-phase fine-tuning: a head on cached frozen-backbone features, then the top blocks.
+
+Phase 1 is cheap (features are computed once); phase 2 trains the top of the backbone with
+augmentation, BatchNorm frozen, early-stopped on the validation AUC of the decision group, with
+checkpoints and a backup so an interrupted run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+
+from .config import Config
+from .datasets import check_samples, class_weights, load_samples, split_samples, write_split
+from .metrics import roc_auc
+from .pipeline import cache_images, make_dataset
+
+log = logging.getLogger(__name__)
+
+
+def resize_mode(cfg: Config) -> str:
+    return "squash" if cfg.dataset.layout == "ham10000" else "center-crop"
+
+
+def prepare_data(cfg: Config, run_dir: Path) -> dict:
+    ds = cfg.dataset
+    extra = {"csv_name": ds.csv} if ds.layout == "ham10000" and ds.csv else {}
+    samples = load_samples(ds.layout, ds.root_path, **extra)
+    if ds.limit_per_class:
+        by: dict[str, list] = {}
+        for s in samples:
+            by.setdefault(s.label, []).append(s)
+        samples = [s for lab in sorted(by) for s in by[lab][: ds.limit_per_class]]
+    check_samples(samples, ds.labels)
+    parts = split_samples(samples, tuple(ds.fractions), ds.seed)
+    write_split(parts, run_dir / "split.csv")
+    index = {lab: i for i, lab in enumerate(ds.labels)}
+    data = {"parts": parts}
+    cache_dir = run_dir.parent / "cache"
+    for part, items in parts.items():
+        data[f"x_{part}"] = cache_images(
+            items, cfg.model.input_size, resize_mode(cfg), cache_dir, desc=f"{cfg.name}-{part}"
+        )
+        data[f"y_{part}"] = np.array([index[s.label] for s in items], dtype=np.int32)
+    return data
+
+
+def _strategy():
+    import tensorflow as tf
+
+    gpus = tf.config.list_logical_devices("GPU")
+    return tf.distribute.MirroredStrategy() if len(gpus) > 1 else tf.distribute.get_strategy()
+
+
+def _callbacks(cfg: Config, run_dir: Path, val, group_idx: list[int], phase: str):
+    import keras
+
+    class ValAuc(keras.callbacks.Callback):
+        """Decision-group ROC AUC on the validation split, logged as val_group_auc."""
+
+        def on_epoch_end(self, epoch, logs=None):
+            probs = self.model.predict(val[0], verbose=0, batch_size=64)
+            y = np.isin(val[1], group_idx)
+            logs = logs if logs is not None else {}
+            logs["val_group_auc"] = roc_auc(y, probs[:, group_idx].sum(axis=1))
+            log.info("%s epoch %d: val_group_auc %.4f", phase, epoch + 1, logs["val_group_auc"])
+
+    return [
+        ValAuc(),
+        keras.callbacks.EarlyStopping(
+            monitor="val_group_auc",
+            mode="max",
+            patience=cfg.train.patience,
+            restore_best_weights=True,
+        ),
+        keras.callbacks.ModelCheckpoint(
+            str(run_dir / f"best-{phase}.keras"),
+            monitor="val_group_auc",
+            mode="max",
+            save_best_only=True,
+        ),
+        keras.callbacks.CSVLogger(str(run_dir / "history.csv"), append=True),
+        keras.callbacks.BackupAndRestore(str(run_dir / f"backup-{phase}")),
+    ]
+
+
+def train(cfg: Config, run_dir: Path) -> Path:
+    """Train and save ``run_dir/model.keras``; returns its path."""
+    import keras
+    import tensorflow as tf
+
+    from .model import build_backbone, build_head, unfreeze_from
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=2, default=str))
+    keras.utils.set_random_seed(cfg.dataset.seed)
+    t0 = time.time()
+    data = prepare_data(cfg, run_dir)
+    labels = cfg.dataset.labels
+    group_idx = [labels.index(m) for m in cfg.decision.groups[cfg.decision.group]]
+    weights = class_weights(data["parts"]["train"], labels)
+    n = len(labels)
+    bs = cfg.train.batch_size
+    size = cfg.model.input_size
+
+    with _strategy().scope():
+        backbone = build_backbone(cfg.model.backbone, size, cfg.model.weights)
+        backbone.trainable = False
+        head = build_head(backbone.output_shape[1:], n, cfg.model.dropout, cfg.model.dense)
+
+    # Phase 1: head on cached features of the frozen backbone.
+    feats = {}
+    for part in ("train", "val"):
+        feats[part] = backbone.predict(
+            make_dataset(data[f"x_{part}"], None, 64, train=False), verbose=2
+        )
+    head.compile(
+        optimizer=keras.optimizers.Adam(cfg.train.head_lr),
+        loss=keras.losses.SparseCategoricalCrossentropy(),
+        metrics=["accuracy"],
+    )
+    head.fit(
+        feats["train"],
+        data["y_train"],
+        batch_size=bs,
+        epochs=cfg.train.head_epochs,
+        class_weight=weights,
+        validation_data=(feats["val"], data["y_val"]),
+        verbose=2,
+    )
+    log.info("phase 1 done in %.0f s", time.time() - t0)
+
+    # Phase 2: the top blocks, end to end, with augmentation.
+    inputs = keras.Input((size, size, 3), name="image")
+    outputs = head(backbone(inputs, training=False))
+    model = keras.Model(inputs, outputs, name=cfg.name.replace("-", "_"))
+    if cfg.train.finetune_epochs > 0:
+        if cfg.model.backbone == "small_cnn":
+            backbone.trainable = True
+        else:
+            count = unfreeze_from(backbone, cfg.train.unfreeze_from)
+            log.info("fine-tuning %d backbone layers from %s", count, cfg.train.unfreeze_from)
+        steps = cfg.train.finetune_epochs * int(np.ceil(len(data["y_train"]) / bs))
+        lr = keras.optimizers.schedules.CosineDecay(cfg.train.finetune_lr, steps)
+        model.compile(
+            optimizer=keras.optimizers.Adam(lr),
+            loss=keras.losses.SparseCategoricalCrossentropy(),
+            metrics=["accuracy"],
+        )
+        val_norm = (np.asarray((data["x_val"].astype(np.float32) - 127.5) / 127.5), data["y_val"])
+        model.fit(
+            make_dataset(
+                data["x_train"], data["y_train"], bs, train=cfg.train.augment, seed=cfg.dataset.seed
+            ),
+            epochs=cfg.train.finetune_epochs,
+            validation_data=make_dataset(data["x_val"], data["y_val"], 64, train=False),
+            class_weight=weights,
+            callbacks=_callbacks(cfg, run_dir, val_norm, group_idx, "finetune"),
+            verbose=2,
+        )
+    out = run_dir / "model.keras"
+    model.save(out)
+    minutes = (time.time() - t0) / 60
+    (run_dir / "train_time.json").write_text(json.dumps({"minutes": round(minutes, 1)}))
+    log.info("training done in %.1f min → %s", minutes, out)
+    del tf
+    return out
