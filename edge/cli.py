@@ -122,6 +122,31 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     return 1 if any(c.status == "fail" for c in checks) else 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .config import load_config, parse_source
+    from .serve import running_as_service, serve, serve_error
+
+    overrides: dict = {
+        "model.bundle": args.model,
+        "web.host": args.host,
+        "web.port": args.port,
+        "storage.data_dir": args.data_dir,
+        "model.backend": args.backend,
+        "model.threads": args.threads,
+    }
+    try:
+        if args.source:
+            kind, path = parse_source(args.source)
+            overrides["source.kind"], overrides["source.path"] = kind, path
+        cfg = load_config(args.config, overrides)
+        return serve(cfg)
+    except FieldScopeError as exc:
+        if args.error_page or running_as_service():
+            # The page shows only the error text; it binds where the kit was asked to.
+            return serve_error(str(exc), args.host or "127.0.0.1", args.port or 8080)
+        raise
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m edge", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -142,6 +167,22 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--json", action="store_true")
     d.add_argument("--models", help="folder of bundles to check (default: models/)")
     d.set_defaults(func=cmd_doctor)
+
+    s = sub.add_parser("serve", help="run the daemon: capture, classify, store, web page")
+    s.add_argument("--config", help="TOML config (see docs/fieldscope.example.toml)")
+    s.add_argument("--model", help="bundle folder or .tflite")
+    s.add_argument("--source", help="picamera2, v4l2:/dev/video0 or replay:DIR")
+    s.add_argument("--host", help="address to bind (default 127.0.0.1)")
+    s.add_argument("--port", type=int)
+    s.add_argument("--data-dir", help="database and snapshots")
+    s.add_argument("--backend", choices=("auto", "cpu", "edgetpu"))
+    s.add_argument("--threads", type=int)
+    s.add_argument(
+        "--error-page",
+        action="store_true",
+        help="on a start-up error, serve a page saying why (default under systemd)",
+    )
+    s.set_defaults(func=cmd_serve)
     return parser
 
 
@@ -152,6 +193,8 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
     )
+    if args.verbose or args.command == "serve":
+        logging.getLogger("edge").setLevel(logging.DEBUG if args.verbose else logging.INFO)
     if getattr(args, "threads", 1) is not None and getattr(args, "threads", 1) < 1:
         parser.error("--threads must be at least 1")
     try:

@@ -33,3 +33,11 @@ class EdgeTpuError(FieldScopeError):
 
 class ImageError(FieldScopeError):
     """An input image cannot be decoded or is unsafe to decode."""
+
+    status = 400  # HTTP status when it came from an upload
+
+
+class ImageTooLargeError(ImageError):
+    """More pixels than allowed: a decompression bomb, or a mistaken upload."""
+
+    status = 413

@@ -17,7 +17,7 @@ from typing import Any, BinaryIO
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .errors import ImageError
+from .errors import ImageError, ImageTooLargeError
 
 DEFAULT_MAX_PIXELS = 50_000_000  # a 12 MP HQ camera frame is well below; a bomb is far above
 RESIZE_MODES = ("center-crop", "squash", "letterbox")
@@ -51,7 +51,7 @@ def open_image(
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
                 img = Image.open(source)
                 if img.width * img.height > max_pixels:
-                    raise ImageError(
+                    raise ImageTooLargeError(
                         f"{name}: {img.width}×{img.height} pixels is more than the "
                         f"{max_pixels:,} allowed (decompression bomb guard)"
                     )
@@ -60,11 +60,9 @@ def open_image(
                 img.load()
         except ImageError:
             raise
-        except (
-            UnidentifiedImageError,
-            Image.DecompressionBombError,
-            Image.DecompressionBombWarning,
-        ) as exc:
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+            raise ImageTooLargeError(f"{name}: too many pixels (decompression bomb guard)") from exc
+        except UnidentifiedImageError as exc:
             raise ImageError(f"{name}: not a readable image ({exc})") from exc
         except (OSError, SyntaxError, ValueError) as exc:
             raise ImageError(f"{name}: damaged or truncated image ({exc})") from exc

@@ -1,0 +1,205 @@
+"""Daemon configuration: one TOML file, validated with clear messages; CLI flags override it.
+
+See ``docs/fieldscope.example.toml`` for every option with a comment.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import tomllib
+
+from .errors import FieldScopeError
+from .paths import default_bundle
+
+
+class ConfigError(FieldScopeError):
+    """The configuration is invalid; the message names the key."""
+
+
+@dataclass
+class ModelSection:
+    bundle: str = ""  # folder or .tflite; default: models/blood-smear
+    labels: str = ""
+    backend: str = "auto"
+    device: str = ""
+    threads: int = 2
+    fallback_bundle: str = ""  # previous good bundle, used when `bundle` is refused
+
+
+@dataclass
+class SourceSection:
+    kind: str = "replay"  # replay | picamera2 | v4l2
+    path: str = ""  # replay folder or video file; v4l2 device path or index
+    fps: float = 2.0  # replay rate / capture rate limit
+    width: int = 640
+    height: int = 480
+    still_width: int = 0  # full-quality capture size (0: the sensor's / image's own)
+    still_height: int = 0
+    loop: bool = True
+
+
+@dataclass
+class PipelineSection:
+    max_fps: float = 0.0  # cap on classifications per second (0: as fast as frames come)
+    smoothing: int = 5  # frames averaged for the live result
+    hold: int = 3  # frames a new state must hold before it is shown
+    min_focus: float = 8.0  # variance of the Laplacian below which a frame is not assessable
+    max_clipped: float = 0.6  # fraction of clipped pixels above which it is not assessable
+    store_every_s: float = 30.0  # continuous mode: store a live result this often (0: never)
+    top_k: int = 3
+
+
+@dataclass
+class StorageSection:
+    data_dir: str = "data"
+    retention_days: int = 90
+    min_free_mb: int = 500
+    snapshot_quality: int = 90
+
+
+@dataclass
+class WebSection:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    password: str = ""  # plain, or a werkzeug hash ("scrypt:..." / "pbkdf2:...")
+    max_upload_mb: int = 16
+    threads: int = 8
+    stream_fps: float = 5.0
+
+
+@dataclass
+class Config:
+    model: ModelSection = field(default_factory=ModelSection)
+    source: SourceSection = field(default_factory=SourceSection)
+    pipeline: PipelineSection = field(default_factory=PipelineSection)
+    storage: StorageSection = field(default_factory=StorageSection)
+    web: WebSection = field(default_factory=WebSection)
+    path: str = ""
+
+    @property
+    def bundle_path(self) -> Path:
+        return Path(self.model.bundle) if self.model.bundle else default_bundle()
+
+    @property
+    def data_dir(self) -> Path:
+        return Path(self.storage.data_dir)
+
+    @property
+    def network_bound(self) -> bool:
+        try:
+            return not ipaddress.ip_address(self.web.host).is_loopback
+        except ValueError:
+            return self.web.host != "localhost"
+
+
+SECTIONS = {
+    "model": ModelSection,
+    "source": SourceSection,
+    "pipeline": PipelineSection,
+    "storage": StorageSection,
+    "web": WebSection,
+}
+
+
+def _section(cls, raw: Any, where: str):
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a table")
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(raw) - set(known))
+    if unknown:
+        raise ConfigError(
+            f"{where}: unknown option(s) {', '.join(unknown)}",
+            f"known options: {', '.join(sorted(known))}",
+        )
+    defaults = cls()
+    for key, value in raw.items():
+        want = type(getattr(defaults, key))
+        if want is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, want) or (want is int and isinstance(value, bool)):
+            raise ConfigError(f"{where}.{key}: expected {want.__name__}, got {value!r}")
+        raw[key] = value
+    return cls(**raw)
+
+
+def parse_source(spec: str) -> tuple[str, str]:
+    """``picamera2``, ``v4l2:/dev/video0`` (or ``v4l2:0``), ``replay:DIR`` → (kind, path)."""
+    kind, _, path = spec.partition(":")
+    if kind not in ("picamera2", "v4l2", "replay"):
+        raise ConfigError(f"--source {spec!r}: use picamera2, v4l2:/dev/videoN or replay:DIR")
+    if kind == "replay" and not path:
+        raise ConfigError("--source replay needs a folder or video: replay:DIR")
+    return kind, path
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
+    raw: dict[str, Any] = {}
+    if path:
+        p = Path(path)
+        try:
+            raw = tomllib.loads(p.read_text())
+        except FileNotFoundError as exc:
+            raise ConfigError(f"config file not found: {p}") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{p}: not valid TOML: {exc}") from exc
+    unknown = sorted(set(raw) - set(SECTIONS))
+    if unknown:
+        raise ConfigError(
+            f"{path}: unknown section(s) {', '.join(unknown)}",
+            f"sections are {', '.join(SECTIONS)}",
+        )
+    for dotted, value in (overrides or {}).items():
+        if value is None:
+            continue
+        section, key = dotted.split(".", 1)
+        raw.setdefault(section, {})[key] = value
+    cfg = Config(
+        **{
+            name: _section(cls, dict(raw.get(name, {})), f"[{name}]")
+            for name, cls in SECTIONS.items()
+        },
+        path=str(path or ""),
+    )
+    password_from_env(cfg)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    m, s, p, w, st = cfg.model, cfg.source, cfg.pipeline, cfg.web, cfg.storage
+    if m.backend not in ("auto", "cpu", "edgetpu"):
+        raise ConfigError(f"[model].backend: {m.backend!r} is not auto, cpu or edgetpu")
+    if not 1 <= m.threads <= 64:
+        raise ConfigError("[model].threads must be between 1 and 64")
+    if s.kind not in ("replay", "picamera2", "v4l2"):
+        raise ConfigError(f"[source].kind: {s.kind!r} is not replay, picamera2 or v4l2")
+    if s.kind == "replay" and not s.path:
+        raise ConfigError("[source].path: replay needs a folder of images or a video file")
+    if not 0 < s.fps <= 120:
+        raise ConfigError("[source].fps must be between 0 and 120")
+    if p.smoothing < 1 or p.hold < 1:
+        raise ConfigError("[pipeline].smoothing and hold must be at least 1")
+    if not 0 <= p.max_clipped <= 1:
+        raise ConfigError("[pipeline].max_clipped is a fraction between 0 and 1")
+    if not 0 < w.port < 65536:
+        raise ConfigError(f"[web].port: {w.port} is not a TCP port")
+    if w.max_upload_mb < 1:
+        raise ConfigError("[web].max_upload_mb must be at least 1")
+    if cfg.network_bound and not w.password:
+        raise ConfigError(
+            f"[web].host is {w.host}: serving to the network needs a password",
+            "set [web].password (or FIELDSCOPE_PASSWORD), or keep host = 127.0.0.1",
+        )
+    if not 10 <= st.snapshot_quality <= 100:
+        raise ConfigError("[storage].snapshot_quality must be between 10 and 100")
+
+
+def password_from_env(cfg: Config) -> None:
+    env = os.environ.get("FIELDSCOPE_PASSWORD")
+    if env and not cfg.web.password:
+        cfg.web.password = env

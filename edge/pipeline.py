@@ -1,0 +1,314 @@
+"""The daemon's pipeline: capture → quality gate → classify → smooth → store.
+
+Capture keeps only the newest frame (a slot, not a queue), so a slow model never builds a
+backlog; one worker classifies. A camera that fails is reopened with backoff while the rest
+keeps serving. The worker pings the systemd watchdog, so a stuck loop gets the service restarted.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from . import notify
+from .classifier import Classifier
+from .config import Config
+from .quality import Quality, assess
+from .smoothing import Smoother
+from .sources import Source, SourceError
+from .store import StorageError, Store
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Frame:
+    id: int
+    rgb: np.ndarray
+    at: float
+
+
+@dataclass
+class LiveState:
+    frame_id: int = 0
+    at: float = 0.0
+    result: dict[str, Any] | None = None
+    quality: dict[str, Any] | None = None
+    smoothed: dict[str, Any] | None = None
+    camera: str = "starting"
+    camera_error: str | None = None
+    classified: int = 0
+    not_assessable: int = 0
+    errors: int = 0
+    latencies: deque = field(default_factory=lambda: deque(maxlen=50))
+    stamps: deque = field(default_factory=lambda: deque(maxlen=50))
+
+
+def encode_jpeg(rgb: np.ndarray, quality: int = 85) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, "JPEG", quality=quality)
+    return buf.getvalue()
+
+
+class Pipeline:
+    def __init__(self, cfg: Config, classifier: Classifier, source: Source, store: Store) -> None:
+        self.cfg = cfg
+        self.classifier = classifier
+        self.source = source
+        self.store = store
+        self.state = LiveState()
+        self.smoother = Smoother(
+            classifier.bundle.labels, cfg.pipeline.smoothing, cfg.pipeline.hold
+        )
+        self._frame: Frame | None = None
+        self._cond = threading.Condition()
+        self._source_lock = threading.Lock()  # the camera is used by capture and stills
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._last_store = 0.0
+        self._ready_sent = False
+        self._jpeg_cache: tuple[int, bytes] | None = None
+        self._jpeg_lock = threading.Lock()
+        self.started = time.time()
+        self.last_heartbeat = time.monotonic()
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def start(self) -> None:
+        for target, name in ((self._capture_loop, "capture"), (self._infer_loop, "inference")):
+            t = threading.Thread(target=target, name=name, daemon=True)
+            t.start()
+            self._threads.append(t)
+
+    def stop(self, timeout: float = 3.0) -> None:
+        self._stop.set()
+        with self._cond:
+            self._cond.notify_all()
+        for t in self._threads:
+            t.join(timeout)
+        with self._source_lock:
+            try:
+                self.source.close()
+            except Exception:  # closing a broken camera must not block shutdown
+                log.exception("closing the source")
+
+    @property
+    def running(self) -> bool:
+        return not self._stop.is_set()
+
+    # -- capture -----------------------------------------------------------------------------
+    def _capture_loop(self) -> None:
+        backoff = 1.0
+        opened = False
+        next_id = 1
+        while not self._stop.is_set():
+            try:
+                with self._source_lock:
+                    if not opened:
+                        self.source.open()
+                        opened = True
+                        self.state.camera, self.state.camera_error = "ok", None
+                        log.info("source %s open", self.source.describe())
+                        backoff = 1.0
+                    rgb = self.source.read()
+            except (SourceError, OSError) as exc:
+                opened = False
+                self.state.camera, self.state.camera_error = "lost", str(exc)
+                log.warning("camera lost (%s); retrying in %.0f s", exc, backoff)
+                with self._source_lock:
+                    try:
+                        self.source.close()
+                    except Exception:
+                        log.debug("close after failure", exc_info=True)
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, 30.0)
+                continue
+            with self._cond:
+                self._frame = Frame(next_id, rgb, time.monotonic())
+                next_id += 1
+                self._cond.notify_all()
+
+    def latest_frame(self) -> Frame | None:
+        return self._frame
+
+    def wait_frame(self, after_id: int, timeout: float) -> Frame | None:
+        with self._cond:
+            self._cond.wait_for(
+                lambda: (
+                    self._stop.is_set() or (self._frame is not None and self._frame.id > after_id)
+                ),
+                timeout,
+            )
+            return self._frame if self._frame and self._frame.id > after_id else None
+
+    def preview_jpeg(self, max_width: int = 640) -> tuple[int, bytes] | None:
+        """The newest frame as JPEG, encoded once per frame however many viewers there are."""
+        frame = self._frame
+        if frame is None:
+            return None
+        with self._jpeg_lock:
+            if self._jpeg_cache and self._jpeg_cache[0] == frame.id:
+                return self._jpeg_cache
+            rgb = frame.rgb
+            if rgb.shape[1] > max_width:
+                step = int(np.ceil(rgb.shape[1] / max_width))
+                rgb = rgb[::step, ::step]
+            self._jpeg_cache = (frame.id, encode_jpeg(np.ascontiguousarray(rgb), 75))
+            return self._jpeg_cache
+
+    # -- inference ---------------------------------------------------------------------------
+    def _infer_loop(self) -> None:
+        interval = notify.watchdog_interval()
+        last_ping = 0.0
+        min_gap = 1.0 / self.cfg.pipeline.max_fps if self.cfg.pipeline.max_fps > 0 else 0.0
+        last_id = 0
+        last_run = 0.0
+        while not self._stop.is_set():
+            now = time.monotonic()
+            self.last_heartbeat = now
+            if interval and now - last_ping >= interval:
+                notify.notify("WATCHDOG=1")
+                last_ping = now
+            frame = self.wait_frame(last_id, timeout=1.0)
+            if frame is None:
+                continue
+            last_id = frame.id
+            if min_gap and time.monotonic() - last_run < min_gap:
+                self._stop.wait(min_gap - (time.monotonic() - last_run))
+            last_run = time.monotonic()
+            try:
+                self._process(frame)
+            except Exception:
+                self.state.errors += 1
+                log.exception("inference failed on frame %d", frame.id)
+
+    def _process(self, frame: Frame) -> None:
+        p = self.cfg.pipeline
+        quality = assess(frame.rgb, p.min_focus, p.max_clipped)
+        st = self.state
+        st.quality = quality.to_dict()
+        if not quality.assessable:
+            st.not_assessable += 1
+            st.result = {
+                "label": None,
+                "assessable": False,
+                "reason": quality.reason,
+                "quality": st.quality,
+            }
+            st.frame_id, st.at = frame.id, time.time()
+            self._mark_ready()
+            return
+        result = self.classifier.classify(frame.rgb, top_k=p.top_k, name=f"frame {frame.id}")
+        done = time.monotonic()
+        state, mean = self.smoother.update(result.probabilities)
+        doc = result.to_dict()
+        doc["quality"] = st.quality
+        doc["assessable"] = True
+        doc["frame_to_result_ms"] = round((done - frame.at) * 1e3, 2)
+        st.result = doc
+        st.smoothed = {
+            "label": state,
+            "probabilities": dict(zip(self.smoother.labels, map(float, mean), strict=True)),
+        }
+        st.frame_id, st.at = frame.id, time.time()
+        st.classified += 1
+        st.latencies.append(doc["frame_to_result_ms"])
+        st.stamps.append(done)
+        self._mark_ready()
+        if p.store_every_s > 0 and time.time() - self._last_store >= p.store_every_s:
+            try:
+                doc["id"] = self.store.save(doc, "live", source=self.source.describe())
+                self._last_store = time.time()
+            except StorageError:
+                pass  # reported through /api/health; live results are not acknowledged anyway
+
+    def _mark_ready(self) -> None:
+        if not self._ready_sent:
+            self._ready_sent = True
+            notify.notify("READY=1\nSTATUS=classifying")
+            log.info("first frame classified: ready")
+
+    # -- on-demand ---------------------------------------------------------------------------
+    def capture(self, sample_code: str | None) -> dict[str, Any]:
+        """Full-quality still → classify → store with snapshot; returns the stored result."""
+        with self._source_lock:
+            rgb = self.source.capture_still()
+        return self.classify_and_store(rgb, "capture", sample_code)
+
+    def classify_and_store(
+        self, image: Any, mode: str, sample_code: str | None, jpeg: bytes | None = None
+    ) -> dict[str, Any]:
+        """Classify an RGB array or encoded image; raises ImageError or StorageError."""
+        from .preprocess import open_image
+
+        rgb = (
+            image
+            if isinstance(image, np.ndarray)
+            else np.asarray(
+                open_image(image, max_pixels=self.classifier.max_pixels), dtype=np.uint8
+            )
+        )
+        p = self.cfg.pipeline
+        quality: Quality = assess(rgb, p.min_focus, p.max_clipped)
+        result = self.classifier.classify(rgb, top_k=p.top_k, name=mode)
+        doc = result.to_dict()
+        doc["quality"] = quality.to_dict()
+        doc["assessable"] = quality.assessable
+        if jpeg is None:
+            jpeg = encode_jpeg(rgb, self.cfg.storage.snapshot_quality)
+        doc["id"] = self.store.save(
+            doc,
+            mode,
+            sample_code=sample_code,
+            jpeg=jpeg,
+            source=self.source.describe() if mode == "capture" else mode,
+        )
+        doc["sample_code"] = sample_code
+        return doc
+
+    # -- status ------------------------------------------------------------------------------
+    def fps(self) -> float:
+        stamps = self.state.stamps
+        if len(stamps) < 2 or stamps[-1] == stamps[0]:
+            return 0.0
+        return (len(stamps) - 1) / (stamps[-1] - stamps[0])
+
+    def latency_ms(self) -> float | None:
+        lat = self.state.latencies
+        return float(np.median(lat)) if lat else None
+
+    def status(self) -> dict[str, Any]:
+        st = self.state
+        return {
+            "uptime_s": round(time.time() - self.started, 1),
+            "camera": {
+                "state": st.camera,
+                "error": st.camera_error,
+                "source": self.source.describe(),
+            },
+            "backend": self.classifier.describe(),
+            "model": {
+                "name": self.classifier.bundle.name,
+                "version": self.classifier.bundle.version,
+            },
+            "fps": round(self.fps(), 2),
+            "latency_ms": self.latency_ms(),
+            "frames_classified": st.classified,
+            "frames_not_assessable": st.not_assessable,
+            "errors": st.errors,
+            "last_result": st.result,
+            "smoothed": st.smoothed,
+            "quality": st.quality,
+            "storage": {
+                "ok": self.store.last_error is None,
+                "error": self.store.last_error,
+                "free_mb": round(self.store.free_mb(), 1),
+            },
+        }

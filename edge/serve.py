@@ -1,0 +1,143 @@
+"""``python -m edge serve``: the daemon. Pipeline threads + the web app on waitress.
+
+SIGTERM/SIGINT stop it cleanly (well within systemd's 5 s); under systemd it speaks the notify
+protocol. A configuration or model error at start-up, when running as a service, serves a
+minimal error page instead of crash-looping, so the person at the kit can read what is wrong.
+"""
+
+from __future__ import annotations
+
+import html
+import logging
+import os
+import signal
+import threading
+from typing import Any
+
+from . import notify
+from .config import Config
+from .errors import FieldScopeError
+
+log = logging.getLogger("edge.serve")
+
+
+def open_classifier(cfg: Config):
+    """The configured bundle, or the previous good one when it is refused."""
+    from .bundle import load_model
+    from .classifier import Classifier
+
+    m = cfg.model
+    kwargs = dict(backend=m.backend, threads=m.threads, device=m.device or None)
+    try:
+        bundle = load_model(cfg.bundle_path, m.labels or None)
+        return Classifier(bundle, **kwargs)
+    except FieldScopeError as exc:
+        if not m.fallback_bundle:
+            raise
+        log.error(
+            "model %s refused (%s); using the previous bundle %s",
+            cfg.bundle_path,
+            exc,
+            m.fallback_bundle,
+        )
+        clf = Classifier(load_model(m.fallback_bundle), **kwargs)
+        clf.backend_reason += f" · configured bundle refused: {exc.message}"
+        return clf
+
+
+def build(cfg: Config):
+    from .pipeline import Pipeline
+    from .sources import make_source
+    from .store import Store
+    from .web import create_app
+
+    classifier = open_classifier(cfg)
+    store = Store(cfg.data_dir, cfg.storage.retention_days, cfg.storage.min_free_mb)
+    removed = store.enforce_retention()
+    if removed:
+        log.info("retention: removed %d old results", removed)
+    pipeline = Pipeline(cfg, classifier, make_source(cfg.source), store)
+    app = create_app(pipeline, cfg)
+    return pipeline, app, store
+
+
+def _serve_app(app: Any, host: str, port: int, threads: int, on_ready=None) -> None:
+    from waitress import create_server
+
+    server = create_server(
+        app,
+        host=host,
+        port=port,
+        threads=threads,
+        ident="fieldscope",
+        channel_timeout=30,
+        cleanup_interval=10,
+    )
+    stop = threading.Event()
+
+    def handle(signum, _frame):
+        log.info("signal %d: stopping", signum)
+        notify.notify("STOPPING=1")
+        stop.set()
+
+    signal.signal(signal.SIGTERM, handle)
+    signal.signal(signal.SIGINT, handle)
+    thread = threading.Thread(target=server.run, name="waitress", daemon=True)
+    thread.start()
+    log.info("serving on http://%s:%s", host, server.effective_port)
+    print(f"FieldScope on http://{host}:{server.effective_port}", flush=True)
+    if on_ready:
+        on_ready()
+    while not stop.wait(1.0):
+        pass
+    server.close()
+
+
+def error_page_app(message: str):
+    """A minimal page and health endpoint saying why the kit could not start."""
+    from flask import Flask, jsonify
+
+    app = Flask(__name__)
+
+    @app.get("/api/health")
+    def health():
+        return jsonify(status="error", error=message), 503
+
+    @app.get("/", defaults={"path": ""})
+    @app.get("/<path:path>")
+    def page(path):
+        body = (
+            f"<!doctype html><meta charset=utf-8><title>FieldScope: not started</title>"
+            f"<h1>FieldScope could not start</h1><pre>{html.escape(message)}</pre>"
+            "<p>Fix /etc/fieldscope/fieldscope.toml (or the model), then "
+            "<code>sudo systemctl restart fieldscope</code>.</p>"
+        )
+        return body, 503, {"Content-Type": "text/html; charset=utf-8"}
+
+    return app
+
+
+def serve(cfg: Config) -> int:
+    # A write limit (RLIMIT_FSIZE) must be an error we handle, not a fatal signal.
+    if hasattr(signal, "SIGXFSZ"):
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    pipeline, app, store = build(cfg)
+    pipeline.start()
+    try:
+        _serve_app(app, cfg.web.host, cfg.web.port, cfg.web.threads)
+    finally:
+        pipeline.stop()
+        store.close()
+        log.info("stopped")
+    return 0
+
+
+def serve_error(message: str, host: str, port: int) -> int:
+    log.error("%s", message)
+    notify.notify(f"READY=1\nSTATUS=configuration error: {message[:200]}")
+    _serve_app(error_page_app(message), host, port, threads=2)
+    return 1
+
+
+def running_as_service() -> bool:
+    return bool(os.environ.get("INVOCATION_ID") or os.environ.get("NOTIFY_SOCKET"))

@@ -1,0 +1,23 @@
+"""Frame sources: replay (folder or video), picamera2 (CSI), v4l2 (USB)."""
+
+from __future__ import annotations
+
+from .base import Source, SourceError
+from .replay import ReplaySource
+
+__all__ = ["Source", "SourceError", "ReplaySource", "make_source"]
+
+
+def make_source(cfg) -> Source:
+    """Build the source a ``SourceSection`` describes."""
+    if cfg.kind == "replay":
+        return ReplaySource(cfg.path, fps=cfg.fps, loop=cfg.loop)
+    if cfg.kind == "picamera2":
+        from .picamera2_source import Picamera2Source
+
+        return Picamera2Source(cfg.width, cfg.height, (cfg.still_width, cfg.still_height))
+    if cfg.kind == "v4l2":
+        from .v4l2 import V4l2Source
+
+        return V4l2Source(cfg.path or "/dev/video0", cfg.width, cfg.height, cfg.fps)
+    raise ValueError(f"unknown source kind {cfg.kind!r}")

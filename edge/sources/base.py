@@ -1,0 +1,37 @@
+"""The camera interface: everything above it is tested with the replay source.
+
+A source yields RGB frames (H, W, 3) uint8 for live inference and preview, and can take a
+full-quality still for on-demand captures. Real hardware (picamera2, V4L2) sits behind it.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import numpy as np
+
+
+class SourceError(RuntimeError):
+    """The camera is unavailable (unplugged, busy, driver error); the daemon retries."""
+
+
+class Source(ABC):
+    name = "?"
+
+    @abstractmethod
+    def open(self) -> None:
+        """Acquire the device; raise SourceError when it is not there."""
+
+    @abstractmethod
+    def read(self) -> np.ndarray:
+        """The next frame for live inference; blocks at most about one frame interval."""
+
+    def capture_still(self) -> np.ndarray:
+        """A full-quality frame for an on-demand capture (default: the next live frame)."""
+        return self.read()
+
+    def close(self) -> None:  # noqa: B027  (optional for sources holding nothing)
+        """Release the device."""
+
+    def describe(self) -> str:
+        return self.name

@@ -1,0 +1,83 @@
+"""Raspberry Pi CSI cameras (the HQ camera on a microscope) through picamera2.
+
+A low-resolution stream feeds inference and the live view; a still uses the full sensor. On
+Raspberry Pi OS picamera2 comes from apt (python3-picamera2), not pip. Unverified here: no
+camera is attached to the machines that run the tests.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .base import Source, SourceError
+
+
+class Picamera2Source(Source):
+    name = "picamera2"
+
+    def __init__(
+        self,
+        width: int = 640,
+        height: int = 480,
+        still_size: tuple[int, int] = (0, 0),
+        camera_num: int = 0,
+    ) -> None:
+        self.size = (width, height)
+        self.still_size = still_size
+        self.camera_num = camera_num
+        self._cam = None
+
+    def open(self) -> None:
+        try:
+            from picamera2 import Picamera2  # type: ignore[import-not-found]
+        except ImportError as exc:
+            raise SourceError(
+                "picamera2 is not installed: `sudo apt install python3-picamera2` and create the "
+                "venv with --system-site-packages (scripts/install.sh does both)"
+            ) from exc
+        try:
+            cam = Picamera2(self.camera_num)
+            main = (
+                {"size": self.still_size, "format": "RGB888"}
+                if all(self.still_size)
+                else {"format": "RGB888"}
+            )
+            config = cam.create_still_configuration(
+                main=main,
+                lores={"size": self.size, "format": "YUV420"},
+                display=None,
+                buffer_count=2,
+            )
+            cam.configure(config)
+            cam.start()
+        except Exception as exc:  # libcamera raises RuntimeError and friends
+            raise SourceError(f"camera {self.camera_num} unavailable: {exc}") from exc
+        self._cam = cam
+
+    def read(self) -> np.ndarray:
+        if self._cam is None:
+            raise SourceError("camera not open")
+        try:
+            yuv = self._cam.capture_array("lores")
+        except Exception as exc:
+            raise SourceError(f"camera read failed: {exc}") from exc
+        import cv2  # type: ignore[import-not-found]  (apt: python3-opencv, pulled by picamera2)
+
+        return cv2.cvtColor(yuv, cv2.COLOR_YUV420p2RGB)
+
+    def capture_still(self) -> np.ndarray:
+        if self._cam is None:
+            raise SourceError("camera not open")
+        try:
+            bgr = self._cam.capture_array("main")  # "RGB888" is B,G,R in memory order
+        except Exception as exc:
+            raise SourceError(f"still capture failed: {exc}") from exc
+        return bgr[..., ::-1].copy()
+
+    def close(self) -> None:
+        if self._cam is not None:
+            try:
+                self._cam.stop()
+                self._cam.close()
+            finally:
+                self._cam = None

@@ -1,0 +1,103 @@
+"""The kit's local web app: status pages, JSON API, MJPEG live view, Prometheus metrics.
+
+Built by an app factory; served by waitress (see ``edge.serve``), never Flask's dev server.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from pathlib import Path
+from typing import Any
+
+from flask import Flask, jsonify, request
+from flask_wtf.csrf import CSRFError, CSRFProtect
+
+from .. import __version__
+
+csrf = CSRFProtect()
+
+
+def _secret_key(data_dir: Path) -> bytes:
+    """A per-kit key kept in the data folder (0600), so sessions survive restarts."""
+    path = data_dir / "secret_key"
+    if path.is_file():
+        return path.read_bytes()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    key = secrets.token_bytes(32)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(key)
+    return key
+
+
+def create_app(pipeline: Any, cfg: Any, doctor: Any = None) -> Flask:
+    """``pipeline``: a running :class:`edge.pipeline.Pipeline`; ``cfg``: its Config."""
+    from . import api, auth, pages, stream
+    from .metrics import metrics_view
+
+    app = Flask(__name__)
+    app.config.update(
+        SECRET_KEY=_secret_key(cfg.data_dir),
+        MAX_CONTENT_LENGTH=cfg.web.max_upload_mb * 1024 * 1024,
+        SESSION_COOKIE_HTTPONLY=True,
+        SESSION_COOKIE_SAMESITE="Strict",
+        WTF_CSRF_TIME_LIMIT=None,  # tied to the session instead
+        JSON_SORT_KEYS=False,
+    )
+    app.extensions["fieldscope"] = {
+        "pipeline": pipeline,
+        "cfg": cfg,
+        "doctor": doctor,
+        "version": __version__,
+    }
+    csrf.init_app(app)
+    auth.init(app, cfg)
+    app.register_blueprint(auth.bp)
+    app.register_blueprint(api.bp)
+    app.register_blueprint(pages.bp)
+    app.register_blueprint(stream.bp)
+    app.add_url_rule("/metrics", "metrics", metrics_view)
+
+    @app.after_request
+    def security_headers(resp):
+        resp.headers.setdefault(
+            "Content-Security-Policy",
+            "default-src 'self'; img-src 'self' data: blob:; style-src 'self'; "
+            "script-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'",
+        )
+        resp.headers.setdefault("X-Content-Type-Options", "nosniff")
+        resp.headers.setdefault("X-Frame-Options", "DENY")
+        resp.headers.setdefault("Referrer-Policy", "no-referrer")
+        resp.headers.setdefault("Cache-Control", "no-store")
+        return resp
+
+    def wants_json() -> bool:
+        return (
+            request.path.startswith("/api/") or request.accept_mimetypes.best == "application/json"
+        )
+
+    @app.errorhandler(CSRFError)
+    def csrf_error(exc):
+        msg = f"CSRF check failed: {exc.description}; GET /api/session for a token and send it "
+        msg += "as the X-CSRFToken header"
+        return (jsonify(error=msg), 400) if wants_json() else (msg, 400)
+
+    @app.errorhandler(413)
+    def too_large(exc):
+        msg = f"upload larger than {cfg.web.max_upload_mb} MB"
+        return (jsonify(error=msg), 413) if wants_json() else (msg, 413)
+
+    @app.errorhandler(404)
+    def not_found(exc):
+        return (jsonify(error="not found"), 404) if wants_json() else ("not found", 404)
+
+    @app.errorhandler(405)
+    def not_allowed(exc):
+        return jsonify(error="method not allowed"), 405
+
+    @app.errorhandler(500)
+    def server_error(exc):
+        return jsonify(error="internal error; see the kit's log"), 500
+
+    return app

@@ -1,0 +1,201 @@
+"""JSON API. An answer that carries an ``id`` means the result is stored durably."""
+
+from __future__ import annotations
+
+import csv
+import io
+import re
+import time
+
+from flask import Blueprint, Response, abort, current_app, jsonify, request, send_file
+from flask_wtf.csrf import generate_csrf
+
+from ..errors import ImageError
+from ..store import StorageError
+
+bp = Blueprint("api", __name__)
+SAMPLE_CODE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+def _ctx():
+    ext = current_app.extensions["fieldscope"]
+    return ext["pipeline"], ext["cfg"]
+
+
+def _error(message: str, status: int):
+    return jsonify(error=message), status
+
+
+def _sample_code(raw: str | None) -> str | None:
+    if raw in (None, ""):
+        return None
+    if not SAMPLE_CODE.match(raw):
+        abort(_error("sample_code: 1–64 letters, digits, '.', '_' or '-'", 400))
+    return raw
+
+
+@bp.get("/api/health")
+def health():
+    pipe, _ = _ctx()
+    age = time.monotonic() - pipe.last_heartbeat
+    storage_ok = pipe.store.last_error is None
+    camera_ok = pipe.state.camera == "ok"
+    inference_ok = age < 10
+    ok = storage_ok and camera_ok and inference_ok
+    body = {
+        "status": "ok" if ok else "degraded",
+        "camera": {"ok": camera_ok, "state": pipe.state.camera, "error": pipe.state.camera_error},
+        "storage": {"ok": storage_ok, "error": pipe.store.last_error},
+        "inference": {
+            "ok": inference_ok,
+            "heartbeat_age_s": round(age, 2),
+            "backend": pipe.classifier.backend.name,
+        },
+    }
+    return jsonify(body), 200 if inference_ok else 503
+
+
+@bp.get("/api/session")
+def session_info():
+    """A CSRF token for scripts and pages (sent back as the X-CSRFToken header)."""
+    from .auth import login_required_enabled
+
+    return jsonify(csrf_token=generate_csrf(), login_required=login_required_enabled())
+
+
+@bp.get("/api/status")
+def status():
+    pipe, _ = _ctx()
+    return jsonify(pipe.status())
+
+
+@bp.get("/api/results")
+def results():
+    pipe, _ = _ctx()
+    try:
+        limit = int(request.args.get("limit", 50))
+        before = int(request.args["before"]) if "before" in request.args else None
+    except ValueError:
+        return _error("limit and before must be integers", 400)
+    sample = _sample_code(request.args.get("sample"))
+    return jsonify(results=pipe.store.list(limit, before, sample))
+
+
+@bp.get("/api/results/<int:result_id>")
+def result(result_id: int):
+    pipe, _ = _ctx()
+    row = pipe.store.get(result_id)
+    return jsonify(row) if row else _error(f"no result {result_id}", 404)
+
+
+@bp.get("/api/results/<int:result_id>/snapshot")
+def result_snapshot(result_id: int):
+    pipe, _ = _ctx()
+    row = pipe.store.get(result_id)
+    path = pipe.store.snapshot_path(row["snapshot"]) if row and row["snapshot"] else None
+    if path is None:
+        return _error(f"no snapshot for result {result_id}", 404)
+    return send_file(path, mimetype="image/jpeg")
+
+
+@bp.get("/snapshots/<path:name>")
+def snapshot_file(name: str):
+    pipe, _ = _ctx()
+    path = pipe.store.snapshot_path(name)
+    if path is None:
+        return _error("no such snapshot", 404)
+    return send_file(path, mimetype="image/jpeg")
+
+
+def _stored(fn, *args):
+    try:
+        doc = fn(*args)
+    except ImageError as exc:
+        return _error(str(exc), exc.status)
+    except StorageError as exc:
+        return _error(f"{exc}; the result was not stored", 507)
+    return jsonify(doc), 201
+
+
+@bp.post("/api/classify")
+def classify():
+    pipe, _ = _ctx()
+    upload = request.files.get("image")
+    if upload is None:
+        return _error("send the image as multipart form field 'image'", 400)
+    data = upload.read()
+    if not data:
+        return _error("the uploaded image is empty", 400)
+    code = _sample_code(request.form.get("sample_code"))
+    return _stored(pipe.classify_and_store, data, "upload", code)
+
+
+@bp.post("/api/capture")
+def capture():
+    pipe, _ = _ctx()
+    body = request.get_json(silent=True) or {}
+    code = _sample_code(body.get("sample_code") or request.form.get("sample_code"))
+    if pipe.state.camera != "ok":
+        return _error(f"camera not available: {pipe.state.camera_error or pipe.state.camera}", 503)
+    return _stored(pipe.capture, code)
+
+
+@bp.get("/api/samples")
+def samples():
+    pipe, _ = _ctx()
+    return jsonify(samples=pipe.store.samples())
+
+
+@bp.get("/api/samples/<code>")
+def sample(code: str):
+    pipe, _ = _ctx()
+    summary = pipe.store.sample_summary(_sample_code(code) or "")
+    return jsonify(summary) if summary else _error(f"no sample {code}", 404)
+
+
+@bp.get("/api/samples/<code>/export.csv")
+def sample_csv(code: str):
+    pipe, _ = _ctx()
+    summary = pipe.store.sample_summary(_sample_code(code) or "")
+    if not summary:
+        return _error(f"no sample {code}", 404)
+    labels = pipe.classifier.bundle.labels
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(
+        [
+            "id",
+            "time_utc",
+            "label",
+            "score",
+            "decision",
+            "group_score",
+            "assessable",
+            "focus",
+            *[f"p_{lab}" for lab in labels],
+            "model",
+            "backend",
+        ]
+    )
+    for r in reversed(summary["results"]):
+        q = r["quality"] or {}
+        w.writerow(
+            [
+                r["id"],
+                time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(r["created"])),
+                r["label"],
+                f"{r['score']:.4f}",
+                r["decision_outcome"] or "",
+                "" if r["group_score"] is None else f"{r['group_score']:.4f}",
+                int(r["assessable"]),
+                q.get("focus", ""),
+                *[f"{r['probabilities'].get(lab, 0):.4f}" for lab in labels],
+                r["model"],
+                r["backend"],
+            ]
+        )
+    return Response(
+        buf.getvalue(),
+        mimetype="text/csv",
+        headers={"Content-Disposition": f'attachment; filename="fieldscope-{code}.csv"'},
+    )

@@ -1,0 +1,115 @@
+"""Login for a kit bound to the network: one shared password, a session, a login rate limit.
+
+On 127.0.0.1 without a password nothing asks for a login (only the Pi's own user can reach it).
+"""
+
+from __future__ import annotations
+
+import hmac
+import threading
+import time
+from collections import defaultdict, deque
+
+from flask import (
+    Blueprint,
+    current_app,
+    jsonify,
+    redirect,
+    render_template,
+    request,
+    session,
+    url_for,
+)
+from werkzeug.security import check_password_hash, generate_password_hash
+
+bp = Blueprint("auth", __name__)
+OPEN_ENDPOINTS = {"auth.login", "auth.logout", "api.health", "api.session_info", "static"}
+MAX_FAILURES = 5
+WINDOW_S = 300.0
+
+
+class LoginLimiter:
+    """At most MAX_FAILURES failed logins per client address per WINDOW_S."""
+
+    def __init__(self) -> None:
+        self._fails: dict[str, deque[float]] = defaultdict(deque)
+        self._lock = threading.Lock()
+
+    def blocked(self, who: str) -> float:
+        now = time.monotonic()
+        with self._lock:
+            q = self._fails[who]
+            while q and now - q[0] > WINDOW_S:
+                q.popleft()
+            return WINDOW_S - (now - q[0]) if len(q) >= MAX_FAILURES else 0.0
+
+    def fail(self, who: str) -> None:
+        with self._lock:
+            self._fails[who].append(time.monotonic())
+
+    def clear(self, who: str) -> None:
+        with self._lock:
+            self._fails.pop(who, None)
+
+
+def _hash(password: str) -> str:
+    if password.startswith(("scrypt:", "pbkdf2:")):
+        return password
+    return generate_password_hash(password)
+
+
+def init(app, cfg) -> None:
+    state = {
+        "hash": _hash(cfg.web.password) if cfg.web.password else None,
+        "limiter": LoginLimiter(),
+    }
+    app.extensions["fieldscope_auth"] = state
+
+    @app.before_request
+    def require_login():
+        if state["hash"] is None or request.endpoint in OPEN_ENDPOINTS:
+            return None
+        if session.get("user") == "operator":
+            return None
+        if request.path.startswith("/api/") or request.path in ("/metrics", "/stream.mjpg"):
+            return jsonify(error="login required: POST /login"), 401
+        return redirect(url_for("auth.login", next=request.path))
+
+
+def login_required_enabled() -> bool:
+    return current_app.extensions["fieldscope_auth"]["hash"] is not None
+
+
+@bp.route("/login", methods=["GET", "POST"])
+def login():
+    state = current_app.extensions["fieldscope_auth"]
+    if state["hash"] is None:
+        return redirect(url_for("pages.live"))
+    error = None
+    status = 200
+    if request.method == "POST":
+        who = request.remote_addr or "?"
+        wait = state["limiter"].blocked(who)
+        if wait:
+            error, status = f"Too many attempts. Try again in {int(wait) + 1} s.", 429
+        elif hmac.compare_digest(
+            str(check_password_hash(state["hash"], request.form.get("password", ""))), "True"
+        ):
+            state["limiter"].clear(who)
+            session.clear()
+            session["user"] = "operator"
+            target = request.args.get("next", "/")
+            return redirect(
+                target if target.startswith("/") and not target.startswith("//") else "/"
+            )
+        else:
+            state["limiter"].fail(who)
+            current_app.logger.warning("failed login from %s", who)
+            error, status = "Wrong password.", 401
+    return render_template("login.html", error=error), status
+
+
+@bp.route("/logout", methods=["POST"])
+def logout():
+    session.clear()
+    return redirect(url_for("auth.login"))

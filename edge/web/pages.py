@@ -1,0 +1,130 @@
+"""HTML pages: Live, Samples (list, detail, printable report), Model, System."""
+
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+import time
+
+from flask import Blueprint, abort, current_app, render_template, send_file
+
+from .. import hardware
+from .api import SAMPLE_CODE
+
+bp = Blueprint("pages", __name__)
+
+
+def _ctx():
+    ext = current_app.extensions["fieldscope"]
+    return ext["pipeline"], ext["cfg"]
+
+
+@bp.get("/")
+def live():
+    pipe, _ = _ctx()
+    b = pipe.classifier.bundle
+    return render_template(
+        "live.html", bundle=b, status=pipe.status(), names=b.manifest.get("label_names", {})
+    )
+
+
+@bp.get("/samples")
+def samples():
+    pipe, _ = _ctx()
+    return render_template("samples.html", samples=pipe.store.samples())
+
+
+@bp.get("/samples/<code>")
+def sample(code: str):
+    pipe, _ = _ctx()
+    if not SAMPLE_CODE.match(code):
+        abort(404)
+    summary = pipe.store.sample_summary(code)
+    if not summary:
+        abort(404)
+    return render_template("sample.html", s=summary, bundle=pipe.classifier.bundle)
+
+
+@bp.get("/samples/<code>/report")
+def report(code: str):
+    pipe, _ = _ctx()
+    if not SAMPLE_CODE.match(code):
+        abort(404)
+    summary = pipe.store.sample_summary(code)
+    if not summary:
+        abort(404)
+    return render_template(
+        "report.html",
+        s=summary,
+        bundle=pipe.classifier.bundle,
+        backend=pipe.classifier.describe(),
+        printed=time.strftime("%Y-%m-%d %H:%M"),
+    )
+
+
+@bp.get("/model")
+def model():
+    pipe, _ = _ctx()
+    b = pipe.classifier.bundle
+    card = b.file(b.manifest.get("card", "")) if b.manifest.get("card") else None
+    card_text = card.read_text() if card and card.is_file() else None
+    return render_template(
+        "model.html", bundle=b, backend=pipe.classifier.describe(), card=card_text
+    )
+
+
+@bp.get("/model/files/<name>")
+def model_file(name: str):
+    """The card's plots (PNG files at the bundle's top level only)."""
+    pipe, _ = _ctx()
+    b = pipe.classifier.bundle
+    if b.root is None or "/" in name or not name.endswith(".png"):
+        abort(404)
+    path = b.root / name
+    if not path.is_file():
+        abort(404)
+    return send_file(path, mimetype="image/png")
+
+
+def _meminfo() -> dict:
+    out = {}
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                key, _, value = line.partition(":")
+                out[key] = int(value.split()[0]) // 1024
+    except OSError:
+        pass
+    return out
+
+
+@bp.get("/system")
+def system():
+    pipe, cfg = _ctx()
+    from ..backends.edgetpu import runtime_version
+    from ..doctor import run_checks
+
+    usage = shutil.disk_usage(cfg.data_dir)
+    mem = _meminfo()
+    try:
+        with open(f"/proc/{os.getpid()}/status") as fh:
+            rss = next((int(ln.split()[1]) // 1024 for ln in fh if ln.startswith("VmRSS")), None)
+    except OSError:
+        rss = None
+    flags = hardware.pi_throttled()
+    info = {
+        "uptime": time.strftime("%H:%M:%S", time.gmtime(time.time() - pipe.started)),
+        "host": platform.node(),
+        "cpu": hardware.cpu_model(),
+        "temperature": hardware.cpu_temperature_c(),
+        "throttled": (hardware.decode_throttled(flags) or ["none"]) if flags is not None else None,
+        "disk": f"{usage.free / 1e9:.1f} GB free of {usage.total / 1e9:.1f} GB",
+        "memory": f"{mem.get('MemAvailable', 0)} MB available of {mem.get('MemTotal', 0)} MB",
+        "rss": f"{rss} MB" if rss is not None else "?",
+        "runtime": pipe.classifier.runtime.label,
+        "libedgetpu": runtime_version() or "not installed",
+        "results": pipe.store.count(),
+    }
+    checks = run_checks(data_dir=str(cfg.data_dir))
+    return render_template("system.html", info=info, checks=checks, status=pipe.status())

@@ -1,0 +1,90 @@
+// FieldScope live page: poll the status API, update bars and meters, capture and upload.
+"use strict";
+(function () {
+  const $ = (sel) => document.querySelector(sel);
+  const csrf = () => document.querySelector('meta[name="csrf-token"]').content;
+  const pct = (x) => (100 * x).toFixed(0) + " %";
+
+  function show(data) {
+    const lost = $("#camera-lost");
+    if (lost) lost.hidden = data.camera.state === "ok";
+    const r = data.last_result;
+    const box = $("#decision");
+    if (!box) return;
+    if (r && r.assessable === false) {
+      box.textContent = "Not assessable";
+      box.className = "decision na";
+      $("#quality-note").textContent = r.reason || "";
+    } else if (r) {
+      const d = r.decision;
+      box.textContent = d ? d.text : r.label + " " + r.score.toFixed(2);
+      box.className = "decision " + (d ? (d.positive ? "positive" : "negative") : "");
+      $("#quality-note").textContent = "";
+      const smooth = data.smoothed ? data.smoothed.probabilities : r.probabilities;
+      $("#result-label").textContent = "Now: " + (data.smoothed ? data.smoothed.label : r.label);
+      document.querySelectorAll(".bar").forEach((bar) => {
+        const p = smooth[bar.dataset.label] || 0;
+        bar.querySelector(".fill").style.width = pct(p);
+        bar.querySelector(".value").textContent = pct(p);
+      });
+    }
+    if (data.quality) {
+      const f = Math.min(1, data.quality.focus / 500);
+      $("#focus-fill").style.width = pct(f);
+      $("#focus-value").textContent = data.quality.focus.toFixed(0);
+    }
+    $("#fps").textContent = data.fps.toFixed(1);
+    $("#latency").textContent = data.latency_ms === null ? "–" : data.latency_ms.toFixed(0);
+    $("#backend").textContent = data.backend.backend;
+  }
+
+  async function poll() {
+    try {
+      const resp = await fetch("/api/status", { headers: { Accept: "application/json" } });
+      if (resp.ok) show(await resp.json());
+    } catch (e) { /* the kit restarts or the Wi-Fi dropped: try again */ }
+    setTimeout(poll, 1000);
+  }
+
+  function report(text, bad) {
+    const el = $("#action-result");
+    el.textContent = text;
+    el.className = bad ? "note bad" : "note";
+  }
+
+  async function post(url, body, isJson) {
+    const headers = { "X-CSRFToken": csrf(), Accept: "application/json" };
+    if (isJson) headers["Content-Type"] = "application/json";
+    const resp = await fetch(url, { method: "POST", headers, body });
+    const data = await resp.json();
+    if (!resp.ok) throw new Error(data.error || resp.statusText);
+    return data;
+  }
+
+  function describe(d) {
+    return "#" + d.id + ": " + d.label + " " + d.score.toFixed(2) +
+      (d.decision ? " — " + d.decision.text : "") + (d.sample_code ? " (sample " + d.sample_code + ")" : "");
+  }
+
+  const cap = $("#capture-form");
+  if (cap) cap.addEventListener("submit", async (ev) => {
+    ev.preventDefault();
+    try {
+      const d = await post("/api/capture", JSON.stringify({ sample_code: $("#sample-code").value }), true);
+      report("Stored " + describe(d));
+    } catch (e) { report("Capture failed: " + e.message, true); }
+  });
+
+  const up = $("#upload-form");
+  if (up) up.addEventListener("submit", async (ev) => {
+    ev.preventDefault();
+    const form = new FormData();
+    form.append("image", $("#upload-file").files[0]);
+    const code = $("#sample-code") && $("#sample-code").value;
+    if (code) form.append("sample_code", code);
+    try { report("Stored " + describe(await post("/api/classify", form, false))); }
+    catch (e) { report("Upload failed: " + e.message, true); }
+  });
+
+  if ($("#decision")) poll();
+})();
