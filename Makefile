@@ -33,8 +33,11 @@ test: $(STAMP) lint
 doctor: $(STAMP)
 	$(PY) -m edge doctor
 
+# The kit's main job on this machine: the bundled blood-smear model on a replay of its samples.
+DEMO_PORT ?= 8080
 demo: $(STAMP)
-	$(PY) -m edge classify --model models/blood-smear models/blood-smear/samples
+	$(PY) -m edge serve --model models/blood-smear --source replay:models/blood-smear/samples \
+		--data-dir data/demo --port $(DEMO_PORT)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

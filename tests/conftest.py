@@ -144,3 +144,18 @@ def host_without_tpu(tmp_path: Path, monkeypatch) -> Path:
     root = make_host(tmp_path / "host", [("1d6b", "0003")])
     monkeypatch.setenv("FIELDSCOPE_HOST_ROOT", str(root))
     return root
+
+
+@pytest.fixture(scope="session")
+def blood_bundle() -> Path:
+    """The bundled blood-smear model the kit ships (committed under models/)."""
+    path = ROOT / "models" / "blood-smear"
+    assert (path / "manifest.json").is_file(), "models/blood-smear is part of the project"
+    return path
+
+
+@pytest.fixture(scope="session")
+def blood_samples(blood_bundle: Path) -> list[Path]:
+    files = sorted((blood_bundle / "samples").glob("*.jpg"))
+    assert len(files) >= 4
+    return files

@@ -37,8 +37,14 @@ def cmd_train(args) -> int:
     ev = build_bundle(
         cfg, run_dir, out, keep_float=args.keep_float, samples_per_class=args.samples_per_class
     )
-    print(json.dumps(ev, indent=2, default=float))
-    print(f"bundle written to {out}", file=sys.stderr)
+    (run_dir / "evaluation.json").write_text(json.dumps(ev, indent=2, default=float))
+    for kind, m in ev["artifacts"].items():
+        print(
+            f"{kind}: accuracy {m['accuracy']:.4f}, {cfg.decision.group} AUC "
+            f"{m['group_auc']:.4f}, sensitivity {m['sensitivity']:.4f}, specificity "
+            f"{m['specificity']:.4f} (test, n={m['n']})"
+        )
+    print(f"bundle written to {out}; metrics in {run_dir / 'evaluation.json'}")
     return 0
 
 

@@ -7,7 +7,16 @@ import io
 import re
 import time
 
-from flask import Blueprint, Response, abort, current_app, jsonify, request, send_file
+from flask import (
+    Blueprint,
+    Response,
+    abort,
+    current_app,
+    jsonify,
+    make_response,
+    request,
+    send_file,
+)
 from flask_wtf.csrf import generate_csrf
 
 from ..errors import ImageError
@@ -30,7 +39,7 @@ def _sample_code(raw: str | None) -> str | None:
     if raw in (None, ""):
         return None
     if not SAMPLE_CODE.match(raw):
-        abort(_error("sample_code: 1–64 letters, digits, '.', '_' or '-'", 400))
+        abort(make_response(_error("sample_code: 1–64 letters, digits, '.', '_' or '-'", 400)))
     return raw
 
 

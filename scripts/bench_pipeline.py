@@ -1,0 +1,238 @@
+#!/usr/bin/env python3
+"""Throughput of the daemon's real pipeline vs a bare interpreter loop vs a naive loop.
+
+All three run in one process, one after the other, on the same model and thread count, fed with
+camera-sized frames from memory:
+
+- bare: set_tensor/invoke/get_tensor on an already preprocessed input (the ceiling);
+- naive: what common examples do per frame: PIL open/convert/resize, set, invoke, read;
+- pipeline: edge.pipeline.Pipeline (capture thread, quality gate, classifier, smoothing) with an
+  in-memory camera delivering 640×480 frames faster than the model can take them;
+- pipeline+clients: the same, served by waitress with two MJPEG viewers and an API poller.
+
+Usage: python scripts/bench_pipeline.py [--model models/blood-smear] [--threads 2]
+       [--seconds 10] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import resource
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from edge.bundle import load_model  # noqa: E402
+from edge.classifier import Classifier  # noqa: E402
+from edge.config import load_config  # noqa: E402
+from edge.sources.base import Source  # noqa: E402
+
+
+class MemorySource(Source):
+    """A camera made of pre-decoded frames, delivered at ``fps`` (sleeping, not spinning)."""
+
+    name = "memory"
+
+    def __init__(self, frames: list[np.ndarray], fps: float = 200.0) -> None:
+        self.frames, self.gap, self.i, self.next_at = frames, 1.0 / fps, 0, 0.0
+
+    def open(self) -> None:
+        pass
+
+    def read(self) -> np.ndarray:
+        now = time.monotonic()
+        if self.next_at > now:
+            time.sleep(self.next_at - now)
+        self.next_at = max(now, self.next_at) + self.gap
+        self.i += 1
+        return self.frames[self.i % len(self.frames)]
+
+
+def rss_mb() -> float:
+    with open(f"/proc/{os.getpid()}/status") as fh:
+        for line in fh:
+            if line.startswith("VmRSS"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def camera_frames(bundle, n: int = 8) -> list[np.ndarray]:
+    samples = sorted((bundle.root / "samples").glob("*.jpg")) if bundle.root else []
+    frames = []
+    for path in (samples or [None])[:n]:
+        img = Image.open(path).convert("RGB") if path else Image.new("RGB", (640, 480), "gray")
+        frames.append(np.asarray(img.resize((640, 480)), dtype=np.uint8))
+    return frames
+
+
+def run_bare(clf: Classifier, seconds: float) -> dict:
+    b = clf.backend
+    x = clf.adapter(np.zeros((*clf.input_size, 3), np.uint8))
+    for _ in range(5):
+        b.invoke(x)
+    n, t0, c0 = 0, time.perf_counter(), time.process_time()
+    while time.perf_counter() - t0 < seconds:
+        b.invoke(x)
+        n += 1
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    return {"fps": n / wall, "cpu_s_per_frame": cpu / n, "invoke_ms": 1e3 * wall / n}
+
+
+def run_naive(model_path: Path, threads: int, frames: list[np.ndarray], seconds: float) -> dict:
+    from edge.runtime import resolve_runtime
+
+    jpegs = []
+    for f in frames:
+        buf = io.BytesIO()
+        Image.fromarray(f).save(buf, "JPEG", quality=90)
+        jpegs.append(buf.getvalue())
+    interp = resolve_runtime().interpreter_cls(model_path=str(model_path), num_threads=threads)
+    interp.allocate_tensors()
+    inp, out = interp.get_input_details()[0], interp.get_output_details()[0]
+    h, w = inp["shape"][1:3]
+    n, t0, c0 = 0, time.perf_counter(), time.process_time()
+    while time.perf_counter() - t0 < seconds:
+        img = Image.open(io.BytesIO(jpegs[n % len(jpegs)])).convert("RGB").resize((w, h))
+        interp.set_tensor(inp["index"], np.expand_dims(np.asarray(img, dtype=inp["dtype"]), 0))
+        interp.invoke()
+        interp.get_tensor(out["index"])
+        n += 1
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    return {"fps": n / wall, "cpu_s_per_frame": cpu / n}
+
+
+def run_pipeline(model: str, threads: int, frames, seconds: float, clients: bool) -> dict:
+    import tempfile
+
+    from edge.pipeline import Pipeline
+    from edge.store import Store
+
+    data = tempfile.mkdtemp(prefix="fieldscope-bench-")
+    cfg = load_config(
+        None,
+        {
+            "model.bundle": model,
+            "model.threads": threads,
+            "source.kind": "replay",
+            "source.path": "memory",
+            "storage.data_dir": data,
+            "pipeline.store_every_s": 0.0,
+            "pipeline.min_focus": 0.0,
+            "pipeline.max_clipped": 1.0,
+            "web.port": 0,
+        },
+    )
+    clf = Classifier(load_model(model), backend="cpu", threads=threads)
+    store = Store(Path(data))
+    pipe = Pipeline(cfg, clf, MemorySource(frames), store)
+    pipe.start()
+    stop = threading.Event()
+    workers = []
+    server = None
+    if clients:
+        from waitress import create_server
+
+        from edge.web import create_app
+
+        server = create_server(create_app(pipe, cfg), host="127.0.0.1", port=0, threads=6)
+        threading.Thread(target=server.run, daemon=True).start()
+        base = f"http://127.0.0.1:{server.effective_port}"
+
+        def viewer():
+            with urllib.request.urlopen(base + "/stream.mjpg", timeout=30) as r:
+                while not stop.is_set():
+                    r.read(65536)
+
+        def poller():
+            while not stop.is_set():
+                urllib.request.urlopen(base + "/api/status", timeout=10).read()
+                stop.wait(0.5)
+
+        for fn in (viewer, viewer, poller):
+            t = threading.Thread(target=fn, daemon=True)
+            t.start()
+            workers.append(t)
+    time.sleep(2.0)  # warm-up
+    n0, c0, t0 = pipe.state.classified, time.process_time(), time.perf_counter()
+    lat0 = len(pipe.state.latencies)
+    time.sleep(seconds)
+    n1, c1, t1 = pipe.state.classified, time.process_time(), time.perf_counter()
+    lat = list(pipe.state.latencies)[-min(50, max(1, len(pipe.state.latencies) - lat0)) :]
+    rss = rss_mb()
+    stop.set()
+    pipe.stop()
+    if server:
+        server.close()
+    store.close()
+    frames_done = max(1, n1 - n0)
+    return {
+        "fps": frames_done / (t1 - t0),
+        "cpu_s_per_frame": (c1 - c0) / frames_done,
+        "frame_to_result_ms": float(np.median(lat)) if lat else None,
+        "rss_mb": rss,
+        "stage_ms": pipe.state.result.get("timings_ms") if pipe.state.result else None,
+    }
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=str(ROOT / "models" / "blood-smear"))
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--seconds", type=float, default=10.0)
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    bundle = load_model(args.model)
+    frames = camera_frames(bundle)
+    clf = Classifier(bundle, backend="cpu", threads=args.threads)
+    bare = run_bare(clf, args.seconds)
+    naive = run_naive(clf.backend.artifact.path, args.threads, frames, args.seconds)
+    clf.close()
+    pipe = run_pipeline(args.model, args.threads, frames, args.seconds, clients=False)
+    loaded = run_pipeline(args.model, args.threads, frames, args.seconds, clients=True)
+    out = {
+        "model": f"{bundle.name} {bundle.version} ({clf.backend.artifact.kind})",
+        "threads": args.threads,
+        "bare_fps": round(bare["fps"], 2),
+        "bare_invoke_ms": round(bare["invoke_ms"], 2),
+        "bare_cpu_s_per_frame": round(bare["cpu_s_per_frame"], 5),
+        "naive_fps": round(naive["fps"], 2),
+        "naive_cpu_s_per_frame": round(naive["cpu_s_per_frame"], 5),
+        "pipeline_fps": round(pipe["fps"], 2),
+        "pipeline_cpu_s_per_frame": round(pipe["cpu_s_per_frame"], 5),
+        "pipeline_frame_to_result_ms": pipe["frame_to_result_ms"],
+        "pipeline_stage_ms": pipe["stage_ms"],
+        "clients_fps": round(loaded["fps"], 2),
+        "clients_cpu_s_per_frame": round(loaded["cpu_s_per_frame"], 5),
+        "clients_frame_to_result_ms": loaded["frame_to_result_ms"],
+        "rss_mb": round(max(pipe["rss_mb"], loaded["rss_mb"]), 1),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+    }
+    out["ratios"] = {
+        "pipeline_vs_bare_fps": round(out["pipeline_fps"] / out["bare_fps"], 3),
+        "clients_vs_bare_fps": round(out["clients_fps"] / out["bare_fps"], 3),
+        "pipeline_vs_bare_cpu": round(
+            out["pipeline_cpu_s_per_frame"] / out["bare_cpu_s_per_frame"], 3
+        ),
+        "pipeline_vs_naive_fps": round(out["pipeline_fps"] / out["naive_fps"], 3),
+    }
+    if args.json:
+        print(json.dumps(out))
+    else:
+        for k, v in out.items():
+            print(f"{k:32s} {v}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,190 @@
+"""Daemon parts on their own: config, quality gate, smoothing, notify, store."""
+
+from __future__ import annotations
+
+import os
+import socket
+import sqlite3
+import threading
+
+import numpy as np
+import pytest
+from PIL import Image, ImageFilter
+
+from edge import notify
+from edge.config import ConfigError, load_config, parse_source
+from edge.quality import assess
+from edge.smoothing import Smoother
+from edge.store import StorageError, Store
+
+
+def test_config_file_and_overrides(tmp_path):
+    p = tmp_path / "c.toml"
+    p.write_text('[source]\nkind = "replay"\npath = "x"\nfps = 5\n[web]\nport = 9000\n')
+    cfg = load_config(p, {"web.port": 9001, "model.threads": None})
+    assert cfg.source.fps == 5.0 and cfg.web.port == 9001 and cfg.model.threads == 2
+
+
+@pytest.mark.parametrize(
+    "text,needle",
+    [
+        ('[web]\nport = "x"\n', "[web].port: expected int"),
+        ("[web]\nprot = 1\n", "[web]: unknown option(s) prot"),
+        ("[camera]\nx = 1\n", "unknown section(s) camera"),
+        ('[model]\nbackend = "gpu"\n', "[model].backend: 'gpu'"),
+        ('[source]\nkind = "replay"\n', "replay needs a folder"),
+        (
+            '[web]\nhost = "0.0.0.0"\n[source]\npath = "x"\n',
+            "serving to the network needs a password",
+        ),
+        ("[web\n", "not valid TOML"),
+    ],
+)
+def test_config_errors_name_the_option(tmp_path, text, needle, monkeypatch):
+    monkeypatch.delenv("FIELDSCOPE_PASSWORD", raising=False)
+    p = tmp_path / "c.toml"
+    p.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_config(p)
+    assert needle in str(info.value)
+
+
+def test_network_bind_with_password_from_env(tmp_path, monkeypatch):
+    monkeypatch.setenv("FIELDSCOPE_PASSWORD", "s3cret")
+    cfg = load_config(None, {"web.host": "0.0.0.0", "source.path": "x"})
+    assert cfg.network_bound and cfg.web.password == "s3cret"
+
+
+def test_parse_source():
+    assert parse_source("v4l2:/dev/video2") == ("v4l2", "/dev/video2")
+    assert parse_source("picamera2") == ("picamera2", "")
+    with pytest.raises(ConfigError):
+        parse_source("webcam")
+
+
+def test_quality_gate_blur_and_exposure(parrot):
+    rgb = np.asarray(Image.open(parrot).convert("RGB"))
+    sharp = assess(rgb, 8.0, 0.6)
+    blurred = np.asarray(Image.open(parrot).convert("RGB").filter(ImageFilter.GaussianBlur(8)))
+    blur = assess(blurred, 8.0, 0.6)
+    assert sharp.assessable and sharp.focus > 5 * blur.focus
+    assert not assess(blurred, sharp.focus / 2, 0.6).assessable
+    white = np.full((100, 100, 3), 255, np.uint8)
+    q = assess(white, 8.0, 0.6)
+    assert not q.assessable and "clipped" in q.reason
+
+
+def test_smoother_holds_state_until_it_persists():
+    s = Smoother(["a", "b"], window=1, hold=3)
+    assert s.update({"a": 0.9, "b": 0.1})[0] == "a"
+    assert s.update({"a": 0.1, "b": 0.9})[0] == "a"
+    assert s.update({"a": 0.1, "b": 0.9})[0] == "a"
+    assert s.update({"a": 0.1, "b": 0.9})[0] == "b"
+    s2 = Smoother(["a", "b"], window=4, hold=1)
+    s2.update({"a": 1.0, "b": 0.0})
+    state, mean = s2.update({"a": 0.0, "b": 1.0})
+    assert np.allclose(mean, [0.5, 0.5])
+
+
+def test_notify_sends_datagrams_to_the_socket(tmp_path, monkeypatch):
+    path = str(tmp_path / "notify.sock")
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    server.bind(path)
+    server.settimeout(2)
+    monkeypatch.setenv("NOTIFY_SOCKET", path)
+    assert notify.notify("READY=1")
+    assert server.recv(100) == b"READY=1"
+    monkeypatch.setenv("WATCHDOG_USEC", "4000000")
+    monkeypatch.setenv("WATCHDOG_PID", str(os.getpid()))
+    assert notify.watchdog_interval() == 2.0
+    monkeypatch.setenv("WATCHDOG_PID", "1")
+    assert notify.watchdog_interval() is None
+    monkeypatch.delenv("NOTIFY_SOCKET")
+    assert notify.notify("READY=1") is False
+    server.close()
+
+
+RESULT = {
+    "label": "a",
+    "score": 0.9,
+    "probabilities": {"a": 0.9, "b": 0.1},
+    "decision": {"outcome": "refer", "positive": True, "score": 0.9},
+    "timings_ms": {"invoke": 1.0},
+    "backend": "cpu",
+    "model": "m 1",
+}
+
+
+def test_store_roundtrip_and_sample_summary(tmp_path):
+    store = Store(tmp_path)
+    i1 = store.save(RESULT, "capture", "S-1", jpeg=b"\xff\xd8jpeg")
+    i2 = store.save(
+        {**RESULT, "decision": {"outcome": "ok", "positive": False, "score": 0.2}}, "capture", "S-1"
+    )
+    row = store.get(i1)
+    assert row["sample_code"] == "S-1" and row["probabilities"]["a"] == 0.9
+    assert store.snapshot_path(row["snapshot"]).read_bytes() == b"\xff\xd8jpeg"
+    s = store.sample_summary("S-1")
+    assert s["fields"] == 2 and s["flagged"] == 1
+    assert s["max_score"] == 0.9 and abs(s["mean_score"] - 0.55) < 1e-9
+    assert [r["id"] for r in store.list(sample_code="S-1")] == [i2, i1]
+    assert store.snapshot_path("../fieldscope.db") is None
+    assert store.snapshot_path("/etc/passwd") is None
+    db = sqlite3.connect(tmp_path / "fieldscope.db")
+    assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    store.close()
+
+
+def test_store_reports_failure_and_recovers(tmp_path):
+    store = Store(tmp_path)
+    snaps = store.snapshots
+    snaps.chmod(0o500)
+    try:
+        if os.access(snaps, os.W_OK):  # root ignores permissions: use a file in the way
+            snaps.chmod(0o700)
+            import shutil
+
+            shutil.rmtree(snaps)
+            snaps.write_text("not a folder")
+        with pytest.raises(StorageError):
+            store.save(RESULT, "capture", "S", jpeg=b"x")
+        assert store.last_error
+    finally:
+        if snaps.is_file():
+            snaps.unlink()
+            snaps.mkdir()
+        snaps.chmod(0o700)
+    assert store.save(RESULT, "capture", "S", jpeg=b"x") > 0
+    assert store.last_error is None
+    store.close()
+
+
+def test_store_is_safe_across_threads(tmp_path):
+    store = Store(tmp_path)
+    errors = []
+
+    def writer():
+        try:
+            for _ in range(20):
+                store.save(RESULT, "upload")
+        except Exception as exc:  # pragma: no cover - the assertion reports it
+            errors.append(exc)
+
+    threads = [threading.Thread(target=writer) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and store.count() == 80
+    store.close()
+
+
+def test_retention_by_age(tmp_path):
+    store = Store(tmp_path, retention_days=1, min_free_mb=0)
+    old = store.save(RESULT, "capture", "S", jpeg=b"x")
+    snap = store.snapshot_path(store.get(old)["snapshot"])
+    store._db.execute("UPDATE results SET created = created - 3 * 86400 WHERE id = ?", (old,))
+    new = store.save(RESULT, "capture", "S")
+    assert store.enforce_retention() == 1
+    assert store.get(old) is None and store.get(new) is not None and not snap.exists()
+    store.close()

@@ -1,0 +1,194 @@
+"""The daemon as a process: real sockets against waitress, systemd notify, SIGTERM."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests.daemon_helpers import free_port, replay_folder
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def get(url: str, timeout: float = 5.0):
+    with urllib.request.urlopen(url, timeout=timeout) as r:
+        return r.status, r.headers, r.read()
+
+
+def wait_http(url: str, timeout: float = 60.0):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        try:
+            return get(url)
+        except OSError:
+            time.sleep(0.2)
+    raise AssertionError(f"{url} did not answer")
+
+
+@pytest.fixture
+def notify_socket(tmp_path):
+    path = str(tmp_path / "notify.sock")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(path)
+    sock.settimeout(0.2)
+    yield path, sock
+    sock.close()
+
+
+def start_daemon(tmp_path, bundle, samples, extra_env=None, args=()):
+    port = free_port()
+    replay = replay_folder(tmp_path / "replay", samples[:4])
+    env = {**os.environ, "PYTHONPATH": str(ROOT), **(extra_env or {})}
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "edge",
+            "serve",
+            "--model",
+            str(bundle),
+            "--source",
+            f"replay:{replay}",
+            "--port",
+            str(port),
+            "--data-dir",
+            str(tmp_path / "data"),
+            "--threads",
+            "1",
+            *args,
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    return proc, f"http://127.0.0.1:{port}"
+
+
+def drain(sock) -> list[str]:
+    out = []
+    while True:
+        try:
+            out.append(sock.recv(4096).decode())
+        except TimeoutError:
+            return out
+
+
+def test_daemon_serves_notifies_and_stops_on_sigterm(
+    tmp_path, blood_bundle, blood_samples, notify_socket
+):
+    path, sock = notify_socket
+    proc, base = start_daemon(
+        tmp_path, blood_bundle, blood_samples, {"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "2000000"}
+    )
+    try:
+        status, headers, body = wait_http(base + "/api/health")
+        assert status == 200 and json.loads(body)["status"] == "ok"
+        # results arrive over a real socket
+        end = time.monotonic() + 30
+        while time.monotonic() < end:
+            st = json.loads(get(base + "/api/status")[2])
+            if st["frames_classified"] >= 3:
+                break
+            time.sleep(0.2)
+        assert st["last_result"]["label"] in ("Benign", "Early", "Pre", "Pro")
+        # the MJPEG stream yields JPEG frames
+        with urllib.request.urlopen(base + "/stream.mjpg", timeout=10) as r:
+            assert r.headers["Content-Type"].startswith("multipart/x-mixed-replace")
+            chunk = r.read(4096)
+            assert b"Content-Type: image/jpeg" in chunk and b"\xff\xd8" in chunk
+        time.sleep(1.5)
+        messages = drain(sock)
+        assert any(m.startswith("READY=1") for m in messages), messages
+        assert "WATCHDOG=1" in messages
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=5)
+        assert time.monotonic() - t0 < 5
+        assert proc.returncode == 0
+        assert "STOPPING=1" in drain(sock)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_config_error_under_systemd_serves_an_error_page(tmp_path, notify_socket):
+    path, sock = notify_socket
+    port = free_port()
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "edge",
+            "serve",
+            "--model",
+            str(tmp_path / "no-such-bundle"),
+            "--source",
+            f"replay:{tmp_path}",
+            "--port",
+            str(port),
+            "--data-dir",
+            str(tmp_path / "data"),
+        ],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT), "NOTIFY_SOCKET": path},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        end = time.monotonic() + 60
+        while True:
+            try:
+                get(f"http://127.0.0.1:{port}/")
+            except urllib.error.HTTPError as exc:
+                assert exc.code == 503
+                page = exc.read().decode()
+                break
+            except OSError:
+                assert time.monotonic() < end and proc.poll() is None
+                time.sleep(0.2)
+        assert "could not start" in page and "model bundle not found" in page
+        assert any("STATUS=configuration error" in m for m in drain(sock))
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=5)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_config_error_in_a_terminal_is_one_line(tmp_path):
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "edge",
+            "serve",
+            "--host",
+            "0.0.0.0",
+            "--source",
+            f"replay:{tmp_path}",
+        ],
+        cwd=ROOT,
+        env={
+            k: v
+            for k, v in os.environ.items()
+            if k not in ("NOTIFY_SOCKET", "INVOCATION_ID", "FIELDSCOPE_PASSWORD")
+        },
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2
+    assert "needs a password" in proc.stderr and "Traceback" not in proc.stderr

@@ -1,0 +1,258 @@
+"""The web app over Flask's test client, with a real pipeline on the bundled model."""
+
+from __future__ import annotations
+
+import io
+import re
+import time
+
+import pytest
+from PIL import Image
+
+from edge.serve import build
+from tests.daemon_helpers import make_config, replay_folder
+
+
+def wait_for(predicate, timeout=30.0):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError("condition not reached in time")
+
+
+@pytest.fixture
+def daemon(blood_bundle, blood_samples, tmp_path):
+    def start(**overrides):
+        replay = replay_folder(tmp_path / "replay", blood_samples[:4])
+        cfg = make_config(blood_bundle, replay, tmp_path / "data", **overrides)
+        pipeline, app, store = build(cfg)
+        pipeline.start()
+        started.append((pipeline, store))
+        return pipeline, app
+
+    started = []
+    yield start
+    for pipeline, store in started:
+        pipeline.stop()
+        store.close()
+
+
+def csrf_of(client) -> str:
+    return client.get("/api/session").get_json()["csrf_token"]
+
+
+def jpeg_of(path) -> bytes:
+    return path.read_bytes()
+
+
+def test_results_arrive_and_status_reports_them(daemon):
+    pipeline, app = daemon()
+    c = app.test_client()
+    wait_for(lambda: pipeline.state.classified >= 3)
+    st = c.get("/api/status").get_json()
+    assert st["backend"]["backend"] == "cpu" and "no Edge TPU" in st["backend"]["reason"]
+    assert st["last_result"]["label"] in ("Benign", "Early", "Pre", "Pro")
+    assert st["last_result"]["decision"]["group"] == "ALL"
+    assert st["fps"] > 0 and st["latency_ms"] > 0
+    h = c.get("/api/health")
+    assert h.status_code == 200 and h.get_json()["status"] == "ok"
+    assert "fieldscope_frames_classified_total" in c.get("/metrics").get_data(as_text=True)
+    for page in ("/", "/samples", "/model", "/system"):
+        r = c.get(page)
+        assert r.status_code == 200, page
+        assert "Content-Security-Policy" in r.headers and r.headers["X-Frame-Options"] == "DENY"
+
+
+def test_upload_is_classified_stored_and_listed(daemon, blood_samples):
+    pipeline, app = daemon()
+    c = app.test_client()
+    token = csrf_of(c)
+    sample = blood_samples[0]
+    truth = sample.name.split("_")[0]
+    r = c.post(
+        "/api/classify",
+        headers={"X-CSRFToken": token},
+        data={"image": (io.BytesIO(jpeg_of(sample)), "f.jpg"), "sample_code": "SMEAR-7"},
+    )
+    assert r.status_code == 201, r.get_json()
+    doc = r.get_json()
+    assert doc["id"] > 0 and doc["label"] == truth and doc["sample_code"] == "SMEAR-7"
+    stored = c.get(f"/api/results/{doc['id']}").get_json()
+    assert stored["label"] == truth and stored["mode"] == "upload"
+    snap = c.get(f"/api/results/{doc['id']}/snapshot")
+    assert snap.status_code == 200 and snap.data[:2] == b"\xff\xd8"
+    listed = c.get("/api/results?sample=SMEAR-7").get_json()["results"]
+    assert [x["id"] for x in listed] == [doc["id"]]
+
+
+def test_capture_lands_in_a_sample_with_summary_and_exports(daemon):
+    pipeline, app = daemon()
+    c = app.test_client()
+    wait_for(lambda: pipeline.state.camera == "ok" and pipeline.state.classified > 0)
+    token = csrf_of(c)
+    ids = []
+    for _ in range(3):
+        r = c.post("/api/capture", json={"sample_code": "P-001"}, headers={"X-CSRFToken": token})
+        assert r.status_code == 201, r.get_json()
+        ids.append(r.get_json()["id"])
+    s = c.get("/api/samples/P-001").get_json()
+    assert s["fields"] == 3 and {x["id"] for x in s["results"]} == set(ids)
+    assert 0 <= s["flagged"] <= 3 and s["max_score"] >= s["mean_score"]
+    csv_text = c.get("/api/samples/P-001/export.csv").get_data(as_text=True)
+    lines = csv_text.strip().splitlines()
+    assert lines[0].startswith("id,time_utc,label,score,decision") and len(lines) == 4
+    assert "P-001" in c.get("/samples/P-001").get_data(as_text=True)
+    report = c.get("/samples/P-001/report").get_data(as_text=True)
+    assert "screening report" in report and "Aria M." in report
+    assert [x["code"] for x in c.get("/api/samples").get_json()["samples"]] == ["P-001"]
+
+
+@pytest.mark.parametrize(
+    "payload,status,needle",
+    [
+        (b"", 400, "empty"),
+        (b"this is not an image at all", 400, "not a readable image"),
+        (None, 400, "damaged or truncated"),  # truncated JPEG, filled in below
+    ],
+)
+def test_bad_uploads_get_4xx_and_classification_goes_on(
+    daemon, blood_samples, payload, status, needle
+):
+    pipeline, app = daemon()
+    c = app.test_client()
+    token = csrf_of(c)
+    if payload is None:
+        payload = jpeg_of(blood_samples[0])[:1500]
+    before = wait_for(lambda: pipeline.state.classified or None)
+    r = c.post(
+        "/api/classify",
+        headers={"X-CSRFToken": token},
+        data={"image": (io.BytesIO(payload), "x.jpg")},
+    )
+    assert r.status_code == status and needle in r.get_json()["error"]
+    wait_for(lambda: pipeline.state.classified > before)
+
+
+def test_huge_and_bomb_uploads_are_refused(daemon):
+    pipeline, app = daemon(**{"web.max_upload_mb": 1})
+    c = app.test_client()
+    token = csrf_of(c)
+    r = c.post(
+        "/api/classify",
+        headers={"X-CSRFToken": token},
+        data={"image": (io.BytesIO(b"\xff" * (2 * 1024 * 1024)), "big.jpg")},
+    )
+    assert r.status_code == 413 and "larger than 1 MB" in r.get_json()["error"]
+    from tests.test_preprocess import png_claiming
+
+    r = c.post(
+        "/api/classify",
+        headers={"X-CSRFToken": token},
+        data={"image": (io.BytesIO(png_claiming(40000, 40000)), "bomb.png")},
+    )
+    assert r.status_code == 413 and "decompression bomb" in r.get_json()["error"]
+
+
+def test_post_without_csrf_token_is_refused(daemon, blood_samples):
+    _, app = daemon()
+    c = app.test_client()
+    r = c.post("/api/classify", data={"image": (io.BytesIO(jpeg_of(blood_samples[0])), "a.jpg")})
+    assert r.status_code == 400 and "CSRF" in r.get_json()["error"]
+    r = c.post("/api/capture", json={"sample_code": "X"}, headers={"X-CSRFToken": "forged"})
+    assert r.status_code == 400
+
+
+def test_path_traversal_in_snapshot_urls_is_refused(daemon, tmp_path):
+    pipeline, app = daemon()
+    c = app.test_client()
+    for url in (
+        "/snapshots/../fieldscope.db",
+        "/snapshots/..%2Ffieldscope.db",
+        "/snapshots/%2e%2e/secret_key",
+        "/snapshots//etc/passwd",
+        "/model/files/..%2Fmanifest.json",
+    ):
+        r = c.get(url, follow_redirects=True)
+        assert r.status_code == 404, url
+        assert b"SQLite" not in r.data
+
+
+def test_bad_sample_code_is_refused(daemon):
+    _, app = daemon()
+    c = app.test_client()
+    r = c.post(
+        "/api/capture", json={"sample_code": "../../etc"}, headers={"X-CSRFToken": csrf_of(c)}
+    )
+    assert r.status_code == 400 and "sample_code" in r.get_json()["error"]
+
+
+def test_network_bound_kit_requires_login(daemon, blood_samples):
+    pipeline, app = daemon(**{"web.password": "correct horse"})
+    c = app.test_client()
+    assert c.get("/api/health").status_code == 200  # open for monitoring
+    assert c.get("/api/status").status_code == 401
+    assert c.get("/metrics").status_code == 401
+    r = c.get("/samples")
+    assert r.status_code == 302 and "/login" in r.headers["Location"]
+    token = csrf_of(c)
+    bad = c.post("/login", data={"password": "wrong", "csrf_token": token})
+    assert bad.status_code == 401 and b"Wrong password" in bad.data
+    no_csrf = c.post("/login", data={"password": "correct horse"})
+    assert no_csrf.status_code == 400
+    ok = c.post("/login", data={"password": "correct horse", "csrf_token": token})
+    assert ok.status_code == 302
+    cookie = ok.headers.get("Set-Cookie", "")
+    assert "HttpOnly" in cookie and "SameSite=Strict" in cookie
+    assert c.get("/api/status").status_code == 200
+
+
+def test_login_is_rate_limited(daemon):
+    _, app = daemon(**{"web.password": "pw"})
+    c = app.test_client()
+    token = csrf_of(c)
+    codes = [
+        c.post("/login", data={"password": f"guess{i}", "csrf_token": token}).status_code
+        for i in range(7)
+    ]
+    assert codes[:5] == [401] * 5 and codes[5:] == [429, 429]
+    r = c.post("/login", data={"password": "pw", "csrf_token": token})
+    assert r.status_code == 429  # even the right password waits out the window
+
+
+def test_source_that_fails_is_retried_and_reported(daemon, tmp_path, blood_samples):
+    pipeline, app = daemon()
+    c = app.test_client()
+    wait_for(lambda: pipeline.state.classified > 0)
+    replay = tmp_path / "replay"
+    hidden = tmp_path / "replay-away"
+    replay.rename(hidden)  # the camera goes away
+    wait_for(lambda: pipeline.state.camera == "lost", timeout=20)
+    h = c.get("/api/health").get_json()
+    assert h["camera"]["state"] == "lost" and h["status"] == "degraded"
+    assert c.get("/").status_code == 200  # still serving
+    hidden.rename(replay)  # and comes back
+    wait_for(lambda: pipeline.state.camera == "ok", timeout=20)
+    n = pipeline.state.classified
+    wait_for(lambda: pipeline.state.classified > n)
+
+
+def test_mjpeg_stream_yields_jpeg_frames(daemon):
+    from edge.web.stream import mjpeg
+
+    pipeline, _ = daemon()
+    wait_for(lambda: pipeline.latest_frame())
+    parts = []
+    for chunk in mjpeg(pipeline, fps=20, max_seconds=3):
+        parts.append(chunk)
+        if len(parts) == 2:
+            break
+    assert len(parts) == 2
+    for part in parts:
+        head, _, body = part.partition(b"\r\n\r\n")
+        length = int(re.search(rb"Content-Length: (\d+)", head).group(1))
+        jpeg = body[:length]
+        assert jpeg[:2] == b"\xff\xd8"
+        Image.open(io.BytesIO(jpeg)).verify()
