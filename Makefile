@@ -36,8 +36,7 @@ doctor: $(STAMP)
 # The kit's main job on this machine: the bundled blood-smear model on a replay of its samples.
 DEMO_PORT ?= 8080
 demo: $(STAMP)
-	$(PY) -m edge serve --model models/blood-smear --source replay:models/blood-smear/samples \
-		--data-dir data/demo --port $(DEMO_PORT)
+	$(PY) -m edge serve --config scripts/demo.toml --port $(DEMO_PORT)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from . import notify
+from . import notify, postprocess
 from .classifier import Classifier
 from .config import Config
 from .quality import Quality, assess
@@ -213,9 +213,12 @@ class Pipeline:
         doc["assessable"] = True
         doc["frame_to_result_ms"] = round((done - frame.at) * 1e3, 2)
         st.result = doc
+        bundle = self.classifier.bundle
+        groups = postprocess.group_scores(mean, bundle.labels, bundle.label_groups)
         st.smoothed = {
             "label": state,
             "probabilities": dict(zip(self.smoother.labels, map(float, mean), strict=True)),
+            "decision": postprocess.decide(groups, bundle.decision),
         }
         st.frame_id, st.at = frame.id, time.time()
         st.classified += 1

@@ -64,15 +64,21 @@ def build(cfg: Config):
 def _serve_app(app: Any, host: str, port: int, threads: int, on_ready=None) -> None:
     from waitress import create_server
 
-    server = create_server(
-        app,
-        host=host,
-        port=port,
-        threads=threads,
-        ident="fieldscope",
-        channel_timeout=30,
-        cleanup_interval=10,
-    )
+    try:
+        server = create_server(
+            app,
+            host=host,
+            port=port,
+            threads=threads,
+            ident="fieldscope",
+            channel_timeout=30,
+            cleanup_interval=10,
+        )
+    except OSError as exc:
+        raise FieldScopeError(
+            f"cannot listen on {host}:{port}: {exc.strerror}",
+            "another FieldScope may be running; stop it or use --port",
+        ) from exc
     stop = threading.Event()
 
     def handle(signum, _frame):

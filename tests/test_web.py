@@ -60,6 +60,9 @@ def test_results_arrive_and_status_reports_them(daemon):
     h = c.get("/api/health")
     assert h.status_code == 200 and h.get_json()["status"] == "ok"
     assert "fieldscope_frames_classified_total" in c.get("/metrics").get_data(as_text=True)
+    model_page = c.get("/model").get_data(as_text=True)
+    assert "Results on the held-out test split" in model_page and "CPU fallback" not in model_page
+    assert c.get("/model/files/roc.png").data[:4] == b"\x89PNG"
     for page in ("/", "/samples", "/model", "/system"):
         r = c.get(page)
         assert r.status_code == 200, page

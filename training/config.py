@@ -65,6 +65,7 @@ class TrainConfig:
     unfreeze_from: str = "block_13_expand"
     patience: int = 3
     augment: bool = True
+    class_weight: str = "balanced"  # balanced | sqrt | none
     label_smoothing: float = 0.0
 
 
@@ -152,5 +153,7 @@ def _check(cfg: Config, path: Path) -> None:
     fr = cfg.dataset.fractions
     if len(fr) != 3 or abs(sum(fr) - 1) > 1e-6 or min(fr) <= 0:
         raise ConfigError(f"{path} [dataset] fractions must be three positive numbers summing to 1")
+    if cfg.train.class_weight not in ("balanced", "sqrt", "none"):
+        raise ConfigError(f"{path} [train] class_weight must be balanced, sqrt or none")
     if not 0 < cfg.decision.target_sensitivity <= 1:
         raise ConfigError(f"{path} [decision] target_sensitivity must be in (0, 1]")

@@ -157,8 +157,22 @@ def read_split(path: Path) -> dict[str, list[Sample]]:
     return parts
 
 
-def class_weights(samples: list[Sample], labels: list[str]) -> dict[int, float]:
-    """Balanced weights: n / (k × n_c), so each class weighs the same in the loss."""
+def class_weights(
+    samples: list[Sample], labels: list[str], mode: str = "balanced"
+) -> dict[int, float]:
+    """Loss weights per class index.
+
+    ``balanced``: n / (k × n_c), every class weighs the same (best balanced accuracy);
+    ``sqrt``: the square root of that, a compromise when plain accuracy matters too;
+    ``none``: all 1.
+    """
     counts = Counter(s.label for s in samples)
     n, k = len(samples), len(labels)
-    return {i: n / (k * counts[lab]) if counts[lab] else 0.0 for i, lab in enumerate(labels)}
+    full = {i: n / (k * counts[lab]) if counts[lab] else 0.0 for i, lab in enumerate(labels)}
+    if mode == "balanced":
+        return full
+    if mode == "sqrt":
+        return {i: w**0.5 for i, w in full.items()}
+    if mode == "none":
+        return dict.fromkeys(full, 1.0)
+    raise ValueError(f"class_weight must be balanced, sqrt or none, not {mode!r}")

@@ -103,7 +103,7 @@ def train(cfg: Config, run_dir: Path) -> Path:
     data = prepare_data(cfg, run_dir)
     labels = cfg.dataset.labels
     group_idx = [labels.index(m) for m in cfg.decision.groups[cfg.decision.group]]
-    weights = class_weights(data["parts"]["train"], labels)
+    weights = class_weights(data["parts"]["train"], labels, cfg.train.class_weight)
     n = len(labels)
     bs = cfg.train.batch_size
     size = cfg.model.input_size

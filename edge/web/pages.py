@@ -67,7 +67,7 @@ def report(code: str):
 def model():
     pipe, _ = _ctx()
     b = pipe.classifier.bundle
-    card = b.file(b.manifest.get("card", "")) if b.manifest.get("card") else None
+    card = b.file("card")
     card_text = card.read_text() if card and card.is_file() else None
     return render_template(
         "model.html", bundle=b, backend=pipe.classifier.describe(), card=card_text

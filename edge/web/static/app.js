@@ -3,7 +3,7 @@
 (function () {
   const $ = (sel) => document.querySelector(sel);
   const csrf = () => document.querySelector('meta[name="csrf-token"]').content;
-  const pct = (x) => (100 * x).toFixed(0) + " %";
+  const pct = (x) => (100 * x).toFixed(0) + "%";
 
   function show(data) {
     const lost = $("#camera-lost");
@@ -16,7 +16,8 @@
       box.className = "decision na";
       $("#quality-note").textContent = r.reason || "";
     } else if (r) {
-      const d = r.decision;
+      // The shown state is the smoothed one (last N frames, held before it changes).
+      const d = data.smoothed && data.smoothed.decision ? data.smoothed.decision : r.decision;
       box.textContent = d ? d.text : r.label + " " + r.score.toFixed(2);
       box.className = "decision " + (d ? (d.positive ? "positive" : "negative") : "");
       $("#quality-note").textContent = "";
