@@ -80,6 +80,8 @@ class Store:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(SCHEMA)
+        for leftover in self.snapshots.rglob(".*.tmp"):  # a crash mid-write; never referenced
+            leftover.unlink(missing_ok=True)
 
     # -- writing ---------------------------------------------------------------------------
     def _write_snapshot(self, jpeg: bytes) -> str:

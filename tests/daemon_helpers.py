@@ -34,3 +34,58 @@ def make_config(bundle: Path, replay: Path, data_dir: Path, **overrides):
     }
     base.update(overrides)
     return load_config(None, base)
+
+
+class Client:
+    """A tiny HTTP client with a cookie jar and the CSRF token, for tests against a process."""
+
+    def __init__(self, base: str) -> None:
+        import http.cookiejar
+        import json
+        import urllib.request
+
+        self.base = base
+        self.jar = http.cookiejar.CookieJar()
+        self.opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(self.jar))
+        with self.opener.open(base + "/api/session", timeout=10) as r:
+            self.token = json.loads(r.read())["csrf_token"]
+
+    def get_json(self, path: str):
+        import json
+
+        with self.opener.open(self.base + path, timeout=10) as r:
+            return r.status, json.loads(r.read())
+
+    def upload(self, data: bytes, sample_code: str | None = None, timeout: float = 30):
+        """POST /api/classify; returns (status, json)."""
+        import json
+        import urllib.error
+        import urllib.request
+        import uuid
+
+        boundary = uuid.uuid4().hex
+        parts = [
+            f'--{boundary}\r\nContent-Disposition: form-data; name="image"; '
+            f'filename="f.jpg"\r\nContent-Type: image/jpeg\r\n\r\n'.encode()
+            + data
+        ]
+        if sample_code:
+            parts.append(
+                f"--{boundary}\r\nContent-Disposition: form-data; "
+                f'name="sample_code"\r\n\r\n{sample_code}'.encode()
+            )
+        body = b"\r\n".join(parts) + f"\r\n--{boundary}--\r\n".encode()
+        req = urllib.request.Request(
+            self.base + "/api/classify",
+            data=body,
+            method="POST",
+            headers={
+                "Content-Type": f"multipart/form-data; boundary={boundary}",
+                "X-CSRFToken": self.token,
+            },
+        )
+        try:
+            with self.opener.open(req, timeout=timeout) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.loads(exc.read() or b"{}")

@@ -1,0 +1,188 @@
+"""Faults against the real daemon process: power cut, full disk, a refused model, SIGTERM."""
+
+from __future__ import annotations
+
+import io
+import resource
+import shutil
+import signal
+import sqlite3
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from tests.daemon_helpers import Client
+from tests.test_serve_e2e import start_daemon, wait_http
+
+
+def hammer(
+    client: Client, images: list[bytes], acked: list[int], stop: threading.Event, errors: list
+) -> None:
+    i = 0
+    while not stop.is_set():
+        try:
+            status, doc = client.upload(images[i % len(images)], sample_code="LOAD-1")
+        except OSError as exc:  # the daemon died mid-request: not acknowledged
+            errors.append(exc)
+            return
+        if status == 201:
+            acked.append(doc["id"])
+        i += 1
+
+
+def check_store(data_dir: Path, acked: list[int]) -> None:
+    db = sqlite3.connect(data_dir / "fieldscope.db")
+    assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    ids = {row[0] for row in db.execute("SELECT id FROM results")}
+    missing = sorted(set(acked) - ids)
+    assert not missing, f"acknowledged results lost: {missing[:10]}"
+    for (snap,) in db.execute("SELECT snapshot FROM results WHERE snapshot IS NOT NULL"):
+        path = data_dir / "snapshots" / snap
+        assert path.is_file(), f"row references a missing snapshot {snap}"
+        with Image.open(path) as img:
+            img.load()  # a half-written JPEG would fail here
+    db.close()
+
+
+def test_kill_9_under_load_loses_no_acknowledged_result(tmp_path, blood_bundle, blood_samples):
+    proc, base = start_daemon(tmp_path, blood_bundle, blood_samples)
+    data_dir = tmp_path / "data"
+    try:
+        wait_http(base + "/api/health")
+        images = [p.read_bytes() for p in blood_samples[:4]]
+        acked: list[int] = []
+        errors: list = []
+        stop = threading.Event()
+        workers = [
+            threading.Thread(target=hammer, args=(Client(base), images, acked, stop, errors))
+            for _ in range(3)
+        ]
+        for w in workers:
+            w.start()
+        deadline = time.monotonic() + 30
+        while len(acked) < 15 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGKILL)  # the power cut
+        proc.wait(timeout=10)
+        stop.set()
+        for w in workers:
+            w.join(timeout=30)
+        assert len(acked) >= 15
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    check_store(data_dir, acked)
+    # and the daemon starts again on the same data
+    proc2, base2 = start_daemon(
+        tmp_path / "again", blood_bundle, blood_samples, args=("--data-dir", str(data_dir))
+    )
+    try:
+        wait_http(base2 + "/api/health")
+        status, doc = Client(base2).get_json(f"/api/results/{acked[-1]}")
+        assert status == 200 and doc["sample_code"] == "LOAD-1"
+        assert not list((data_dir / "snapshots").rglob(".*.tmp")), "leftovers not cleaned"
+    finally:
+        proc2.send_signal(signal.SIGTERM)
+        proc2.wait(timeout=10)
+
+
+def test_full_disk_keeps_classifying_reports_and_recovers(tmp_path, blood_bundle, blood_samples):
+    proc, base = start_daemon(tmp_path, blood_bundle, blood_samples)
+    try:
+        wait_http(base + "/api/health")
+        client = Client(base)
+        image = blood_samples[0].read_bytes()
+        assert client.upload(image)[0] == 201
+        # a real write limit on the daemon: every file write past 4 KiB now fails (EFBIG)
+        resource.prlimit(proc.pid, resource.RLIMIT_FSIZE, (4096, resource.RLIM_INFINITY))
+        status, doc = client.upload(image)
+        assert status == 507 and "not stored" in doc["error"]
+        _, health = client.get_json("/api/health")
+        assert health["storage"]["ok"] is False and health["status"] == "degraded"
+        _, st = client.get_json("/api/status")
+        n = st["frames_classified"]
+        time.sleep(1.5)
+        _, st = client.get_json("/api/status")
+        assert st["frames_classified"] > n, "classification stopped with the disk full"
+        # space returns
+        resource.prlimit(
+            proc.pid, resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY)
+        )
+        status, doc = client.upload(image)
+        assert status == 201 and doc["id"] > 0
+        _, health = client.get_json("/api/health")
+        assert health["storage"]["ok"] is True
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=10)
+
+
+def test_sigterm_under_load_stops_fast_and_loses_nothing(tmp_path, blood_bundle, blood_samples):
+    proc, base = start_daemon(tmp_path, blood_bundle, blood_samples)
+    acked: list[int] = []
+    try:
+        wait_http(base + "/api/health")
+        images = [p.read_bytes() for p in blood_samples[:4]]
+        stop = threading.Event()
+        errors: list = []
+        workers = [
+            threading.Thread(target=hammer, args=(Client(base), images, acked, stop, errors))
+            for _ in range(2)
+        ]
+        for w in workers:
+            w.start()
+        while len(acked) < 5:
+            time.sleep(0.05)
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=5)
+        assert time.monotonic() - t0 < 5 and proc.returncode == 0
+        stop.set()
+        for w in workers:
+            w.join(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    check_store(tmp_path / "data", acked)
+
+
+def test_refused_bundle_falls_back_to_the_previous_good_one(tmp_path, blood_bundle):
+    from edge.config import load_config
+    from edge.serve import open_classifier
+
+    broken = tmp_path / "new-model"
+    shutil.copytree(blood_bundle, broken)
+    model = next(broken.glob("*.tflite"))
+    model.write_bytes(model.read_bytes()[: model.stat().st_size // 2])
+    cfg = load_config(None, {"model.bundle": str(broken), "source.path": "x"})
+    with pytest.raises(Exception, match="truncated"):
+        open_classifier(cfg)
+    cfg = load_config(
+        None,
+        {
+            "model.bundle": str(broken),
+            "source.path": "x",
+            "model.fallback_bundle": str(blood_bundle),
+        },
+    )
+    clf = open_classifier(cfg)
+    assert clf.bundle.root == blood_bundle
+    assert "configured bundle refused" in clf.backend_reason
+
+
+def test_jpeg_snapshot_is_never_half_written(tmp_path):
+    """Snapshots are written to a hidden temp file and renamed: a crash leaves only temps."""
+    from edge.store import Store
+
+    store = Store(tmp_path)
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 64), "red").save(buf, "JPEG")
+    rel = store._write_snapshot(buf.getvalue())
+    assert (tmp_path / "snapshots" / rel).read_bytes() == buf.getvalue()
+    (tmp_path / "snapshots" / Path(rel).parent / ".dead.jpg.tmp").write_bytes(b"\xff\xd8half")
+    store.close()
+    Store(tmp_path).close()  # start-up removes temp leftovers
+    assert not list((tmp_path / "snapshots").rglob(".*.tmp"))
