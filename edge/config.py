@@ -7,11 +7,10 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
-
-import tomllib
 
 from .errors import FieldScopeError
 from .paths import default_bundle

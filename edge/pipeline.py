@@ -122,6 +122,9 @@ class Pipeline:
                 opened = False
                 self.state.camera, self.state.camera_error = "lost", str(exc)
                 log.warning("camera lost (%s); retrying in %.0f s", exc, backoff)
+                # Up without a camera is still up: the page says "camera lost" and uploads work;
+                # not being READY would have systemd kill and restart the kit in a loop.
+                self._mark_ready("camera lost, retrying")
                 with self._source_lock:
                     try:
                         self.source.close()
@@ -232,11 +235,11 @@ class Pipeline:
             except StorageError:
                 pass  # reported through /api/health; live results are not acknowledged anyway
 
-    def _mark_ready(self) -> None:
+    def _mark_ready(self, status: str = "classifying") -> None:
         if not self._ready_sent:
             self._ready_sent = True
-            notify.notify("READY=1\nSTATUS=classifying")
-            log.info("first frame classified: ready")
+            notify.notify(f"READY=1\nSTATUS={status}")
+            log.info("ready (%s)", status)
 
     # -- on-demand ---------------------------------------------------------------------------
     def capture(self, sample_code: str | None) -> dict[str, Any]:

@@ -192,3 +192,40 @@ def test_config_error_in_a_terminal_is_one_line(tmp_path):
     )
     assert proc.returncode == 2
     assert "needs a password" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_without_a_camera_the_kit_is_ready_and_says_so(tmp_path, blood_bundle, notify_socket):
+    """A camera missing at boot must not keep systemd waiting for READY (a restart loop)."""
+    path, sock = notify_socket
+    port = free_port()
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "edge",
+            "serve",
+            "--model",
+            str(blood_bundle),
+            "--source",
+            f"replay:{tmp_path / 'unplugged'}",
+            "--port",
+            str(port),
+            "--data-dir",
+            str(tmp_path / "data"),
+        ],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT), "NOTIFY_SOCKET": path},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        status, _, body = wait_http(f"http://127.0.0.1:{port}/api/health")
+        health = json.loads(body)
+        assert status == 200 and health["status"] == "degraded"
+        assert health["camera"]["state"] == "lost" and "does not exist" in health["camera"]["error"]
+        time.sleep(0.5)
+        assert any(m.startswith("READY=1") and "camera lost" in m for m in drain(sock))
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=10)
