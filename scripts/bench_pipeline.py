@@ -130,7 +130,6 @@ def run_pipeline(model: str, threads: int, frames, seconds: float, clients: bool
             "pipeline.store_every_s": 0.0,
             "pipeline.min_focus": 0.0,
             "pipeline.max_clipped": 1.0,
-            "web.port": 0,
         },
     )
     clf = Classifier(load_model(model), backend="cpu", threads=threads)
