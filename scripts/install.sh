@@ -173,6 +173,12 @@ config_files() {
   write_file "$UDEV" 0644 <"$SRC/systemd/99-fieldscope-coral.rules"
   run udevadm control --reload-rules || true
   run udevadm trigger --subsystem-match=usb || true
+  if [ "$DRY_RUN" = 0 ] && [ ! -d /run/systemd/system ]; then
+    # An image being built, or a chroot: enable for the next boot, nothing to start now.
+    say "systemd is not running here: the service is enabled and starts at the next boot"
+    run systemctl enable fieldscope.service
+    return
+  fi
   run systemctl daemon-reload
   if [ "$START" = 1 ]; then
     run systemctl enable --now fieldscope.service
