@@ -40,6 +40,7 @@ class SourceSection:
     still_width: int = 0  # full-quality capture size (0: the sensor's / image's own)
     still_height: int = 0
     loop: bool = True
+    timeout_s: float = 15.0  # no frame for this long: the camera is stalled (watchdog stops)
 
 
 @dataclass
@@ -179,6 +180,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"[source].kind: {s.kind!r} is not replay, picamera2 or v4l2")
     if s.kind == "replay" and not s.path:
         raise ConfigError("[source].path: replay needs a folder of images or a video file")
+    if s.timeout_s <= 0:
+        raise ConfigError("[source].timeout_s must be positive")
     if not 0 < s.fps <= 120:
         raise ConfigError("[source].fps must be between 0 and 120")
     if p.smoothing < 1 or p.hold < 1:

@@ -79,6 +79,10 @@ class Pipeline:
         self._jpeg_lock = threading.Lock()
         self.started = time.time()
         self.last_heartbeat = time.monotonic()
+        self.last_frame_at = time.monotonic()
+        # A camera that stops delivering without an error (a hung driver) for this long stops
+        # the systemd watchdog pings, so systemd restarts the daemon.
+        self.source_timeout = max(cfg.source.timeout_s, 3.0 / cfg.source.fps)
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:
@@ -87,17 +91,22 @@ class Pipeline:
             t.start()
             self._threads.append(t)
 
-    def stop(self, timeout: float = 3.0) -> None:
+    def stop(self, timeout: float = 1.5) -> None:
+        """Stop within a few seconds even when the camera is wedged inside read()."""
         self._stop.set()
         with self._cond:
             self._cond.notify_all()
+        locked = self._source_lock.acquire(timeout=timeout)
+        try:
+            # Closing is also what unblocks a read() stuck in a hung driver.
+            self.source.close()
+        except Exception:  # closing a broken camera must not block shutdown
+            log.exception("closing the source")
+        finally:
+            if locked:
+                self._source_lock.release()
         for t in self._threads:
             t.join(timeout)
-        with self._source_lock:
-            try:
-                self.source.close()
-            except Exception:  # closing a broken camera must not block shutdown
-                log.exception("closing the source")
 
     @property
     def running(self) -> bool:
@@ -118,6 +127,10 @@ class Pipeline:
                         log.info("source %s open", self.source.describe())
                         backoff = 1.0
                     rgb = self.source.read()
+                self.last_frame_at = time.monotonic()
+                if self.state.camera == "stalled":
+                    log.info("camera delivers again")
+                    self.state.camera, self.state.camera_error = "ok", None
             except (SourceError, OSError) as exc:
                 opened = False
                 self.state.camera, self.state.camera_error = "lost", str(exc)
@@ -137,6 +150,10 @@ class Pipeline:
                 self._frame = Frame(next_id, rgb, time.monotonic())
                 next_id += 1
                 self._cond.notify_all()
+
+    def source_hung(self) -> bool:
+        return self.state.camera in ("ok", "stalled") and (
+            time.monotonic() - self.last_frame_at > self.source_timeout)
 
     def latest_frame(self) -> Frame | None:
         return self._frame
@@ -176,7 +193,13 @@ class Pipeline:
         while not self._stop.is_set():
             now = time.monotonic()
             self.last_heartbeat = now
-            if interval and now - last_ping >= interval:
+            if self.source_hung():
+                if self.state.camera != "stalled":
+                    log.error("camera delivered nothing for %.0f s: stalled; no more watchdog "
+                              "pings so systemd restarts the daemon", self.source_timeout)
+                    self.state.camera = "stalled"
+                    self.state.camera_error = f"no frame for {self.source_timeout:.0f} s"
+            elif interval and now - last_ping >= interval:
                 notify.notify("WATCHDOG=1")
                 last_ping = now
             frame = self.wait_frame(last_id, timeout=1.0)
@@ -244,8 +267,12 @@ class Pipeline:
     # -- on-demand ---------------------------------------------------------------------------
     def capture(self, sample_code: str | None) -> dict[str, Any]:
         """Full-quality still → classify → store with snapshot; returns the stored result."""
-        with self._source_lock:
+        if not self._source_lock.acquire(timeout=5.0):
+            raise SourceError("the camera is not answering (busy or hung)")
+        try:
             rgb = self.source.capture_still()
+        finally:
+            self._source_lock.release()
         return self.classify_and_store(rgb, "capture", sample_code)
 
     def classify_and_store(

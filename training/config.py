@@ -65,7 +65,6 @@ class TrainConfig:
     patience: int = 3
     augment: bool = True
     class_weight: str = "balanced"  # balanced | sqrt | none
-    label_smoothing: float = 0.0
 
 
 @dataclass

@@ -20,6 +20,7 @@ from flask import (
 from flask_wtf.csrf import generate_csrf
 
 from ..errors import ImageError
+from ..sources import SourceError
 from ..store import StorageError
 
 bp = Blueprint("api", __name__)
@@ -146,7 +147,10 @@ def capture():
     code = _sample_code(body.get("sample_code") or request.form.get("sample_code"))
     if pipe.state.camera != "ok":
         return _error(f"camera not available: {pipe.state.camera_error or pipe.state.camera}", 503)
-    return _stored(pipe.capture, code)
+    try:
+        return _stored(pipe.capture, code)
+    except SourceError as exc:
+        return _error(str(exc), 503)
 
 
 @bp.get("/api/samples")

@@ -1,0 +1,84 @@
+"""A camera that hangs without an error stops the systemd watchdog pings (systemd restarts)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import threading
+import time
+
+import numpy as np
+
+from edge.bundle import load_bundle
+from edge.classifier import Classifier
+from edge.config import load_config
+from edge.pipeline import Pipeline
+from edge.sources.base import Source
+from edge.store import Store
+
+
+class HangingSource(Source):
+    """Delivers ``good`` frames, then blocks in read() like a wedged driver."""
+
+    name = "hanging"
+
+    def __init__(self, frame: np.ndarray, good: int) -> None:
+        self.frame, self.good, self.reads = frame, good, 0
+        self.release = threading.Event()
+
+    def open(self) -> None:
+        pass
+
+    def read(self) -> np.ndarray:
+        self.reads += 1
+        if self.reads > self.good:
+            self.release.wait()
+        time.sleep(0.02)
+        return self.frame
+
+    def close(self) -> None:
+        self.release.set()
+
+
+def test_hung_camera_stops_watchdog_and_is_reported(blood_bundle, blood_samples, tmp_path,
+                                                    monkeypatch):
+    path = str(tmp_path / "notify.sock")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(path)
+    sock.settimeout(0.05)
+    monkeypatch.setenv("NOTIFY_SOCKET", path)
+    monkeypatch.setenv("WATCHDOG_USEC", "200000")  # ping every 0.1 s
+    monkeypatch.setenv("WATCHDOG_PID", str(os.getpid()))
+    from PIL import Image
+
+    frame = np.asarray(Image.open(blood_samples[0]).convert("RGB"))
+    cfg = load_config(None, {"model.bundle": str(blood_bundle), "source.path": "x",
+                             "source.timeout_s": 1.0, "source.fps": 20.0,
+                             "storage.data_dir": str(tmp_path / "data")})
+    clf = Classifier(load_bundle(blood_bundle), backend="cpu", threads=1)
+    store = Store(tmp_path / "data")
+    source = HangingSource(frame, good=10)
+    pipe = Pipeline(cfg, clf, source, store)
+    pipe.start()
+
+    def pings(seconds: float) -> int:
+        end, n = time.monotonic() + seconds, 0
+        while time.monotonic() < end:
+            with contextlib.suppress(TimeoutError):
+                n += sock.recv(100) == b"WATCHDOG=1"
+        return n
+
+    try:
+        assert pings(0.4) >= 2  # healthy: pinging
+        deadline = time.monotonic() + 10
+        while pipe.state.camera != "stalled" and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert pipe.state.camera == "stalled" and "no frame" in pipe.state.camera_error
+        pings(0.2)  # drain what was in flight
+        assert pings(1.0) == 0  # stalled: systemd's watchdog will fire
+        assert pipe.state.classified >= 1
+    finally:
+        pipe.stop()
+        store.close()
+        sock.close()
