@@ -36,10 +36,10 @@ def _error(message: str, status: int):
     return jsonify(error=message), status
 
 
-def _sample_code(raw: str | None) -> str | None:
-    if raw in (None, ""):
+def _sample_code(raw: object) -> str | None:
+    if raw is None or raw == "":
         return None
-    if not SAMPLE_CODE.match(raw):
+    if not isinstance(raw, str) or not SAMPLE_CODE.match(raw):
         abort(make_response(_error("sample_code: 1–64 letters, digits, '.', '_' or '-'", 400)))
     return raw
 
