@@ -140,7 +140,7 @@ def write_card(out: Path, manifest: dict, ev: dict, history: Path | None, cfg, e
         f"{cfg.model.input_size} px; head on cached features {cfg.train.head_epochs} epochs, "
         f"then fine-tuning from `{cfg.train.unfreeze_from}` for up to "
         f"{cfg.train.finetune_epochs} epochs (BatchNorm frozen, early stopping on "
-        f"validation {rule['group']} AUC).",
+        f"the mean of validation {rule['group']} AUC and accuracy).",
         f"- Command: `python -m training train --config {cfg.source}`",
         f"- Time: {extra.get('train_minutes', '?')} min training on a 2-core x86-64 CPU, no GPU.",
         "",
