@@ -150,8 +150,18 @@ class Classifier:
     def classify(
         self, source: ImageSource | np.ndarray, top_k: int = 3, name: str | None = None
     ) -> Result:
-        t_start = time.perf_counter()
         rgb, times = self.prepare(source)
+        if name is None and isinstance(source, str):
+            name = source
+        return self.infer(rgb, times, top_k, name)
+
+    def infer(
+        self, rgb: np.ndarray, times: dict[str, float] | None = None, top_k: int = 3,
+        name: str | None = None,
+    ) -> Result:
+        """Classify an already prepared (H, W, 3) model-size input (see :meth:`prepare`)."""
+        times = dict(times or {})
+        t_start = time.perf_counter() - (times.get("decode", 0) + times.get("preprocess", 0)) / 1e3
         with self._lock:
             t0 = time.perf_counter()
             raw, notes = self._invoke(rgb)
@@ -177,7 +187,7 @@ class Classifier:
             backend=backend_name,
             timings_ms={k: round(v, 3) for k, v in times.items()},
             model=f"{self.bundle.name} {self.bundle.version}",
-            image=name if name is not None else (str(source) if isinstance(source, str) else None),
+            image=name,
             notes=notes,
         )
 

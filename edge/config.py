@@ -48,7 +48,7 @@ class PipelineSection:
     max_fps: float = 0.0  # cap on classifications per second (0: as fast as frames come)
     smoothing: int = 5  # frames averaged for the live result
     hold: int = 3  # frames a new state must hold before it is shown
-    min_focus: float = 8.0  # variance of the Laplacian below which a frame is not assessable
+    min_focus: float = 5.0  # variance of the Laplacian below which a frame is not assessable
     max_clipped: float = 0.6  # fraction of clipped pixels above which it is not assessable
     store_every_s: float = 30.0  # continuous mode: store a live result this often (0: never)
     top_k: int = 3

@@ -217,7 +217,8 @@ class Pipeline:
 
     def _process(self, frame: Frame) -> None:
         p = self.cfg.pipeline
-        quality = assess(frame.rgb, p.min_focus, p.max_clipped)
+        small, times = self.classifier.prepare(frame.rgb)
+        quality = assess(small, p.min_focus, p.max_clipped)
         st = self.state
         st.quality = quality.to_dict()
         if not quality.assessable:
@@ -231,7 +232,7 @@ class Pipeline:
             st.frame_id, st.at = frame.id, time.time()
             self._mark_ready()
             return
-        result = self.classifier.classify(frame.rgb, top_k=p.top_k, name=f"frame {frame.id}")
+        result = self.classifier.infer(small, times, top_k=p.top_k, name=f"frame {frame.id}")
         done = time.monotonic()
         state, mean = self.smoother.update(result.probabilities)
         doc = result.to_dict()
@@ -289,8 +290,9 @@ class Pipeline:
             )
         )
         p = self.cfg.pipeline
-        quality: Quality = assess(rgb, p.min_focus, p.max_clipped)
-        result = self.classifier.classify(rgb, top_k=p.top_k, name=mode)
+        small, times = self.classifier.prepare(rgb)
+        quality: Quality = assess(small, p.min_focus, p.max_clipped)
+        result = self.classifier.infer(small, times, top_k=p.top_k, name=mode)
         doc = result.to_dict()
         doc["quality"] = quality.to_dict()
         doc["assessable"] = quality.assessable

@@ -21,6 +21,9 @@ from .errors import ImageError, ImageTooLargeError
 
 DEFAULT_MAX_PIXELS = 50_000_000  # a 12 MP HQ camera frame is well below; a bomb is far above
 RESIZE_MODES = ("center-crop", "squash", "letterbox")
+# Shrink by a whole factor (box filter, fast) as far as possible, then resample the rest: about
+# half the cost of a direct bilinear resize from camera size, and antialiased all the same.
+REDUCING_GAP = 1.0
 
 ImageSource = str | Path | bytes | BinaryIO | Image.Image
 
@@ -93,17 +96,17 @@ def resize(img: Image.Image, size: tuple[int, int], mode: str) -> Image.Image:
     """Resize to (height, width) by ``mode``; reduce by whole factors first (reducing_gap)."""
     h, w = size
     if mode == "squash":
-        return img.resize((w, h), Image.Resampling.BILINEAR, reducing_gap=2.0)
+        return img.resize((w, h), Image.Resampling.BILINEAR, reducing_gap=REDUCING_GAP)
     if mode == "center-crop":
         scale = max(w / img.width, h / img.height)
         rw, rh = max(w, round(img.width * scale)), max(h, round(img.height * scale))
         left, top = (rw - w) / 2, (rh - h) / 2
         box = (left / scale, top / scale, (left + w) / scale, (top + h) / scale)
-        return img.resize((w, h), Image.Resampling.BILINEAR, box=box, reducing_gap=2.0)
+        return img.resize((w, h), Image.Resampling.BILINEAR, box=box, reducing_gap=REDUCING_GAP)
     if mode == "letterbox":
         scale = min(w / img.width, h / img.height)
         rw, rh = max(1, round(img.width * scale)), max(1, round(img.height * scale))
-        inner = img.resize((rw, rh), Image.Resampling.BILINEAR, reducing_gap=2.0)
+        inner = img.resize((rw, rh), Image.Resampling.BILINEAR, reducing_gap=REDUCING_GAP)
         canvas = Image.new("RGB", (w, h), (0, 0, 0))
         canvas.paste(inner, ((w - rw) // 2, (h - rh) // 2))
         return canvas
@@ -140,6 +143,7 @@ class InputAdapter:
 
     def _build(self) -> None:
         self._lut: np.ndarray | None = None
+        self._same_lut = False
         self._identity = False
         if self.dtype in (np.uint8, np.int8):
             if self.scale <= 0:
@@ -149,6 +153,7 @@ class InputAdapter:
             real = (pixels[None, :] - self.mean[:, None]) / self.std[:, None]
             q = np.clip(np.round(real / self.scale + self.zero_point), info.min, info.max)
             self._lut = q.astype(self.dtype)  # (3, 256)
+            self._same_lut = bool((self._lut == self._lut[0]).all())
             if self.dtype == np.uint8 and all(
                 np.array_equal(self._lut[c], np.arange(256)) for c in range(3)
             ):
@@ -165,6 +170,8 @@ class InputAdapter:
             rgb = rgb[..., ::-1]
         if self._identity:
             out = rgb
+        elif self._lut is not None and self._same_lut:
+            out = np.take(self._lut[0], rgb)  # one pass when all channels share mean and std
         elif self._lut is not None:
             out = np.empty(rgb.shape, dtype=self.dtype)
             for c in range(3):
