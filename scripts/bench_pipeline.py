@@ -140,11 +140,10 @@ def run_pipeline(model: str, threads: int, frames, seconds: float, clients: bool
     workers = []
     server = None
     if clients:
-        from waitress import create_server
-
+        from edge.serve import make_server
         from edge.web import create_app
 
-        server = create_server(create_app(pipe, cfg), host="127.0.0.1", port=0, threads=6)
+        server = make_server(create_app(pipe, cfg), "127.0.0.1", 0, 6)
         threading.Thread(target=server.run, daemon=True).start()
         base = f"http://127.0.0.1:{server.effective_port}"
 

@@ -90,7 +90,7 @@ def test_soak(tmp_path, blood_bundle, blood_samples):
         warm, n0, t0 = proc_stats(proc.pid), classified(), time.monotonic()
         half = (SECONDS - WARMUP) / 2
         time.sleep(half)
-        n1, t1 = classified(), time.monotonic()
+        mid, n1, t1 = proc_stats(proc.pid), classified(), time.monotonic()
         time.sleep(half)
         end, n2, t2 = proc_stats(proc.pid), classified(), time.monotonic()
         stop.set()
@@ -99,7 +99,7 @@ def test_soak(tmp_path, blood_bundle, blood_samples):
         rate1, rate2 = (n1 - n0) / (t1 - t0), (n2 - n1) / (t2 - t1)
         growth = end["VmRSS"] / warm["VmRSS"] - 1
         rss0, rss1 = warm["VmRSS"] / 1024, end["VmRSS"] / 1024
-        print(f"\nsoak {SECONDS:.0f} s: rss {rss0:.1f} → {rss1:.1f} MB "
+        print(f"\nsoak {SECONDS:.0f} s: rss {rss0:.1f} → {mid['VmRSS'] / 1024:.1f} → {rss1:.1f} MB "
               f"({growth:+.1%}), threads {warm['Threads']} → {end['Threads']}, fds {warm['fds']} "
               f"→ {end['fds']}, classify rate {rate1:.1f} → {rate2:.1f} /s, mjpeg frames "
               f"{counts['frames']}, polls {counts['polls']}, uploads {counts['uploads']}")
