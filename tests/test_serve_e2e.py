@@ -44,34 +44,16 @@ def notify_socket(tmp_path):
     sock.close()
 
 
-def start_daemon(tmp_path, bundle, samples, extra_env=None, args=()):
+def start_daemon(tmp_path, bundle, samples, extra_env=None, args=(), source=None):
+    """The daemon as a process on a free port; ``source`` defaults to a replay of ``samples``."""
     port = free_port()
-    replay = replay_folder(tmp_path / "replay", samples[:4])
+    if source is None:
+        source = f"replay:{replay_folder(tmp_path / 'replay', samples[:4])}"
     env = {**os.environ, "PYTHONPATH": str(ROOT), **(extra_env or {})}
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "edge",
-            "serve",
-            "--model",
-            str(bundle),
-            "--source",
-            f"replay:{replay}",
-            "--port",
-            str(port),
-            "--data-dir",
-            str(tmp_path / "data"),
-            "--threads",
-            "1",
-            *args,
-        ],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+        [sys.executable, "-m", "edge", "serve", "--model", str(bundle), "--source", source,
+         "--port", str(port), "--data-dir", str(tmp_path / "data"), "--threads", "1", *args],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     return proc, f"http://127.0.0.1:{port}"
 
 
@@ -125,33 +107,13 @@ def test_daemon_serves_notifies_and_stops_on_sigterm(
 
 def test_config_error_under_systemd_serves_an_error_page(tmp_path, notify_socket):
     path, sock = notify_socket
-    port = free_port()
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "edge",
-            "serve",
-            "--model",
-            str(tmp_path / "no-such-bundle"),
-            "--source",
-            f"replay:{tmp_path}",
-            "--port",
-            str(port),
-            "--data-dir",
-            str(tmp_path / "data"),
-        ],
-        cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT), "NOTIFY_SOCKET": path},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    proc, base = start_daemon(tmp_path, tmp_path / "no-such-bundle", [],
+                              {"NOTIFY_SOCKET": path}, source=f"replay:{tmp_path}")
     try:
         end = time.monotonic() + 60
         while True:
             try:
-                get(f"http://127.0.0.1:{port}/")
+                get(base + "/")
             except urllib.error.HTTPError as exc:
                 assert exc.code == 503
                 page = exc.read().decode()
@@ -197,30 +159,10 @@ def test_config_error_in_a_terminal_is_one_line(tmp_path):
 def test_without_a_camera_the_kit_is_ready_and_says_so(tmp_path, blood_bundle, notify_socket):
     """A camera missing at boot must not keep systemd waiting for READY (a restart loop)."""
     path, sock = notify_socket
-    port = free_port()
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "edge",
-            "serve",
-            "--model",
-            str(blood_bundle),
-            "--source",
-            f"replay:{tmp_path / 'unplugged'}",
-            "--port",
-            str(port),
-            "--data-dir",
-            str(tmp_path / "data"),
-        ],
-        cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT), "NOTIFY_SOCKET": path},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    proc, base = start_daemon(tmp_path, blood_bundle, [], {"NOTIFY_SOCKET": path},
+                              source=f"replay:{tmp_path / 'unplugged'}")
     try:
-        status, _, body = wait_http(f"http://127.0.0.1:{port}/api/health")
+        status, _, body = wait_http(base + "/api/health")
         health = json.loads(body)
         assert status == 200 and health["status"] == "degraded"
         assert health["camera"]["state"] == "lost" and "does not exist" in health["camera"]["error"]

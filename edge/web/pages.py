@@ -35,25 +35,24 @@ def samples():
     return render_template("samples.html", samples=pipe.store.samples())
 
 
+def _summary_or_404(pipe, code: str) -> dict:
+    summary = pipe.store.sample_summary(code) if SAMPLE_CODE.match(code) else None
+    if not summary:
+        abort(404)
+    return summary
+
+
 @bp.get("/samples/<code>")
 def sample(code: str):
     pipe, _ = _ctx()
-    if not SAMPLE_CODE.match(code):
-        abort(404)
-    summary = pipe.store.sample_summary(code)
-    if not summary:
-        abort(404)
+    summary = _summary_or_404(pipe, code)
     return render_template("sample.html", s=summary, bundle=pipe.classifier.bundle)
 
 
 @bp.get("/samples/<code>/report")
 def report(code: str):
     pipe, _ = _ctx()
-    if not SAMPLE_CODE.match(code):
-        abort(404)
-    summary = pipe.store.sample_summary(code)
-    if not summary:
-        abort(404)
+    summary = _summary_or_404(pipe, code)
     return render_template(
         "report.html",
         s=summary,
