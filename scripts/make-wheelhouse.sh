@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # On a machine with internet: collect everything a clinic install needs, for a Pi.
 #
-#   scripts/make-wheelhouse.sh [OUT] [--python 3.11] [--platform manylinux_2_17_aarch64]
+#   scripts/make-wheelhouse.sh [OUT] [--python 3.11] [--platform manylinux_2_36_aarch64]
 #
 # OUT (default dist/fieldscope-offline) gets wheels/ (the kit's Python dependencies for the Pi's
 # Python and CPU, plus setuptools to build the kit itself) and debs/ (drop libedgetpu1-std and
@@ -10,7 +10,7 @@
 set -euo pipefail
 OUT=dist/fieldscope-offline
 PYVER=3.11
-PLATFORM=manylinux_2_17_aarch64
+PLATFORM=manylinux_2_36_aarch64
 while [ $# -gt 0 ]; do
   case $1 in
     --python) PYVER=${2:?}; shift ;;
@@ -33,8 +33,12 @@ for req in data["project"]["optional-dependencies"]["edge"]:
 PYEOF
 )
 echo "==> downloading ${#REQS[@]} requirements for cp${PYVER/./} on $PLATFORM into $OUT/wheels"
-"$PY" -m pip download --dest "$OUT/wheels" --only-binary=:all: \
-  --platform "$PLATFORM" --platform manylinux2014_aarch64 --platform linux_aarch64 \
+# Raspberry Pi OS Bookworm has glibc 2.36: every manylinux tag up to 2_36 runs there, and
+# listing them lets pip pick the newest build (ai-edge-litert 2.x needs a recent tag).
+plats=(--platform "$PLATFORM")
+for v in 36 35 34 31 28 27 17; do plats+=(--platform "manylinux_2_${v}_aarch64"); done
+plats+=(--platform manylinux2014_aarch64 --platform linux_aarch64)
+"$PY" -m pip download --dest "$OUT/wheels" --only-binary=:all: "${plats[@]}" \
   --python-version "$PYVER" --implementation cp "${REQS[@]}"
 # Build backend for installing the kit itself without network.
 "$PY" -m pip download --dest "$OUT/wheels" --only-binary=:all: setuptools wheel
