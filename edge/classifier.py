@@ -9,13 +9,19 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
 from . import postprocess
 from .backends import Backend, open_backend, open_cpu
 from .bundle import Bundle
 from .errors import BundleError, EdgeTpuError
-from .preprocess import DEFAULT_MAX_PIXELS, ImageSource, InputAdapter, open_image, resize
+from .preprocess import (
+    DEFAULT_MAX_PIXELS,
+    ImageSource,
+    InputAdapter,
+    open_image,
+    resize,
+    resize_array,
+)
 from .runtime import resolve_runtime
 
 log = logging.getLogger(__name__)
@@ -120,12 +126,14 @@ class Classifier:
         """Decode and resize; returns the (H, W, 3) uint8 RGB input and the stage times."""
         h, w = self.adapter.size
         t0 = time.perf_counter()
-        if isinstance(source, np.ndarray):
-            img = Image.fromarray(source)
+        if isinstance(source, np.ndarray):  # a camera frame: no decoding
+            t1 = t0
+            small = resize_array(np.ascontiguousarray(source, dtype=np.uint8), (h, w),
+                                 self.spec["resize"])
         else:
             img = open_image(source, target=(w, h), max_pixels=self.max_pixels)
-        t1 = time.perf_counter()
-        small = np.asarray(resize(img, (h, w), self.spec["resize"]), dtype=np.uint8)
+            t1 = time.perf_counter()
+            small = np.asarray(resize(img, (h, w), self.spec["resize"]), dtype=np.uint8)
         t2 = time.perf_counter()
         return small, {"decode": (t1 - t0) * 1e3, "preprocess": (t2 - t1) * 1e3}
 

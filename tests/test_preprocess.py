@@ -155,3 +155,28 @@ def test_empty_and_non_image_files(tmp_path):
         open_image(text)
     with pytest.raises(ImageError, match="no such file"):
         open_image(tmp_path / "missing.jpg")
+
+
+@pytest.mark.parametrize("mode", ["center-crop", "squash", "letterbox"])
+@pytest.mark.parametrize("shape", [(480, 640), (960, 1280), (100, 120)])
+def test_resize_array_matches_the_pillow_path(mode, shape, parrot):
+    """The OpenCV fast path for camera frames gives the same picture as the Pillow path."""
+    from edge import preprocess
+
+    if preprocess._cv2() is None:
+        pytest.skip("OpenCV not installed: resize_array is the Pillow path itself")
+    img = Image.open(parrot).convert("RGB").resize(shape[::-1])
+    rgb = np.asarray(img)
+    fast = preprocess.resize_array(rgb, (224, 224), mode)
+    slow = np.asarray(resize(img, (224, 224), mode))
+    assert fast.shape == slow.shape == (224, 224, 3) and fast.dtype == np.uint8
+    assert np.abs(fast.astype(int) - slow.astype(int)).mean() < 4.0
+
+
+def test_resize_array_without_opencv_is_the_pillow_path(parrot, monkeypatch):
+    from edge import preprocess
+
+    monkeypatch.setattr(preprocess, "_CV2", [None])
+    rgb = np.asarray(Image.open(parrot).convert("RGB").resize((640, 480)))
+    out = preprocess.resize_array(rgb, (224, 224), "center-crop")
+    assert np.array_equal(out, np.asarray(resize(Image.fromarray(rgb), (224, 224), "center-crop")))
