@@ -130,10 +130,8 @@ def _cv2():
 
 
 def resize_array(rgb: np.ndarray, size: tuple[int, int], mode: str) -> np.ndarray:
-    """Like :func:`resize` for a camera frame already in memory, 4–6× faster with OpenCV.
-
-    Area interpolation when shrinking (antialiased, as Pillow's reduce + bilinear), linear when
-    enlarging. Without OpenCV it is exactly :func:`resize`.
+    """Like :func:`resize` for a camera frame already in memory, several times faster with
+    OpenCV (the same reduce-then-bilinear scheme). Without OpenCV it is exactly :func:`resize`.
     """
     cv2 = _cv2()
     if cv2 is None:
@@ -142,9 +140,15 @@ def resize_array(rgb: np.ndarray, size: tuple[int, int], mode: str) -> np.ndarra
     src_h, src_w = rgb.shape[:2]
 
     def fit(img: np.ndarray, out_w: int, out_h: int) -> np.ndarray:
-        shrink = out_w < img.shape[1] or out_h < img.shape[0]
-        return cv2.resize(img, (out_w, out_h),
-                          interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+        # Area-average by a whole factor first (OpenCV's fast integer path, antialiased), then
+        # bilinear for the rest: a quarter of the cost of one non-integer INTER_AREA resize.
+        k = int(min(img.shape[1] / out_w, img.shape[0] / out_h))
+        if k >= 2:
+            ih, iw = img.shape[0] - img.shape[0] % k, img.shape[1] - img.shape[1] % k
+            img = cv2.resize(img[:ih, :iw], (iw // k, ih // k), interpolation=cv2.INTER_AREA)
+        if (img.shape[1], img.shape[0]) == (out_w, out_h):
+            return np.ascontiguousarray(img)
+        return cv2.resize(img, (out_w, out_h), interpolation=cv2.INTER_LINEAR)
 
     if mode == "squash":
         return fit(rgb, w, h)
