@@ -34,7 +34,7 @@ from edge.runtime import resolve_runtime  # noqa: E402
 
 PUBLISHED = {  # clearly not ours: from Coral's published benchmarks
     "mobilenet_v2_1.0_224_quant": [
-        ("Coral Edge TPU benchmarks: desktop CPU (Xeon, 1 thread?)", "cpu", 51.0),
+        ("Coral Edge TPU benchmarks: desktop CPU", "cpu", 51.0),
         ("Coral Edge TPU benchmarks: USB Accelerator", "edgetpu", 2.6),
         ("pycoral reference CSV: Raspberry Pi 4 + USB Accelerator", "edgetpu", 4.55),
         ("pycoral reference CSV: x86-64 + USB Accelerator (USB 3.0)", "edgetpu", 2.29),
