@@ -156,3 +156,19 @@ def test_config_errors_are_clear(tmp_path):
     p.write_text(base.replace('ALL = ["Early", "Pre", "Pro"]', 'ALL = ["Early", "Blast"]'))
     with pytest.raises(ConfigError, match=r"groups.ALL: \['Blast'\] are not dataset labels"):
         load_config(p)
+
+
+def test_model_card_target_table():
+    from training.card import target_results
+
+    ev = {"artifacts": {"int8": {"accuracy": 0.81, "group_auc": 0.90, "sensitivity": 0.95,
+                                 "file_size_bytes": 3_000_000}},
+          "int8_minus_float_accuracy": -0.02, "int8_float_agreement": 0.99}
+    rows = {name: (ok, got) for name, ok, _, got in target_results(
+        {"accuracy": 0.80, "group_auc": 0.92, "max_int8_drop": 0.01, "min_agreement": 0.98,
+         "max_int8_mb": 4.0}, ev)}
+    assert rows["accuracy"] == (True, "0.810")
+    assert rows["group auc"] == (False, "0.900")
+    assert rows["int8 accuracy loss vs float"] == (False, "2.0 points")
+    assert rows["int8/float agreement"][0] is True
+    assert rows["int8 file size"] == (True, "3.00 MB")

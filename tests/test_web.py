@@ -259,3 +259,16 @@ def test_mjpeg_stream_yields_jpeg_frames(daemon):
         jpeg = body[:length]
         assert jpeg[:2] == b"\xff\xd8"
         Image.open(io.BytesIO(jpeg)).verify()
+
+
+def test_no_password_in_logs(daemon, caplog):
+    import logging
+
+    _, app = daemon(**{"web.password": "hunter2-correct"})
+    c = app.test_client()
+    token = csrf_of(c)
+    with caplog.at_level(logging.DEBUG):
+        c.post("/login", data={"password": "hunter2-guess", "csrf_token": token})
+        c.post("/login", data={"password": "hunter2-correct", "csrf_token": token})
+    assert "failed login" in caplog.text  # the attempt is logged...
+    assert "hunter2" not in caplog.text  # ...never the password

@@ -78,6 +78,29 @@ def _pct(x: float) -> str:
     return f"{100 * x:.1f} %"
 
 
+def target_results(targets: dict[str, float], ev: dict) -> list[tuple[str, bool, str, str]]:
+    """(name, met, required, achieved) for each configured target."""
+    m = ev["artifacts"].get("int8") or next(iter(ev["artifacts"].values()))
+    out = []
+    for key in ("accuracy", "group_auc", "sensitivity"):
+        if key in targets:
+            out.append((key.replace("_", " "), m[key] >= targets[key], f"≥ {targets[key]:.2f}",
+                        f"{m[key]:.3f}"))
+    if "max_int8_drop" in targets and "int8_minus_float_accuracy" in ev:
+        drop = -ev["int8_minus_float_accuracy"]
+        out.append(("int8 accuracy loss vs float", drop <= targets["max_int8_drop"],
+                    f"≤ {100 * targets['max_int8_drop']:.0f} point", f"{100 * drop:.1f} points"))
+    if "min_agreement" in targets and "int8_float_agreement" in ev:
+        agree = ev["int8_float_agreement"]
+        out.append(("int8/float agreement", agree >= targets["min_agreement"],
+                    f"≥ {_pct(targets['min_agreement'])}", _pct(agree)))
+    if "max_int8_mb" in targets:
+        mb = m["file_size_bytes"] / 1e6
+        out.append(("int8 file size", mb <= targets["max_int8_mb"],
+                    f"≤ {targets['max_int8_mb']} MB", f"{mb:.2f} MB"))
+    return out
+
+
 def write_card(out: Path, manifest: dict, ev: dict, history: Path | None, cfg, extra: dict) -> Path:
     labels = manifest["labels"]
     rule = manifest["decision"]
@@ -148,6 +171,16 @@ def write_card(out: Path, manifest: dict, ev: dict, history: Path | None, cfg, e
     edgetpu = extra.get("edgetpu")
     if edgetpu:
         lines += ["## Edge TPU", "", edgetpu, ""]
+    targets = cfg.export.targets
+    if targets:
+        lines += ["## Targets (int8, test split)", "", "| target | required | result | |",
+                  "|---|---|---|---|"]
+        for name, ok, want, got in target_results(targets, ev):
+            lines.append(f"| {name} | {want} | {got} | {'met' if ok else '**missed**'} |")
+        if cfg.export.gap_notes:
+            lines += ["", "What would close the gap:", ""]
+            lines += [f"- {note}" for note in cfg.export.gap_notes]
+        lines.append("")
     lines += ["## Known limits", ""]
     lines += [f"- {lim}" for lim in cfg.export.limitations]
     lines += [

@@ -75,6 +75,11 @@ class ExportConfig:
     intended_use: str = ""
     limitations: list[str] = field(default_factory=list)
     edgetpu_runtime_version: int = 14
+    # Acceptance targets for the int8 artifact on the test split, reported in the model card:
+    # accuracy, group_auc, sensitivity (minimums), max_int8_drop, max_int8_mb (maximums),
+    # min_agreement (int8 vs float top-1).
+    targets: dict[str, float] = field(default_factory=dict)
+    gap_notes: list[str] = field(default_factory=list)  # what would close a missed target
 
 
 @dataclass
