@@ -137,16 +137,19 @@ def parse_source(spec: str) -> tuple[str, str]:
     return kind, path
 
 
+def read_toml(path: str | Path) -> dict[str, Any]:
+    """A TOML file as a dict, or a ConfigError naming the file (also used by training)."""
+    p = Path(path)
+    try:
+        return tomllib.loads(p.read_text())
+    except FileNotFoundError as exc:
+        raise ConfigError(f"config file not found: {p}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{p}: not valid TOML: {exc}") from exc
+
+
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
-    raw: dict[str, Any] = {}
-    if path:
-        p = Path(path)
-        try:
-            raw = tomllib.loads(p.read_text())
-        except FileNotFoundError as exc:
-            raise ConfigError(f"config file not found: {p}") from exc
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"{p}: not valid TOML: {exc}") from exc
+    raw: dict[str, Any] = read_toml(path) if path else {}
     unknown = sorted(set(raw) - set(SECTIONS))
     if unknown:
         raise ConfigError(

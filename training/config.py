@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from edge.config import ConfigError, read_toml
 from edge.paths import shared_dir
+
+__all__ = ["ConfigError", "Config", "load_config"]
 
 BACKBONES = ("mobilenetv2", "inceptionv3", "small_cnn")
 
 
-class ConfigError(ValueError):
-    pass
 
 
 @dataclass
@@ -110,12 +110,7 @@ def _build(cls, data: Any, where: str):
 
 def load_config(path: Path | str, overrides: dict[str, Any] | None = None) -> Config:
     path = Path(path)
-    try:
-        raw = tomllib.loads(path.read_text())
-    except FileNotFoundError as exc:
-        raise ConfigError(f"config file not found: {path}") from exc
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+    raw = read_toml(path)
     for dotted, value in (overrides or {}).items():
         table, _, key = dotted.rpartition(".")
         target = raw
