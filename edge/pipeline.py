@@ -69,6 +69,8 @@ class Pipeline:
             classifier.bundle.labels, cfg.pipeline.smoothing, cfg.pipeline.hold
         )
         self._frame: Frame | None = None
+        self._taken = 0  # id of the newest frame the worker has taken
+        self._refresh = 0.005
         self._cond = threading.Condition()
         self._source_lock = threading.Lock()  # the camera is used by capture and stills
         self._stop = threading.Event()
@@ -150,10 +152,18 @@ class Pipeline:
                 self._frame = Frame(next_id, rgb, time.monotonic())
                 next_id += 1
                 self._cond.notify_all()
+                # Do not outrun the classifier: read the next frame once this one is taken, or
+                # after a short refresh so the live view stays current when inference is slow.
+                published = self._frame.id
+                self._cond.wait_for(
+                    lambda published=published: self._stop.is_set() or self._taken >= published,
+                    self._refresh,
+                )
 
     def source_hung(self) -> bool:
         return self.state.camera in ("ok", "stalled") and (
-            time.monotonic() - self.last_frame_at > self.source_timeout)
+            time.monotonic() - self.last_frame_at > self.source_timeout
+        )
 
     def latest_frame(self) -> Frame | None:
         return self._frame
@@ -166,7 +176,11 @@ class Pipeline:
                 ),
                 timeout,
             )
-            return self._frame if self._frame and self._frame.id > after_id else None
+            frame = self._frame if self._frame and self._frame.id > after_id else None
+            if frame is not None:
+                self._taken = frame.id
+                self._cond.notify_all()
+            return frame
 
     def preview_jpeg(self, max_width: int = 640) -> tuple[int, bytes] | None:
         """The newest frame as JPEG, encoded once per frame however many viewers there are."""
@@ -195,8 +209,11 @@ class Pipeline:
             self.last_heartbeat = now
             if self.source_hung():
                 if self.state.camera != "stalled":
-                    log.error("camera delivered nothing for %.0f s: stalled; no more watchdog "
-                              "pings so systemd restarts the daemon", self.source_timeout)
+                    log.error(
+                        "camera delivered nothing for %.0f s: stalled; no more watchdog "
+                        "pings so systemd restarts the daemon",
+                        self.source_timeout,
+                    )
                     self.state.camera = "stalled"
                     self.state.camera_error = f"no frame for {self.source_timeout:.0f} s"
             elif interval and now - last_ping >= interval:
