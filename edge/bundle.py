@@ -79,6 +79,10 @@ class Bundle:
     def output_kind(self) -> str:
         return self.manifest.get("output", "auto")
 
+    def only(self, kind: str) -> Bundle:
+        """The same bundle restricted to one artifact (to evaluate or time it alone)."""
+        return Bundle(self.root, self.manifest, {kind: self.artifacts[kind]})
+
     def cpu_artifact(self) -> Artifact | None:
         """The artifact the CPU runs: int8 when present (fast on a Pi's ARM cores), else float."""
         return self.artifacts.get("int8") or self.artifacts.get("float")

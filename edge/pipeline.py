@@ -293,9 +293,7 @@ class Pipeline:
             self._source_lock.release()
         return self.classify_and_store(rgb, "capture", sample_code)
 
-    def classify_and_store(
-        self, image: Any, mode: str, sample_code: str | None, jpeg: bytes | None = None
-    ) -> dict[str, Any]:
+    def classify_and_store(self, image: Any, mode: str, sample_code: str | None) -> dict[str, Any]:
         """Classify an RGB array or encoded image; raises ImageError or StorageError."""
         from .preprocess import open_image
 
@@ -313,8 +311,7 @@ class Pipeline:
         doc = result.to_dict()
         doc["quality"] = quality.to_dict()
         doc["assessable"] = quality.assessable
-        if jpeg is None:
-            jpeg = encode_jpeg(rgb, self.cfg.storage.snapshot_quality)
+        jpeg = encode_jpeg(rgb, self.cfg.storage.snapshot_quality)
         doc["id"] = self.store.save(
             doc,
             mode,

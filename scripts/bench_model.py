@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 from edge import hardware  # noqa: E402
 from edge.backends.edgetpu import runtime_version  # noqa: E402
-from edge.bundle import Bundle, load_model  # noqa: E402
+from edge.bundle import load_model  # noqa: E402
 from edge.classifier import Classifier  # noqa: E402
 from edge.errors import FieldScopeError  # noqa: E402
 from edge.runtime import resolve_runtime  # noqa: E402
@@ -115,10 +115,7 @@ def main() -> int:
                     "size_mb": round(art.path.stat().st_size / 1e6, 2),
                 }
                 try:
-                    view = Bundle(bundle.root, bundle.manifest, {kind: art})
-                    if bundle.root is None:
-                        view = bundle
-                    clf = Classifier(view, backend=backend_name, threads=threads)
+                    clf = Classifier(bundle.only(kind), backend=backend_name, threads=threads)
                     row.update(time_invokes(clf.backend, args.runs))
                     row["preprocess"] = time_preprocess(clf)
                     clf.close()

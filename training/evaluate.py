@@ -19,8 +19,7 @@ def predict(
     bundle: Bundle, kind: str, samples: list[Sample], threads: int | None = None, desc: str = ""
 ) -> tuple[np.ndarray, float]:
     """Probabilities (N, classes) from one artifact on the CPU, and the mean invoke time (ms)."""
-    view = Bundle(bundle.root, bundle.manifest, {kind: bundle.artifacts[kind]})
-    clf = Classifier(view, backend="cpu", threads=threads)
+    clf = Classifier(bundle.only(kind), backend="cpu", threads=threads)
     labels = bundle.labels
     probs = np.zeros((len(samples), len(labels)), dtype=np.float32)
     invoke = []
