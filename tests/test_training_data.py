@@ -156,6 +156,9 @@ def test_config_errors_are_clear(tmp_path):
     p.write_text(base.replace('ALL = ["Early", "Pre", "Pro"]', 'ALL = ["Early", "Blast"]'))
     with pytest.raises(ConfigError, match=r"groups.ALL: \['Blast'\] are not dataset labels"):
         load_config(p)
+    p.write_text(base.replace("batch_size = 32", "batch_size = 32\ncached_copies = 99"))
+    with pytest.raises(ConfigError, match=r"cached_copies must be between 0 \(off\) and 32"):
+        load_config(p)
 
 
 def test_model_card_target_table():

@@ -14,8 +14,6 @@ __all__ = ["ConfigError", "Config", "load_config"]
 BACKBONES = ("mobilenetv2", "inceptionv3", "small_cnn")
 
 
-
-
 @dataclass
 class DatasetConfig:
     layout: str
@@ -65,6 +63,9 @@ class TrainConfig:
     patience: int = 3
     augment: bool = True
     class_weight: str = "balanced"  # balanced | sqrt | none
+    # > 0: phase 2 trains the layers from unfreeze_from on this many augmented copies of the
+    # activations at that layer, computed once (the frozen bottom runs K times, not every epoch).
+    cached_copies: int = 0
 
 
 @dataclass
@@ -153,5 +154,7 @@ def _check(cfg: Config, path: Path) -> None:
         raise ConfigError(f"{path} [dataset] fractions must be three positive numbers summing to 1")
     if cfg.train.class_weight not in ("balanced", "sqrt", "none"):
         raise ConfigError(f"{path} [train] class_weight must be balanced, sqrt or none")
+    if not 0 <= cfg.train.cached_copies <= 32:
+        raise ConfigError(f"{path} [train] cached_copies must be between 0 (off) and 32")
     if not 0 < cfg.decision.target_sensitivity <= 1:
         raise ConfigError(f"{path} [decision] target_sensitivity must be in (0, 1]")

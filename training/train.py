@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .cached import activations, copies_dataset, split_at
 from .config import Config
 from .datasets import check_samples, class_weights, load_samples, split_samples, write_split
 from .metrics import roc_auc
@@ -72,8 +73,13 @@ def _callbacks(cfg: Config, run_dir: Path, val, group_idx: list[int], phase: str
             logs["val_group_auc"] = roc_auc(y, probs[:, group_idx].sum(axis=1))
             acc = float((probs.argmax(axis=1) == val[1]).mean())
             logs["val_score"] = (logs["val_group_auc"] + acc) / 2
-            log.info("%s epoch %d: val_group_auc %.4f, accuracy %.4f", phase, epoch + 1,
-                     logs["val_group_auc"], acc)
+            log.info(
+                "%s epoch %d: val_group_auc %.4f, accuracy %.4f",
+                phase,
+                epoch + 1,
+                logs["val_group_auc"],
+                acc,
+            )
 
     return [
         ValAuc(),
@@ -92,6 +98,43 @@ def _callbacks(cfg: Config, run_dir: Path, val, group_idx: list[int], phase: str
         keras.callbacks.CSVLogger(str(run_dir / "history.csv"), append=True),
         keras.callbacks.BackupAndRestore(str(run_dir / f"backup-{phase}")),
     ]
+
+
+def _finetune_cached(cfg: Config, run_dir: Path, top, head, acts, data, weights, group_idx):
+    """Phase 2 on cached activations: the top blocks and the head, BatchNorm frozen."""
+    import keras
+
+    from .model import freeze_batchnorm
+
+    for layer in top.layers:  # one by one: Model.trainable does not reach a sliced model's layers
+        layer.trainable = True
+    freeze_batchnorm(top)
+    log.info(
+        "fine-tuning %d layers from %s on %d cached copies",
+        sum(1 for layer in top.layers if layer.trainable_weights),
+        cfg.train.unfreeze_from,
+        len(acts["train"]),
+    )
+    model = keras.Model(top.input, head(top.output), name="top_and_head")
+    ds = copies_dataset(
+        acts["train"], data["y_train"], weights, cfg.train.batch_size, cfg.dataset.seed
+    )
+    lr = keras.optimizers.schedules.CosineDecay(
+        cfg.train.finetune_lr, cfg.train.finetune_epochs * len(ds)
+    )
+    model.compile(
+        optimizer=keras.optimizers.Adam(lr),
+        loss=keras.losses.SparseCategoricalCrossentropy(),
+        metrics=["accuracy"],
+    )
+    val = (acts["val"], data["y_val"])
+    model.fit(
+        ds,
+        epochs=cfg.train.finetune_epochs,
+        validation_data=val,
+        callbacks=_callbacks(cfg, run_dir, val, group_idx, "finetune"),
+        verbose=2,
+    )
 
 
 def train(cfg: Config, run_dir: Path) -> Path:
@@ -118,12 +161,36 @@ def train(cfg: Config, run_dir: Path) -> Path:
         backbone.trainable = False
         head = build_head(backbone.output_shape[1:], n, cfg.model.dropout, cfg.model.dense)
 
+    copies = cfg.train.cached_copies if cfg.train.finetune_epochs > 0 else 0
+    if copies:
+        bottom, top = split_at(backbone, cfg.train.unfreeze_from)
+        cache_dir = run_dir / "activations"
+        acts = {
+            "train": activations(
+                bottom,
+                data["x_train"],
+                copies,
+                cfg.train.augment,
+                cfg.train.unfreeze_from,
+                cache_dir,
+                "train",
+            ),
+            "val": activations(
+                bottom, data["x_val"], 1, False, cfg.train.unfreeze_from, cache_dir, "val"
+            )[0].astype(np.float32),
+        }
+        log.info("activations cached in %.0f s", time.time() - t0)
+
     # Phase 1: head on cached features of the frozen backbone.
     feats = {}
     for part in ("train", "val"):
-        feats[part] = backbone.predict(
-            make_dataset(data[f"x_{part}"], None, 64, train=False), verbose=2
-        )
+        if copies:
+            src = acts[part][0] if part == "train" else acts[part]
+            feats[part] = top.predict(src.astype(np.float32), batch_size=64, verbose=2)
+        else:
+            feats[part] = backbone.predict(
+                make_dataset(data[f"x_{part}"], None, 64, train=False), verbose=2
+            )
     head.compile(
         optimizer=keras.optimizers.Adam(cfg.train.head_lr),
         loss=keras.losses.SparseCategoricalCrossentropy(),
@@ -144,7 +211,9 @@ def train(cfg: Config, run_dir: Path) -> Path:
     inputs = keras.Input((size, size, 3), name="image")
     outputs = head(backbone(inputs, training=False))
     model = keras.Model(inputs, outputs, name=cfg.name.replace("-", "_"))
-    if cfg.train.finetune_epochs > 0:
+    if copies:
+        _finetune_cached(cfg, run_dir, top, head, acts, data, weights, group_idx)
+    elif cfg.train.finetune_epochs > 0:
         if cfg.model.backbone == "small_cnn":
             backbone.trainable = True
         else:

@@ -1,0 +1,123 @@
+"""Fine-tuning on cached activations: the slice is exact, shares weights with the backbone, the
+copies are cached and drawn fairly, and a training run through it trains the top layers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("tensorflow", reason="training needs the train extra (installed in CI)")
+
+from training.cached import activations, copies_dataset, split_at  # noqa: E402
+from training.config import load_config  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def mobilenet():
+    import keras
+
+    keras.utils.set_random_seed(0)
+    return keras.applications.MobileNetV2(input_shape=(64, 64, 3), include_top=False, weights=None)
+
+
+def test_split_composes_to_the_backbone_and_shares_its_layers(mobilenet):
+    bottom, top = split_at(mobilenet, "block_13_expand")
+    x = np.random.default_rng(0).uniform(-1, 1, (2, 64, 64, 3)).astype(np.float32)
+    whole = mobilenet.predict(x, verbose=0)
+    parts = top.predict(bottom.predict(x, verbose=0), verbose=0)
+    np.testing.assert_allclose(parts, whole, atol=1e-5)
+    assert top.get_layer("Conv_1") is mobilenet.get_layer("Conv_1")
+    assert "block_12_add" in [layer.name for layer in bottom.layers]
+    assert "block_12_add" not in [layer.name for layer in top.layers]
+
+
+def test_split_inside_a_residual_block_is_refused(mobilenet):
+    with pytest.raises(ValueError, match="skip connection"):
+        split_at(mobilenet, "block_12_depthwise")
+    with pytest.raises(ValueError, match="no layer 'nope'"):
+        split_at(mobilenet, "nope")
+
+
+def test_activations_are_augmented_per_copy_and_reused_from_disk(mobilenet, tmp_path):
+    bottom, _ = split_at(mobilenet, "block_13_expand")
+    images = np.random.default_rng(1).integers(0, 256, (5, 64, 64, 3), dtype=np.uint8)
+    plain = activations(bottom, images, 1, False, "block_13_expand", tmp_path, "t")
+    assert plain.shape == (1, 5, 4, 4, 96) and plain.dtype == np.float16
+    expected = bottom.predict((images.astype(np.float32) - 127.5) / 127.5, verbose=0)
+    np.testing.assert_allclose(plain[0], expected, atol=0.02, rtol=0.01)
+
+    aug = activations(bottom, images, 3, True, "block_13_expand", tmp_path, "a")
+    assert not np.array_equal(aug[0], aug[1])  # a different flip/turn/colour per copy
+    files = sorted(tmp_path.glob("a-*.npy"))
+    assert len(files) == 3
+    np.save(files[0], np.full_like(aug[0], 7))  # a reused copy comes from its file
+    again = activations(bottom, images, 3, True, "block_13_expand", tmp_path, "a")
+    assert (again[0] == 7).all() and np.array_equal(again[1:], aug[1:])
+
+
+def test_copies_dataset_shows_each_image_once_per_epoch_with_its_class_weight():
+    n, copies = 10, 3
+    acts = np.arange(copies * n, dtype=np.float16).reshape(copies, n, 1)  # value = copy*n + i
+    labels = np.array([0, 1] * 5, dtype=np.int32)
+    ds = copies_dataset(acts, labels, {0: 1.0, 1: 4.0}, batch=4, seed=0)
+    assert len(ds) == 3
+    seen_copies = set()
+    for _ in range(4):
+        batches = [ds[i] for i in range(len(ds))]
+        values = np.concatenate([x[:, 0] for x, _, _ in batches]).astype(int)
+        images = values % n
+        assert sorted(images) == list(range(n))  # every image exactly once
+        for x, y, w in batches:
+            idx = x[:, 0].astype(int) % n
+            np.testing.assert_array_equal(y, labels[idx])
+            np.testing.assert_array_equal(w, np.where(y == 1, 4.0, 1.0))
+        seen_copies |= set(values // n)
+        ds.on_epoch_end()
+    assert seen_copies == {0, 1, 2}
+
+
+def test_a_cached_run_trains_only_the_top_and_keeps_the_bottom(shared, tmp_path):
+    """small_cnn sliced at conv2: conv0/conv1 stay as initialised, conv2 and the head change."""
+    import keras
+
+    from training.train import train
+
+    cfg = load_config(
+        ROOT / "training/configs/blood-smear.toml",
+        {
+            "model.backbone": "small_cnn",
+            "model.weights": "none",
+            "model.input_size": 48,
+            "model.dense": 16,
+            "dataset.limit_per_class": 10,
+            "train.head_epochs": 1,
+            "train.finetune_epochs": 2,
+            "train.finetune_lr": 0.01,
+            "train.batch_size": 8,
+            "train.unfreeze_from": "conv2",
+            "train.cached_copies": 2,
+        },
+    )
+    keras.utils.set_random_seed(cfg.dataset.seed)
+    from training.model import build_backbone
+
+    initial = build_backbone("small_cnn", 48, "none")  # same seed → same initial weights
+    run_dir = tmp_path / "run"
+    model = keras.models.load_model(train(cfg, run_dir))
+    trained = model.get_layer("small_cnn")
+    for name in ("conv0", "conv1"):
+        for a, b in zip(
+            initial.get_layer(name).get_weights(),
+            trained.get_layer(name).get_weights(),
+            strict=True,
+        ):
+            np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(
+        initial.get_layer("conv2").get_weights()[0], trained.get_layer("conv2").get_weights()[0]
+    )
+    assert len(list((run_dir / "activations").glob("train-*.npy"))) == 2
+    assert (run_dir / "history.csv").read_text().count("\n") == 3  # header + 2 epochs

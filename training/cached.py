@@ -1,0 +1,116 @@
+"""Fine-tuning the top of a backbone on cached activations.
+
+On a 2-core CPU a MobileNetV2 forward pass at 224 px costs about 30 ms per image, while training
+only its last four blocks costs about 7 ms. Running the frozen bottom every epoch wastes most of
+the budget, so it runs once per augmented copy of the training set; the top blocks and the head
+then train for many epochs on those stored activations (each epoch draws one copy per image).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+log = logging.getLogger(__name__)
+
+
+def split_at(backbone, layer_name: str):
+    """(bottom, top): ``bottom`` maps the image to the input of ``layer_name``, ``top`` maps that
+    to the backbone's output. The layers are shared with ``backbone``: training ``top`` trains it.
+    """
+    import keras
+
+    names = [layer.name for layer in backbone.layers]
+    if layer_name not in names:
+        raise ValueError(f"unfreeze_from: no layer {layer_name!r} in {backbone.name}")
+    cut = backbone.get_layer(layer_name).input
+    bottom = keras.Model(backbone.input, cut, name="bottom")
+    try:
+        top = keras.Model(cut, backbone.output, name="top")
+    except Exception as exc:  # Keras reports a disconnected graph in several ways
+        raise ValueError(
+            f"cannot cache activations at {layer_name!r}: a skip connection crosses it; choose "
+            f"the first layer of a block (e.g. block_13_expand)"
+        ) from exc
+    return bottom, top
+
+
+def _key(images: np.ndarray, layer: str, copy: int, augmented: bool) -> str:
+    h = hashlib.sha256(f"{layer}|{copy}|{augmented}|{images.shape}".encode())
+    h.update(np.ascontiguousarray(images[:: max(1, len(images) // 64)]).tobytes())
+    return h.hexdigest()[:16]
+
+
+def activations(
+    bottom,
+    images: np.ndarray,
+    copies: int,
+    augmented: bool,
+    layer: str,
+    cache_dir: Path,
+    desc: str,
+    batch: int = 64,
+) -> np.ndarray:
+    """(copies, N, h, w, c) float16 activations of ``bottom`` on ``copies`` augmented versions
+    of ``images`` (uint8). Each copy is saved under ``cache_dir`` so a resumed run reuses it."""
+    import tensorflow as tf
+
+    from .pipeline import augment, normalise
+
+    fn = tf.function(lambda b: bottom(b, training=False))
+    out = np.empty((copies, len(images), *bottom.output_shape[1:]), dtype=np.float16)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    for k in range(copies):
+        path = cache_dir / f"{desc}-{k}-{_key(images, layer, k, augmented)}.npy"
+        if path.is_file():
+            out[k] = np.load(path)
+            continue
+        ds = tf.data.Dataset.from_tensor_slices(images)
+        ds = ds.map(augment if augmented else normalise, num_parallel_calls=tf.data.AUTOTUNE)
+        ds = ds.batch(batch).prefetch(tf.data.AUTOTUNE)
+        i = 0
+        steps = int(np.ceil(len(images) / batch))
+        for b in tqdm(ds, total=steps, desc=f"{desc} activations {k + 1}/{copies}", unit="batch"):
+            a = fn(b).numpy()
+            out[k, i : i + len(a)] = a
+            i += len(a)
+        tmp = path.with_suffix(".tmp.npy")
+        np.save(tmp, out[k])
+        tmp.replace(path)
+    return out
+
+
+def copies_dataset(
+    acts: np.ndarray, labels: np.ndarray, weights: dict[int, float], batch: int, seed: int
+):
+    """A Keras dataset over cached copies: every epoch shows each image once, through a copy
+    drawn at random, in a new order; yields (activations, label, class weight)."""
+    import keras
+
+    class Copies(keras.utils.PyDataset):
+        def __init__(self):
+            super().__init__()
+            self.rng = np.random.default_rng(seed)
+            self.w = np.array(
+                [weights.get(i, 1.0) for i in range(int(labels.max()) + 1)], dtype=np.float32
+            )
+            self.on_epoch_end()
+
+        def __len__(self) -> int:
+            return int(np.ceil(len(labels) / batch))
+
+        def on_epoch_end(self) -> None:
+            self.order = self.rng.permutation(len(labels))
+            self.copy = self.rng.integers(0, len(acts), len(labels))
+
+        def __getitem__(self, i: int):
+            idx = np.sort(self.order[i * batch : (i + 1) * batch])
+            x = acts[self.copy[idx], idx].astype(np.float32)
+            y = labels[idx]
+            return x, y, self.w[y]
+
+    return Copies()
