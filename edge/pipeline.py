@@ -31,9 +31,15 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Frame:
+    """A camera frame, already resized for the model and quality-checked by the capture thread
+    (so the inference worker only invokes: that work overlaps the previous frame's inference)."""
+
     id: int
     rgb: np.ndarray
     at: float
+    small: np.ndarray
+    times: dict[str, float]
+    quality: Quality
 
 
 @dataclass
@@ -148,8 +154,14 @@ class Pipeline:
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, 30.0)
                 continue
+            try:
+                frame = self._prepare(next_id, rgb)
+            except Exception:  # a malformed frame is dropped; the camera keeps going
+                self.state.errors += 1
+                log.exception("could not prepare frame %d", next_id)
+                continue
             with self._cond:
-                self._frame = Frame(next_id, rgb, time.monotonic())
+                self._frame = frame
                 next_id += 1
                 self._cond.notify_all()
                 # Do not outrun the classifier: read the next frame once this one is taken, or
@@ -159,6 +171,12 @@ class Pipeline:
                     lambda published=published: self._stop.is_set() or self._taken >= published,
                     self._refresh,
                 )
+
+    def _prepare(self, frame_id: int, rgb: np.ndarray) -> Frame:
+        at = time.monotonic()
+        small, times = self.classifier.prepare(rgb)
+        p = self.cfg.pipeline
+        return Frame(frame_id, rgb, at, small, times, assess(small, p.min_focus, p.max_clipped))
 
     def source_hung(self) -> bool:
         return self.state.camera in ("ok", "stalled") and (
@@ -234,8 +252,7 @@ class Pipeline:
 
     def _process(self, frame: Frame) -> None:
         p = self.cfg.pipeline
-        small, times = self.classifier.prepare(frame.rgb)
-        quality = assess(small, p.min_focus, p.max_clipped)
+        quality = frame.quality
         st = self.state
         st.quality = quality.to_dict()
         if not quality.assessable:
@@ -249,7 +266,9 @@ class Pipeline:
             st.frame_id, st.at = frame.id, time.time()
             self._mark_ready()
             return
-        result = self.classifier.infer(small, times, top_k=p.top_k, name=f"frame {frame.id}")
+        result = self.classifier.infer(
+            frame.small, dict(frame.times), top_k=p.top_k, name=f"frame {frame.id}"
+        )
         done = time.monotonic()
         state, mean = self.smoother.update(result.probabilities)
         doc = result.to_dict()

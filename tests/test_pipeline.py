@@ -1,0 +1,92 @@
+"""The pipeline's division of work: the capture thread prepares frames, the worker only infers;
+a malformed frame is dropped and counted while the camera keeps going."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+from PIL import Image
+
+from edge.bundle import load_bundle
+from edge.classifier import Classifier
+from edge.config import load_config
+from edge.pipeline import Pipeline
+from edge.sources.base import Source
+from edge.store import Store
+
+
+class ListSource(Source):
+    """Frames from a list, looped, 100 per second."""
+
+    name = "list"
+
+    def __init__(self, frames: list[np.ndarray]) -> None:
+        self.frames, self.i = frames, 0
+
+    def open(self) -> None:
+        pass
+
+    def read(self) -> np.ndarray:
+        time.sleep(0.01)
+        self.i += 1
+        return self.frames[(self.i - 1) % len(self.frames)]
+
+
+def _pipeline(blood_bundle, tmp_path, frames):
+    cfg = load_config(
+        None,
+        {
+            "model.bundle": str(blood_bundle),
+            "source.path": "x",
+            "storage.data_dir": str(tmp_path / "data"),
+            "pipeline.min_focus": 0.0,
+            "pipeline.max_clipped": 1.0,
+        },
+    )
+    clf = Classifier(load_bundle(blood_bundle), backend="cpu", threads=1)
+    return Pipeline(cfg, clf, ListSource(frames), Store(tmp_path / "data")), clf
+
+
+def _run_until(pipe: Pipeline, classified: int, timeout: float = 20.0) -> None:
+    pipe.start()
+    deadline = time.monotonic() + timeout
+    while pipe.state.classified < classified and time.monotonic() < deadline:
+        time.sleep(0.02)
+    pipe.stop()
+    pipe.store.close()
+
+
+def test_frames_are_prepared_on_the_capture_thread(blood_bundle, blood_samples, tmp_path):
+    frame = np.asarray(Image.open(blood_samples[0]).convert("RGB"))
+    pipe, clf = _pipeline(blood_bundle, tmp_path, [frame])
+    threads: list[str] = []
+    prepare = clf.prepare
+
+    def recording(source):
+        threads.append(threading.current_thread().name)
+        return prepare(source)
+
+    clf.prepare = recording
+    _run_until(pipe, 5)
+    assert pipe.state.classified >= 5
+    assert set(threads) == {"capture"}  # the worker never resizes: it overlaps with inference
+    expected = clf.classify(frame)
+    result = pipe.state.result
+    assert result["label"] == expected.label
+    assert result["timings_ms"]["preprocess"] > 0
+    assert result["frame_to_result_ms"] >= result["timings_ms"]["invoke"]
+
+
+def test_a_malformed_frame_is_dropped_and_the_camera_keeps_going(
+    blood_bundle, blood_samples, tmp_path, caplog
+):
+    good = np.asarray(Image.open(blood_samples[0]).convert("RGB"))
+    bad = np.zeros((7,), dtype=np.uint8)  # not an image
+    pipe, _ = _pipeline(blood_bundle, tmp_path, [good, bad, good])
+    _run_until(pipe, 6)
+    assert pipe.state.classified >= 6
+    assert pipe.state.errors >= 1
+    assert pipe.state.camera == "ok"
+    assert "could not prepare frame" in caplog.text
