@@ -106,16 +106,22 @@ SECTIONS = {
 }
 
 
-def _section(cls, raw: Any, where: str):
+def check_table(cls, raw: Any, where: str) -> None:
+    """``raw`` must be a table whose keys are fields of the dataclass ``cls`` (a typo in a
+    config file is an error, not a silently ignored option)."""
     if not isinstance(raw, dict):
-        raise ConfigError(f"{where}: expected a table")
-    known = {f.name: f for f in fields(cls)}
-    unknown = sorted(set(raw) - set(known))
+        raise ConfigError(f"{where}: expected a table, got {type(raw).__name__}")
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(raw) - known)
     if unknown:
         raise ConfigError(
             f"{where}: unknown option(s) {', '.join(unknown)}",
             f"known options: {', '.join(sorted(known))}",
         )
+
+
+def _section(cls, raw: Any, where: str):
+    check_table(cls, raw, where)
     defaults = cls()
     for key, value in raw.items():
         want = type(getattr(defaults, key))

@@ -13,7 +13,6 @@ import logging
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +60,6 @@ def activations(
 
     from .pipeline import augment, normalise
 
-    fn = tf.function(lambda b: bottom(b, training=False))
     out = np.empty((copies, len(images), *bottom.output_shape[1:]), dtype=np.float16)
     cache_dir.mkdir(parents=True, exist_ok=True)
     for k in range(copies):
@@ -69,15 +67,12 @@ def activations(
         if path.is_file():
             out[k] = np.load(path)
             continue
+        log.info("%s activations, copy %d of %d", desc, k + 1, copies)
         ds = tf.data.Dataset.from_tensor_slices(images)
         ds = ds.map(augment if augmented else normalise, num_parallel_calls=tf.data.AUTOTUNE)
-        ds = ds.batch(batch).prefetch(tf.data.AUTOTUNE)
-        i = 0
-        steps = int(np.ceil(len(images) / batch))
-        for b in tqdm(ds, total=steps, desc=f"{desc} activations {k + 1}/{copies}", unit="batch"):
-            a = fn(b).numpy()
-            out[k, i : i + len(a)] = a
-            i += len(a)
+        # predict, not a Python loop over the dataset: such a loop hung in the tf.data
+        # iterator's destructor after the last batch (TF 2.21, 6,000 images).
+        out[k] = bottom.predict(ds.batch(batch).prefetch(tf.data.AUTOTUNE), verbose=1)
         tmp = path.with_suffix(".tmp.npy")
         np.save(tmp, out[k])
         tmp.replace(path)

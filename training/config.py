@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edge.config import ConfigError, read_toml
+from edge.config import ConfigError, check_table, read_toml
 from edge.paths import shared_dir
 
 __all__ = ["ConfigError", "Config", "load_config"]
@@ -97,12 +97,7 @@ class Config:
 
 
 def _build(cls, data: Any, where: str):
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where}: expected a table, got {type(data).__name__}")
-    known = {f.name: f for f in fields(cls)}
-    unknown = sorted(set(data) - set(known))
-    if unknown:
-        raise ConfigError(f"{where}: unknown keys {unknown} (known: {sorted(known)})")
+    check_table(cls, data, where)
     try:
         return cls(**data)
     except TypeError as exc:
