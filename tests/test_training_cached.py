@@ -17,16 +17,27 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
-def mobilenet():
-    import keras
+def mobilenet(coral):
+    """Real ImageNet weights: a randomly initialised MobileNetV2's activations underflow to ~0
+    by block 13, where every augmented copy would look the same."""
+    from training.model import build_backbone
 
-    keras.utils.set_random_seed(0)
-    return keras.applications.MobileNetV2(input_shape=(64, 64, 3), include_top=False, weights=None)
+    return build_backbone("mobilenetv2", 64, "coral")
 
 
-def test_split_composes_to_the_backbone_and_shares_its_layers(mobilenet):
+@pytest.fixture(scope="module")
+def images(parrot):
+    from PIL import Image
+
+    img = Image.open(parrot).convert("RGB")
+    w, h = img.size
+    crops = [img.crop((i * w // 10, 0, i * w // 10 + h // 2, h // 2)) for i in range(5)]
+    return np.stack([np.asarray(c.resize((64, 64))) for c in crops]).astype(np.uint8)
+
+
+def test_split_composes_to_the_backbone_and_shares_its_layers(mobilenet, images):
     bottom, top = split_at(mobilenet, "block_13_expand")
-    x = np.random.default_rng(0).uniform(-1, 1, (2, 64, 64, 3)).astype(np.float32)
+    x = (images[:2].astype(np.float32) - 127.5) / 127.5
     whole = mobilenet.predict(x, verbose=0)
     parts = top.predict(bottom.predict(x, verbose=0), verbose=0)
     np.testing.assert_allclose(parts, whole, atol=1e-5)
@@ -42,16 +53,17 @@ def test_split_inside_a_residual_block_is_refused(mobilenet):
         split_at(mobilenet, "nope")
 
 
-def test_activations_are_augmented_per_copy_and_reused_from_disk(mobilenet, tmp_path):
+def test_activations_are_augmented_per_copy_and_reused_from_disk(mobilenet, images, tmp_path):
     bottom, _ = split_at(mobilenet, "block_13_expand")
-    images = np.random.default_rng(1).integers(0, 256, (5, 64, 64, 3), dtype=np.uint8)
     plain = activations(bottom, images, 1, False, "block_13_expand", tmp_path, "t")
     assert plain.shape == (1, 5, 4, 4, 96) and plain.dtype == np.float16
     expected = bottom.predict((images.astype(np.float32) - 127.5) / 127.5, verbose=0)
     np.testing.assert_allclose(plain[0], expected, atol=0.02, rtol=0.01)
 
     aug = activations(bottom, images, 3, True, "block_13_expand", tmp_path, "a")
-    assert not np.array_equal(aug[0], aug[1])  # a different flip/turn/colour per copy
+    assert np.abs(plain[0]).mean() > 0.05  # real activations, not an underflow
+    for a, b in ((0, 1), (1, 2), (0, 2)):  # a different flip/turn/colour per copy
+        assert np.abs(aug[a].astype(np.float32) - aug[b]).mean() > 0.01
     files = sorted(tmp_path.glob("a-*.npy"))
     assert len(files) == 3
     np.save(files[0], np.full_like(aug[0], 7))  # a reused copy comes from its file
