@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import numpy as np
@@ -42,8 +42,16 @@ class Result:
     notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
-        out = asdict(self)
-        out["top_k"] = [{"label": lab, "score": s} for lab, s in self.top_k]
+        # Built by hand: dataclasses.asdict deep-copies recursively, a visible cost per frame.
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        out.update(
+            probabilities=dict(self.probabilities),
+            groups=dict(self.groups),
+            decision=dict(self.decision) if self.decision is not None else None,
+            timings_ms=dict(self.timings_ms),
+            notes=list(self.notes),
+            top_k=[{"label": lab, "score": s} for lab, s in self.top_k],
+        )
         return out
 
 
