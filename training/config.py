@@ -66,6 +66,10 @@ class TrainConfig:
     # > 0: phase 2 trains the layers from unfreeze_from on this many augmented copies of the
     # activations at that layer, computed once (the frozen bottom runs K times, not every epoch).
     cached_copies: int = 0
+    # > 0 (needs cached_copies): then this many epochs with int8 activations simulated (see
+    # training/qat.py), at qat_lr, before the float weights are exported.
+    qat_epochs: int = 0
+    qat_lr: float = 3e-5
 
 
 @dataclass
@@ -151,5 +155,7 @@ def _check(cfg: Config, path: Path) -> None:
         raise ConfigError(f"{path} [train] class_weight must be balanced, sqrt or none")
     if not 0 <= cfg.train.cached_copies <= 32:
         raise ConfigError(f"{path} [train] cached_copies must be between 0 (off) and 32")
+    if cfg.train.qat_epochs and not cfg.train.cached_copies:
+        raise ConfigError(f"{path} [train] qat_epochs needs cached_copies > 0")
     if not 0 < cfg.decision.target_sensitivity <= 1:
         raise ConfigError(f"{path} [decision] target_sensitivity must be in (0, 1]")

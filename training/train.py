@@ -90,18 +90,23 @@ def _callbacks(cfg: Config, run_dir: Path, val, group_idx: list[int], phase: str
             restore_best_weights=True,
         ),
         keras.callbacks.ModelCheckpoint(
-            str(run_dir / f"best-{phase}.keras"),
+            # The int8 simulation's wrappers are not serialisable as a model: weights only.
+            str(
+                run_dir / (f"best-{phase}.weights.h5" if phase == "qat" else f"best-{phase}.keras")
+            ),
             monitor="val_score",
             mode="max",
             save_best_only=True,
+            save_weights_only=phase == "qat",
         ),
         keras.callbacks.CSVLogger(str(run_dir / "history.csv"), append=True),
         keras.callbacks.BackupAndRestore(str(run_dir / f"backup-{phase}")),
     ]
 
 
-def _finetune_cached(cfg: Config, run_dir: Path, top, head, acts, data, weights, group_idx):
-    """Phase 2 on cached activations: the top blocks and the head, BatchNorm frozen."""
+def _finetune_cached(cfg: Config, run_dir: Path, top, head, acts, data, weights, group_idx, full):
+    """Phase 2 on cached activations: the top blocks and the head, BatchNorm frozen; then, if
+    configured, quantisation-aware epochs. ``full`` is the image model sharing these layers."""
     import keras
 
     from .model import freeze_batchnorm
@@ -135,6 +140,28 @@ def _finetune_cached(cfg: Config, run_dir: Path, top, head, acts, data, weights,
         callbacks=_callbacks(cfg, run_dir, val, group_idx, "finetune"),
         verbose=2,
     )
+    if cfg.train.qat_epochs:
+        from .qat import simulate_int8
+
+        # Kept so the int8 loss with and without the simulation can be compared.
+        full.save(run_dir / "model-before-qat.keras")
+        log.info("quantisation-aware fine-tuning, %d epochs", cfg.train.qat_epochs)
+        sim = simulate_int8(model)
+        lr = keras.optimizers.schedules.CosineDecay(
+            cfg.train.qat_lr, cfg.train.qat_epochs * len(ds)
+        )
+        sim.compile(
+            optimizer=keras.optimizers.Adam(lr),
+            loss=keras.losses.SparseCategoricalCrossentropy(),
+            metrics=["accuracy"],
+        )
+        sim.fit(
+            ds,
+            epochs=cfg.train.qat_epochs,
+            validation_data=val,
+            callbacks=_callbacks(cfg, run_dir, val, group_idx, "qat"),
+            verbose=2,
+        )
 
 
 def train(cfg: Config, run_dir: Path) -> Path:
@@ -212,7 +239,7 @@ def train(cfg: Config, run_dir: Path) -> Path:
     outputs = head(backbone(inputs, training=False))
     model = keras.Model(inputs, outputs, name=cfg.name.replace("-", "_"))
     if copies:
-        _finetune_cached(cfg, run_dir, top, head, acts, data, weights, group_idx)
+        _finetune_cached(cfg, run_dir, top, head, acts, data, weights, group_idx, model)
     elif cfg.train.finetune_epochs > 0:
         if cfg.model.backbone == "small_cnn":
             backbone.trainable = True
