@@ -65,7 +65,7 @@ def _plots(
             for key in ("accuracy", "val_accuracy", "val_group_auc"):
                 if key in rows[0]:
                     ax.plot(ep, [float(r[key]) for r in rows], marker="o", label=key)
-            ax.set(xlabel="fine-tuning epoch", title="Training curves")
+            ax.set(xlabel="fine-tuning epoch (then QAT, if any)", title="Training curves")
             ax.legend()
             fig.tight_layout()
             fig.savefig(out / "training.png", dpi=110)
@@ -164,6 +164,22 @@ def write_card(out: Path, manifest: dict, ev: dict, history: Path | None, cfg, e
         f"then fine-tuning from `{cfg.train.unfreeze_from}` for up to "
         f"{cfg.train.finetune_epochs} epochs (BatchNorm frozen, early stopping on "
         f"the mean of validation {rule['group']} AUC and accuracy).",
+        *(
+            [
+                f"- The frozen bottom ran once on {cfg.train.cached_copies} augmented copies of "
+                "the training set; the layers from there on trained on those stored activations."
+            ]
+            if cfg.train.cached_copies
+            else []
+        ),
+        *(
+            [
+                f"- Then {cfg.train.qat_epochs} quantisation-aware epochs (int8 activations "
+                "simulated, `training/qat.py`) before the int8 export."
+            ]
+            if cfg.train.qat_epochs
+            else []
+        ),
         f"- Command: `python -m training train --config {cfg.source}`",
         f"- Time: {extra.get('train_minutes', '?')} min training on a 2-core x86-64 CPU, no GPU.",
         "",
