@@ -33,6 +33,7 @@ def test_fake_quant_rounds_to_256_levels_of_the_tracked_range():
 
 
 def test_simulation_wraps_stored_tensors_and_shares_weights():
+    keras.utils.set_random_seed(0)
     inputs = keras.Input((8, 8, 4))
     x = keras.layers.Conv2D(4, 1, name="expand")(inputs)
     x = keras.layers.BatchNormalization(name="expand_BN")(x)
@@ -43,6 +44,8 @@ def test_simulation_wraps_stored_tensors_and_shares_weights():
     x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
     outputs = keras.layers.Dense(3, activation="softmax", name="probs")(x)
     model = keras.Model(inputs, outputs)
+    for name in ("expand_BN", "project_BN"):  # frozen, as in fine-tuning
+        model.get_layer(name).trainable = False
     sim = simulate_int8(model)
     inner = sim.layers[-1]
     wrapped = sorted(layer.inner.name for layer in inner.layers if isinstance(layer, Quantised))
