@@ -86,6 +86,39 @@ def test_int8_runs_in_the_edge_runtime_and_agrees_with_float(tiny_run):
     )
 
 
+def test_logits_bundle_ends_before_the_softmax_and_classifies_the_same(tiny_run, tmp_path):
+    import keras
+
+    from training.build import build_bundle
+    from training.datasets import read_split
+    from training.evaluate import predict
+    from training.export import logits_model, ops_of
+
+    cfg, run_dir, out, _ = tiny_run
+    model = keras.models.load_model(run_dir / "model.keras")
+    x = np.random.default_rng(0).uniform(-1, 1, (4, *model.input_shape[1:])).astype(np.float32)
+    logits = logits_model(model).predict(x, verbose=0)
+    np.testing.assert_allclose(
+        keras.ops.convert_to_numpy(keras.ops.softmax(logits)),
+        model.predict(x, verbose=0),
+        atol=1e-5,
+    )
+
+    cfg = load_config(
+        ROOT / "training/configs/blood-smear.toml", {**TINY, "export.output": "logits"}
+    )
+    logits_out = tmp_path / "bundle"
+    build_bundle(cfg, run_dir, logits_out, keep_float=True)
+    bundle = load_bundle(logits_out)
+    assert bundle.manifest["output"] == "logits"
+    assert ops_of(bundle.artifacts["int8"].path)[-2]["op"] == "FULLY_CONNECTED"  # then QUANTIZE
+    test = read_split(run_dir / "split.csv")["test"]
+    p_logits, _ = predict(bundle, "int8", test)
+    p_probs, _ = predict(load_bundle(out), "int8", test)
+    np.testing.assert_allclose(p_logits.sum(axis=1), 1.0, atol=1e-4)  # softmax applied on the Pi
+    assert np.abs(p_logits - p_probs).mean() < 0.02
+
+
 def test_preflight_flags_float_ops(tiny_run):
     _, _, out, _ = tiny_run
     reports = preflight(load_bundle(out).artifacts["float"].path)

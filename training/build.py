@@ -43,7 +43,7 @@ def base_manifest(cfg: Config, threshold: float) -> dict:
             "resize": "squash" if ds.layout == "ham10000" else "center-crop",
             "normalization": {"mean": [127.5] * 3, "std": [127.5] * 3},
         },
-        "output": "probabilities",
+        "output": cfg.export.output,
         "artifacts": {},
         "dataset": {"source": ds.source, "license": ds.license, "citation": ds.citation},
         "intended_use": cfg.export.intended_use,
@@ -55,10 +55,12 @@ def base_manifest(cfg: Config, threshold: float) -> dict:
 def export_artifacts(cfg: Config, run_dir: Path) -> dict[str, Path]:
     import keras
 
-    from .export import export_float, export_int8
+    from .export import export_float, export_int8, logits_model
     from .train import prepare_data
 
     model = keras.models.load_model(run_dir / "model.keras")
+    if cfg.export.output == "logits":
+        model = logits_model(model)
     out = run_dir / "export"
     out.mkdir(exist_ok=True)
     files = {}

@@ -80,6 +80,9 @@ class ExportConfig:
     intended_use: str = ""
     limitations: list[str] = field(default_factory=list)
     edgetpu_runtime_version: int = 14
+    # "logits": the artifacts end before the softmax (the edge applies it in float), which keeps
+    # the int8 group scores fine-grained; "probabilities": they end with the softmax.
+    output: str = "probabilities"
     # Acceptance targets for the int8 artifact on the test split, reported in the model card:
     # accuracy, group_auc, sensitivity (minimums), max_int8_drop, max_int8_mb (maximums),
     # min_agreement (int8 vs float top-1).
@@ -155,6 +158,8 @@ def _check(cfg: Config, path: Path) -> None:
         raise ConfigError(f"{path} [train] class_weight must be balanced, sqrt or none")
     if not 0 <= cfg.train.cached_copies <= 32:
         raise ConfigError(f"{path} [train] cached_copies must be between 0 (off) and 32")
+    if cfg.export.output not in ("probabilities", "logits"):
+        raise ConfigError(f"{path} [export] output must be probabilities or logits")
     if cfg.train.qat_epochs and not cfg.train.cached_copies:
         raise ConfigError(f"{path} [train] qat_epochs needs cached_copies > 0")
     if not 0 < cfg.decision.target_sensitivity <= 1:
