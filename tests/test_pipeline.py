@@ -1,5 +1,5 @@
-"""The pipeline's division of work: the capture thread prepares frames, the worker only infers;
-a malformed frame is dropped and counted while the camera keeps going."""
+"""The pipeline's division of work: the capture thread prepares frames when a core is free for it
+(else the worker does); a malformed frame is dropped and counted while the camera keeps going."""
 
 from __future__ import annotations
 
@@ -7,8 +7,10 @@ import threading
 import time
 
 import numpy as np
+import pytest
 from PIL import Image
 
+from edge import pipeline as pipeline_module
 from edge.bundle import load_bundle
 from edge.classifier import Classifier
 from edge.config import load_config
@@ -58,9 +60,14 @@ def _run_until(pipe: Pipeline, classified: int, timeout: float = 20.0) -> None:
     pipe.store.close()
 
 
-def test_frames_are_prepared_on_the_capture_thread(blood_bundle, blood_samples, tmp_path):
+@pytest.mark.parametrize(("cores", "where"), [(4, "capture"), (1, "inference")])
+def test_frames_are_prepared_where_a_core_is_free(
+    blood_bundle, blood_samples, tmp_path, monkeypatch, cores, where
+):
+    monkeypatch.setattr(pipeline_module, "usable_cores", lambda: cores)
     frame = np.asarray(Image.open(blood_samples[0]).convert("RGB"))
-    pipe, clf = _pipeline(blood_bundle, tmp_path, [frame])
+    pipe, clf = _pipeline(blood_bundle, tmp_path, [frame])  # 1 interpreter thread
+    assert pipe.prep_on_capture == (where == "capture")
     threads: list[str] = []
     prepare = clf.prepare
 
@@ -71,7 +78,7 @@ def test_frames_are_prepared_on_the_capture_thread(blood_bundle, blood_samples, 
     clf.prepare = recording
     _run_until(pipe, 5)
     assert pipe.state.classified >= 5
-    assert set(threads) == {"capture"}  # the worker never resizes: it overlaps with inference
+    assert set(threads) == {where}
     expected = clf.classify(frame)
     result = pipe.state.result
     assert result["label"] == expected.label
@@ -79,9 +86,11 @@ def test_frames_are_prepared_on_the_capture_thread(blood_bundle, blood_samples, 
     assert result["frame_to_result_ms"] >= result["timings_ms"]["invoke"]
 
 
+@pytest.mark.parametrize(("cores", "message"), [(4, "could not prepare"), (1, "inference failed")])
 def test_a_malformed_frame_is_dropped_and_the_camera_keeps_going(
-    blood_bundle, blood_samples, tmp_path, caplog
+    blood_bundle, blood_samples, tmp_path, caplog, monkeypatch, cores, message
 ):
+    monkeypatch.setattr(pipeline_module, "usable_cores", lambda: cores)
     good = np.asarray(Image.open(blood_samples[0]).convert("RGB"))
     bad = np.zeros((7,), dtype=np.uint8)  # not an image
     pipe, _ = _pipeline(blood_bundle, tmp_path, [good, bad, good])
@@ -89,4 +98,4 @@ def test_a_malformed_frame_is_dropped_and_the_camera_keeps_going(
     assert pipe.state.classified >= 6
     assert pipe.state.errors >= 1
     assert pipe.state.camera == "ok"
-    assert "could not prepare frame" in caplog.text
+    assert message in caplog.text
