@@ -102,8 +102,8 @@ class Pipeline:
         self.source_timeout = max(cfg.source.timeout_s, 3.0 / cfg.source.fps)
         # Resizing and the quality check on the capture thread overlap with the previous
         # frame's inference, but only when a core is free for them: if the interpreter's threads
-        # take every core, the overlap stalls them (measured: 0.96 vs 0.91 × the bare loop with
-        # 1 thread on 2 cores, 0.82 vs 0.86 with 2).
+        # take every core, the overlap stalls them (measured on 2 cores: 1 thread 0.93-0.98 × the
+        # bare loop against 0.88-0.89 serially; 2 threads 0.82 against 0.86).
         cores = usable_cores()
         self.prep_on_capture = (classifier.threads or cores) < cores
 
