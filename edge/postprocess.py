@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -56,11 +57,14 @@ def decide(groups: dict[str, float], rule: dict[str, Any] | None) -> dict[str, A
     positive = score >= threshold
     outcome = rule.get("positive", "positive") if positive else rule.get("negative", "negative")
     sign = "≥" if positive else "<"
+    # Enough decimals to show the threshold to two significant digits: a small threshold
+    # (0.0059) printed as 0.01 would make "0.01 < 0.01" possible.
+    n = max(2, 1 - math.floor(math.log10(threshold))) if threshold > 0 else 2
     return {
         "group": rule["group"],
         "score": score,
         "threshold": threshold,
         "positive": positive,
         "outcome": outcome,
-        "text": f"{rule['group']}: {score:.2f} {sign} {threshold:.2f} → {outcome}",
+        "text": f"{rule['group']}: {score:.{n}f} {sign} {threshold:.{n}f} → {outcome}",
     }

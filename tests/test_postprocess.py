@@ -41,6 +41,11 @@ def test_groups_and_decision_text():
     )
     assert d["positive"] is True
     assert d["text"] == "malignant: 0.83 ≥ 0.30 → refer"
+    small = pp.decide(
+        {"malignant": 0.005},
+        {"group": "malignant", "threshold": 0.0059, "positive": "refer", "negative": "benign"},
+    )
+    assert small["text"] == "malignant: 0.0050 < 0.0059 → benign" and not small["positive"]
     low = pp.decide({"malignant": 0.1}, {"group": "malignant", "threshold": 0.3})
     assert low["outcome"] == "negative" and "<" in low["text"]
 
