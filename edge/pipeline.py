@@ -175,7 +175,7 @@ class Pipeline:
             prep = self.prep_on_capture and self._prepped is None
             try:
                 if prep:
-                    self._prepare(frame)
+                    frame.small, frame.times, frame.quality = self._prepare(rgb)
             except Exception:  # a malformed frame is dropped; the camera keeps going
                 self.state.errors += 1
                 log.exception("could not prepare frame %d", next_id)
@@ -194,12 +194,11 @@ class Pipeline:
                     self._refresh,
                 )
 
-    def _prepare(self, frame: Frame) -> Frame:
-        """Fill the model-size input and the quality of ``frame`` (on whichever thread)."""
-        frame.small, frame.times = self.classifier.prepare(frame.rgb)
+    def _prepare(self, rgb: np.ndarray) -> tuple[np.ndarray, dict[str, float], Quality]:
+        """The model-size input, its stage times and its quality (on whichever thread)."""
+        small, times = self.classifier.prepare(rgb)
         p = self.cfg.pipeline
-        frame.quality = assess(frame.small, p.min_focus, p.max_clipped)
-        return frame
+        return small, times, assess(small, p.min_focus, p.max_clipped)
 
     def source_hung(self) -> bool:
         return self.state.camera in ("ok", "stalled") and (
@@ -282,7 +281,7 @@ class Pipeline:
     def _process(self, frame: Frame) -> None:
         p = self.cfg.pipeline
         if frame.quality is None:
-            self._prepare(frame)
+            frame.small, frame.times, frame.quality = self._prepare(frame.rgb)
         quality = frame.quality
         st = self.state
         st.quality = quality.to_dict()
@@ -298,7 +297,7 @@ class Pipeline:
             self._mark_ready()
             return
         result = self.classifier.infer(
-            frame.small, dict(frame.times), top_k=p.top_k, name=f"frame {frame.id}"
+            frame.small, frame.times, top_k=p.top_k, name=f"frame {frame.id}"
         )
         done = time.monotonic()
         state, mean = self.smoother.update(result.probabilities)
@@ -354,10 +353,8 @@ class Pipeline:
                 open_image(image, max_pixels=self.classifier.max_pixels), dtype=np.uint8
             )
         )
-        p = self.cfg.pipeline
-        small, times = self.classifier.prepare(rgb)
-        quality: Quality = assess(small, p.min_focus, p.max_clipped)
-        result = self.classifier.infer(small, times, top_k=p.top_k, name=mode)
+        small, times, quality = self._prepare(rgb)
+        result = self.classifier.infer(small, times, top_k=self.cfg.pipeline.top_k, name=mode)
         doc = result.to_dict()
         doc["quality"] = quality.to_dict()
         doc["assessable"] = quality.assessable

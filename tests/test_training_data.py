@@ -159,6 +159,9 @@ def test_config_errors_are_clear(tmp_path):
     p.write_text(base.replace("batch_size = 32", "batch_size = 32\ncached_copies = 99"))
     with pytest.raises(ConfigError, match=r"cached_copies must be between 0 \(off\) and 32"):
         load_config(p)
+    p.write_text(base.replace("batch_size = 32", "batch_size = 32\nqat_epochs = 2"))
+    with pytest.raises(ConfigError, match="qat_epochs needs cached_copies"):
+        load_config(p)
 
 
 def test_model_card_target_table():

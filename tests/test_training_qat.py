@@ -3,8 +3,6 @@ stores tensors, and trains the float model's own weights."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 
@@ -12,10 +10,7 @@ pytest.importorskip("tensorflow", reason="training needs the train extra (instal
 
 import keras  # noqa: E402
 
-from training.config import ConfigError, load_config  # noqa: E402
 from training.qat import FakeQuant, Quantised, simulate_int8  # noqa: E402
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_fake_quant_rounds_to_256_levels_of_the_tracked_range():
@@ -61,11 +56,3 @@ def test_simulation_wraps_stored_tensors_and_shares_weights():
     assert not np.array_equal(before, model.get_layer("project").get_weights()[0])
     gap = np.abs(sim.predict(data, verbose=0) - model.predict(data, verbose=0)).max()
     assert 0 < gap < 0.1  # the simulation differs from float only by rounding
-
-
-def test_qat_needs_cached_activations(tmp_path):
-    base = (ROOT / "training/configs/blood-smear.toml").read_text()
-    p = tmp_path / "c.toml"
-    p.write_text(base.replace("batch_size = 32", "batch_size = 32\nqat_epochs = 2"))
-    with pytest.raises(ConfigError, match="qat_epochs needs cached_copies"):
-        load_config(p)

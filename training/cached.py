@@ -56,9 +56,7 @@ def activations(
 ) -> np.ndarray:
     """(copies, N, h, w, c) float16 activations of ``bottom`` on ``copies`` augmented versions
     of ``images`` (uint8). Each copy is saved under ``cache_dir`` so a resumed run reuses it."""
-    import tensorflow as tf
-
-    from .pipeline import augment, normalise
+    from .pipeline import make_dataset
 
     out = np.empty((copies, len(images), *bottom.output_shape[1:]), dtype=np.float16)
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -68,11 +66,10 @@ def activations(
             out[k] = np.load(path)
             continue
         log.info("%s activations, copy %d of %d", desc, k + 1, copies)
-        ds = tf.data.Dataset.from_tensor_slices(images)
-        ds = ds.map(augment if augmented else normalise, num_parallel_calls=tf.data.AUTOTUNE)
+        ds = make_dataset(images, None, batch, train=augmented, shuffle=False)
         # predict, not a Python loop over the dataset: such a loop hung in the tf.data
         # iterator's destructor after the last batch (TF 2.21, 6,000 images).
-        out[k] = bottom.predict(ds.batch(batch).prefetch(tf.data.AUTOTUNE), verbose=1)
+        out[k] = bottom.predict(ds, verbose=1)
         tmp = path.with_suffix(".tmp.npy")
         np.save(tmp, out[k])
         tmp.replace(path)

@@ -164,22 +164,18 @@ def write_card(out: Path, manifest: dict, ev: dict, history: Path | None, cfg, e
         f"then fine-tuning from `{cfg.train.unfreeze_from}` for up to "
         f"{cfg.train.finetune_epochs} epochs (BatchNorm frozen, early stopping on "
         f"the mean of validation {rule['group']} AUC and accuracy).",
-        *(
-            [
-                f"- The frozen bottom ran once on {cfg.train.cached_copies} augmented copies of "
-                "the training set; the layers from there on trained on those stored activations."
-            ]
-            if cfg.train.cached_copies
-            else []
-        ),
-        *(
-            [
-                f"- Then {cfg.train.qat_epochs} quantisation-aware epochs (int8 activations "
-                "simulated, `training/qat.py`) before the int8 export."
-            ]
-            if cfg.train.qat_epochs
-            else []
-        ),
+    ]
+    if cfg.train.cached_copies:
+        lines.append(
+            f"- The frozen bottom ran once on {cfg.train.cached_copies} augmented copies of "
+            "the training set; the layers from there on trained on those stored activations."
+        )
+    if cfg.train.qat_epochs:
+        lines.append(
+            f"- Then {cfg.train.qat_epochs} quantisation-aware epochs (int8 activations "
+            "simulated, `training/qat.py`) before the int8 export."
+        )
+    lines += [
         f"- Command: `python -m training train --config {cfg.source}`",
         f"- Time: {extra.get('train_minutes', '?')} min training on a 2-core x86-64 CPU, no GPU.",
         "",

@@ -38,11 +38,11 @@ def logits_model(model):
     """
     import keras
 
+    from .model import clone_with
+
     found = []
 
     def swap(layer):
-        if isinstance(layer, keras.Model):
-            return keras.models.clone_model(layer, clone_function=swap)
         if isinstance(layer, keras.layers.Dense) and layer.activation is keras.activations.softmax:
             config = {**layer.get_config(), "activation": "linear", "name": f"{layer.name}_logits"}
             plain = keras.layers.Dense.from_config(config)
@@ -52,7 +52,7 @@ def logits_model(model):
             return plain
         return layer
 
-    clone = keras.models.clone_model(model, clone_function=swap)
+    clone = clone_with(model, swap)
     if len(found) != 1:
         raise ExportError(f"expected one softmax Dense layer to remove, found {found or 'none'}")
     return clone

@@ -88,3 +88,16 @@ def unfreeze_from(backbone, first_layer: str) -> int:
         layer.trainable = i >= start
     freeze_batchnorm(backbone)
     return sum(1 for layer in backbone.layers[start:] if layer.trainable)
+
+
+def clone_with(model, replace):
+    """Clone a functional model, nested models (such as the head) included, passing every other
+    layer through ``replace``; a layer it returns unchanged is shared, not copied."""
+    import keras
+
+    def swap(layer):
+        if isinstance(layer, keras.Model):
+            return keras.models.clone_model(layer, clone_function=swap)
+        return replace(layer)
+
+    return keras.models.clone_model(model, clone_function=swap)

@@ -70,12 +70,19 @@ def augment(x):
 
 
 def make_dataset(
-    images: np.ndarray, labels: np.ndarray | None, batch: int, train: bool, seed: int = 0
+    images: np.ndarray,
+    labels: np.ndarray | None,
+    batch: int,
+    train: bool,
+    seed: int = 0,
+    shuffle: bool | None = None,
 ):
+    """Batches normalised (or, for ``train``, augmented) images; ``shuffle`` defaults to
+    ``train`` (off where outputs must stay in input order)."""
     import tensorflow as tf
 
     ds = tf.data.Dataset.from_tensor_slices((images, labels) if labels is not None else images)
-    if train:
+    if train if shuffle is None else shuffle:
         ds = ds.shuffle(len(images), seed=seed, reshuffle_each_iteration=True)
     fn = augment if train else normalise
     if labels is not None:

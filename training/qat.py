@@ -19,6 +19,8 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
+from .model import clone_with
+
 
 @keras.saving.register_keras_serializable(package="fieldscope")
 class FakeQuant(keras.layers.Layer):
@@ -74,13 +76,6 @@ def simulate_int8(model: keras.Model) -> keras.Model:
     """A twin of ``model`` (a Functional, possibly holding nested Functionals such as the head)
     with fake quantisation on its input and after every layer that stores a tensor."""
 
-    def clone(m: keras.Model):
-        def swap(layer):
-            if isinstance(layer, keras.Model):
-                return clone(layer)
-            return Quantised(layer) if stores_a_tensor(layer) else layer
-
-        return keras.models.clone_model(m, clone_function=swap)
-
+    twin = clone_with(model, lambda layer: Quantised(layer) if stores_a_tensor(layer) else layer)
     inputs = keras.Input(model.input_shape[1:], name="activations")
-    return keras.Model(inputs, clone(model)(FakeQuant(name="input_fq")(inputs)), name="int8_sim")
+    return keras.Model(inputs, twin(FakeQuant(name="input_fq")(inputs)), name="int8_sim")

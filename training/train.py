@@ -104,64 +104,49 @@ def _callbacks(cfg: Config, run_dir: Path, val, group_idx: list[int], phase: str
     ]
 
 
-def _finetune_cached(cfg: Config, run_dir: Path, top, head, acts, data, weights, group_idx, full):
-    """Phase 2 on cached activations: the top blocks and the head, BatchNorm frozen; then, if
-    configured, quantisation-aware epochs. ``full`` is the image model sharing these layers."""
+def _compile(model, lr: float, steps: int = 0) -> None:
+    """Adam and sparse cross-entropy, with a cosine decay over ``steps`` when given."""
     import keras
 
-    from .model import freeze_batchnorm
-
-    for layer in top.layers:  # one by one: Model.trainable does not reach a sliced model's layers
-        layer.trainable = True
-    freeze_batchnorm(top)
-    log.info(
-        "fine-tuning %d layers from %s on %d cached copies",
-        sum(1 for layer in top.layers if layer.trainable_weights),
-        cfg.train.unfreeze_from,
-        len(acts["train"]),
-    )
-    model = keras.Model(top.input, head(top.output), name="top_and_head")
-    ds = copies_dataset(
-        acts["train"], data["y_train"], weights, cfg.train.batch_size, cfg.dataset.seed
-    )
-    lr = keras.optimizers.schedules.CosineDecay(
-        cfg.train.finetune_lr, cfg.train.finetune_epochs * len(ds)
-    )
+    if steps:
+        lr = keras.optimizers.schedules.CosineDecay(lr, steps)
     model.compile(
         optimizer=keras.optimizers.Adam(lr),
         loss=keras.losses.SparseCategoricalCrossentropy(),
         metrics=["accuracy"],
     )
-    val = (acts["val"], data["y_val"])
-    model.fit(
-        ds,
-        epochs=cfg.train.finetune_epochs,
-        validation_data=val,
-        callbacks=_callbacks(cfg, run_dir, val, group_idx, "finetune"),
-        verbose=2,
+
+
+def _finetune_cached(cfg: Config, run_dir: Path, top, head, acts, data, weights, group_idx, full):
+    """Phase 2 on cached activations: the top blocks and the head, BatchNorm frozen; then, if
+    configured, quantisation-aware epochs. ``full`` is the image model sharing these layers."""
+    import keras
+
+    log.info("training on %d cached copies of the activations", len(acts["train"]))
+    ds = copies_dataset(
+        acts["train"], data["y_train"], weights, cfg.train.batch_size, cfg.dataset.seed
     )
+    val = (acts["val"], data["y_val"])
+
+    def fit(model, lr: float, epochs: int, phase: str) -> None:
+        _compile(model, lr, epochs * len(ds))
+        model.fit(
+            ds,
+            epochs=epochs,
+            validation_data=val,
+            callbacks=_callbacks(cfg, run_dir, val, group_idx, phase),
+            verbose=2,
+        )
+
+    model = keras.Model(top.input, head(top.output), name="top_and_head")
+    fit(model, cfg.train.finetune_lr, cfg.train.finetune_epochs, "finetune")
     if cfg.train.qat_epochs:
         from .qat import simulate_int8
 
         # Kept so the int8 loss with and without the simulation can be compared.
         full.save(run_dir / "model-before-qat.keras")
         log.info("quantisation-aware fine-tuning, %d epochs", cfg.train.qat_epochs)
-        sim = simulate_int8(model)
-        lr = keras.optimizers.schedules.CosineDecay(
-            cfg.train.qat_lr, cfg.train.qat_epochs * len(ds)
-        )
-        sim.compile(
-            optimizer=keras.optimizers.Adam(lr),
-            loss=keras.losses.SparseCategoricalCrossentropy(),
-            metrics=["accuracy"],
-        )
-        sim.fit(
-            ds,
-            epochs=cfg.train.qat_epochs,
-            validation_data=val,
-            callbacks=_callbacks(cfg, run_dir, val, group_idx, "qat"),
-            verbose=2,
-        )
+        fit(simulate_int8(model), cfg.train.qat_lr, cfg.train.qat_epochs, "qat")
 
 
 def train(cfg: Config, run_dir: Path) -> Path:
@@ -211,18 +196,14 @@ def train(cfg: Config, run_dir: Path) -> Path:
     # Phase 1: head on cached features of the frozen backbone.
     feats = {}
     for part in ("train", "val"):
-        if copies:
-            src = acts[part][0] if part == "train" else acts[part]
-            feats[part] = top.predict(src.astype(np.float32), batch_size=64, verbose=2)
+        if copies:  # validation activations are already float32
+            src = acts["train"][0].astype(np.float32) if part == "train" else acts["val"]
+            feats[part] = top.predict(src, batch_size=64, verbose=2)
         else:
             feats[part] = backbone.predict(
                 make_dataset(data[f"x_{part}"], None, 64, train=False), verbose=2
             )
-    head.compile(
-        optimizer=keras.optimizers.Adam(cfg.train.head_lr),
-        loss=keras.losses.SparseCategoricalCrossentropy(),
-        metrics=["accuracy"],
-    )
+    _compile(head, cfg.train.head_lr)
     head.fit(
         feats["train"],
         data["y_train"],
@@ -238,21 +219,17 @@ def train(cfg: Config, run_dir: Path) -> Path:
     inputs = keras.Input((size, size, 3), name="image")
     outputs = head(backbone(inputs, training=False))
     model = keras.Model(inputs, outputs, name=cfg.name.replace("-", "_"))
-    if copies:
-        _finetune_cached(cfg, run_dir, top, head, acts, data, weights, group_idx, model)
-    elif cfg.train.finetune_epochs > 0:
-        if cfg.model.backbone == "small_cnn":
+    if cfg.train.finetune_epochs > 0:
+        if cfg.model.backbone == "small_cnn" and not copies:
             backbone.trainable = True
         else:
             count = unfreeze_from(backbone, cfg.train.unfreeze_from)
             log.info("fine-tuning %d backbone layers from %s", count, cfg.train.unfreeze_from)
+    if copies:
+        _finetune_cached(cfg, run_dir, top, head, acts, data, weights, group_idx, model)
+    elif cfg.train.finetune_epochs > 0:
         steps = cfg.train.finetune_epochs * int(np.ceil(len(data["y_train"]) / bs))
-        lr = keras.optimizers.schedules.CosineDecay(cfg.train.finetune_lr, steps)
-        model.compile(
-            optimizer=keras.optimizers.Adam(lr),
-            loss=keras.losses.SparseCategoricalCrossentropy(),
-            metrics=["accuracy"],
-        )
+        _compile(model, cfg.train.finetune_lr, steps)
         val_norm = (np.asarray((data["x_val"].astype(np.float32) - 127.5) / 127.5), data["y_val"])
         model.fit(
             make_dataset(
