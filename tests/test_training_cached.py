@@ -10,6 +10,8 @@ import pytest
 
 pytest.importorskip("tensorflow", reason="training needs the train extra (installed in CI)")
 
+import keras  # noqa: E402
+
 from training.cached import activations, copies_dataset, split_at  # noqa: E402
 from training.config import load_config  # noqa: E402
 
@@ -60,6 +62,7 @@ def test_activations_are_augmented_per_copy_and_reused_from_disk(mobilenet, imag
     expected = bottom.predict((images.astype(np.float32) - 127.5) / 127.5, verbose=0)
     np.testing.assert_allclose(plain[0], expected, atol=0.02, rtol=0.01)
 
+    keras.utils.set_random_seed(0)  # as train() does: copies must still differ
     aug = activations(bottom, images, 3, True, "block_13_expand", tmp_path, "a")
     assert np.abs(plain[0]).mean() > 0.05  # real activations, not an underflow
     for a, b in ((0, 1), (1, 2), (0, 2)):  # a different flip/turn/colour per copy

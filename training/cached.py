@@ -53,9 +53,12 @@ def activations(
     cache_dir: Path,
     desc: str,
     batch: int = 64,
+    seed: int = 0,
 ) -> np.ndarray:
     """(copies, N, h, w, c) float16 activations of ``bottom`` on ``copies`` augmented versions
     of ``images`` (uint8). Each copy is saved under ``cache_dir`` so a resumed run reuses it."""
+    import tensorflow as tf
+
     from .pipeline import make_dataset
 
     out = np.empty((copies, len(images), *bottom.output_shape[1:]), dtype=np.float16)
@@ -66,6 +69,9 @@ def activations(
             out[k] = np.load(path)
             continue
         log.info("%s activations, copy %d of %d", desc, k + 1, copies)
+        # One seed per copy: once a global seed is set (train() sets one), every freshly traced
+        # augmentation gets the same op seeds, and the copies could come out identical.
+        tf.random.set_seed(seed + k)
         ds = make_dataset(images, None, batch, train=augmented, shuffle=False)
         # predict, not a Python loop over the dataset: such a loop hung in the tf.data
         # iterator's destructor after the last batch (TF 2.21, 6,000 images).

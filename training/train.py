@@ -186,6 +186,7 @@ def train(cfg: Config, run_dir: Path) -> Path:
                 cfg.train.unfreeze_from,
                 cache_dir,
                 "train",
+                seed=cfg.dataset.seed,
             ),
             "val": activations(
                 bottom, data["x_val"], 1, False, cfg.train.unfreeze_from, cache_dir, "val"
