@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .preprocess import _cv2
+
 QUALITY_WIDTH = 320
 
 
@@ -32,23 +34,31 @@ class Quality:
 
 def _grey_small(rgb: np.ndarray) -> np.ndarray:
     step = max(1, rgb.shape[1] // QUALITY_WIDTH)
-    return rgb[::step, ::step, 1].astype(np.float32)
+    return np.ascontiguousarray(rgb[::step, ::step, 1])
 
 
 def focus_score(grey: np.ndarray) -> float:
-    """Variance of the 4-neighbour Laplacian."""
+    """Variance of the 4-neighbour Laplacian (inside the border) of a uint8 grey image."""
     if grey.shape[0] < 3 or grey.shape[1] < 3:
         return 0.0
-    lap = (
-        grey[1:-1, :-2] + grey[1:-1, 2:] + grey[:-2, 1:-1] + grey[2:, 1:-1] - 4.0 * grey[1:-1, 1:-1]
-    )
+    cv2 = _cv2()
+    if cv2 is not None:  # the same kernel, a few times faster: this runs on every frame
+        lap = cv2.Laplacian(grey, cv2.CV_16S, ksize=1)[1:-1, 1:-1]  # exact for uint8 input
+        return float(cv2.meanStdDev(lap)[1][0, 0] ** 2)
+    g = grey.astype(np.float32)
+    lap = g[1:-1, :-2] + g[1:-1, 2:] + g[:-2, 1:-1] + g[2:, 1:-1] - 4.0 * g[1:-1, 1:-1]
     return float(lap.var())
+
+
+def clipped_fraction(grey: np.ndarray) -> float:
+    """The share of pixels at 0–2 or 253–255."""
+    return np.count_nonzero((grey <= 2) | (grey >= 253)) / max(1, grey.size)
 
 
 def assess(rgb: np.ndarray, min_focus: float, max_clipped: float) -> Quality:
     grey = _grey_small(rgb)
     focus = focus_score(grey)
-    clipped = float(((grey <= 2) | (grey >= 253)).mean())
+    clipped = clipped_fraction(grey)
     if clipped > max_clipped:
         return Quality(
             focus,

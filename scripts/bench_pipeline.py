@@ -1,8 +1,10 @@
 #!/usr/bin/env python3
 """Throughput of the daemon's real pipeline vs a bare interpreter loop vs a naive loop.
 
-All three run in one process, one after the other, on the same model and thread count, fed with
-camera-sized frames from memory:
+All run in one process on the same model and thread count, fed with camera-sized frames from
+memory, in interleaved rounds (bare, naive, pipeline, pipeline+clients, then again): a shared
+machine drifts by 10-20 % over a minute, so each ratio is taken within a round and the report
+gives the median over rounds.
 
 - bare: set_tensor/invoke/get_tensor on an already preprocessed input (the ceiling);
 - naive: what common examples do per frame: PIL open/convert/resize, set, invoke, read;
@@ -11,7 +13,8 @@ camera-sized frames from memory:
 - pipeline+clients: the same, served by waitress with two MJPEG viewers and an API poller.
 
 Usage: python scripts/bench_pipeline.py [--model models/blood-smear] [--threads 2]
-       [--seconds 10] [--json]
+       [--seconds 10] [--rounds 3] [--json]
+(--seconds is the measured time of each loop, split over the rounds.)
 """
 
 from __future__ import annotations
@@ -112,7 +115,9 @@ def run_naive(model_path: Path, threads: int, frames: list[np.ndarray], seconds:
     return {"fps": n / wall, "cpu_s_per_frame": cpu / n}
 
 
-def run_pipeline(model: str, threads: int, frames, seconds: float, clients: bool) -> dict:
+def run_pipeline(
+    model: str, threads: int, frames, seconds: float, clients: bool, warmup: float = 2.0
+) -> dict:
     import tempfile
 
     from edge.pipeline import Pipeline
@@ -161,7 +166,7 @@ def run_pipeline(model: str, threads: int, frames, seconds: float, clients: bool
             t = threading.Thread(target=fn, daemon=True)
             t.start()
             workers.append(t)
-    time.sleep(2.0)  # warm-up
+    time.sleep(warmup)
     n0, c0, t0 = pipe.state.classified, time.process_time(), time.perf_counter()
     lat0 = len(pipe.state.latencies)
     time.sleep(seconds)
@@ -172,7 +177,11 @@ def run_pipeline(model: str, threads: int, frames, seconds: float, clients: bool
     pipe.stop()
     if server:
         server.close()
+        server.task_dispatcher.shutdown()
+    for t in workers:
+        t.join(2.0)
     store.close()
+    clf.close()
     frames_done = max(1, n1 - n0)
     return {
         "fps": frames_done / (t1 - t0),
@@ -188,42 +197,67 @@ def main() -> int:
     ap.add_argument("--model", default=str(ROOT / "models" / "blood-smear"))
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seconds", type=float, default=10.0)
+    ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
+    if args.rounds < 1 or args.seconds <= 0:
+        ap.error("--rounds must be at least 1 and --seconds positive")
     bundle = load_model(args.model)
     frames = camera_frames(bundle)
     clf = Classifier(bundle, backend="cpu", threads=args.threads)
-    bare = run_bare(clf, args.seconds)
-    naive = run_naive(clf.backend.artifact.path, args.threads, frames, args.seconds)
+    kind = clf.backend.artifact.kind
+    block = args.seconds / args.rounds
+    warmup = min(2.0, max(0.5, block))
+    rounds = []
+    for _ in range(args.rounds):
+        bare = run_bare(clf, block)
+        naive = run_naive(clf.backend.artifact.path, args.threads, frames, block)
+        pipe = run_pipeline(args.model, args.threads, frames, block, False, warmup)
+        loaded = run_pipeline(args.model, args.threads, frames, block, True, warmup)
+        rounds.append({"bare": bare, "naive": naive, "pipeline": pipe, "clients": loaded})
     clf.close()
-    pipe = run_pipeline(args.model, args.threads, frames, args.seconds, clients=False)
-    loaded = run_pipeline(args.model, args.threads, frames, args.seconds, clients=True)
+
+    def med(fn) -> float:
+        return float(np.median([fn(r) for r in rounds]))
+
+    def ratio(a: str, b: str, key: str = "fps") -> float:
+        return round(med(lambda r: r[a][key] / r[b][key]), 3)
+
+    def lat(name: str) -> float | None:
+        values = [r[name]["frame_to_result_ms"] for r in rounds if r[name]["frame_to_result_ms"]]
+        return round(float(np.median(values)), 2) if values else None
+
     out = {
-        "model": f"{bundle.name} {bundle.version} ({clf.backend.artifact.kind})",
+        "model": f"{bundle.name} {bundle.version} ({kind})",
         "threads": args.threads,
-        "bare_fps": round(bare["fps"], 2),
-        "bare_invoke_ms": round(bare["invoke_ms"], 2),
-        "bare_cpu_s_per_frame": round(bare["cpu_s_per_frame"], 5),
-        "naive_fps": round(naive["fps"], 2),
-        "naive_cpu_s_per_frame": round(naive["cpu_s_per_frame"], 5),
-        "pipeline_fps": round(pipe["fps"], 2),
-        "pipeline_cpu_s_per_frame": round(pipe["cpu_s_per_frame"], 5),
-        "pipeline_frame_to_result_ms": pipe["frame_to_result_ms"],
-        "pipeline_stage_ms": pipe["stage_ms"],
-        "clients_fps": round(loaded["fps"], 2),
-        "clients_cpu_s_per_frame": round(loaded["cpu_s_per_frame"], 5),
-        "clients_frame_to_result_ms": loaded["frame_to_result_ms"],
-        "rss_mb": round(max(pipe["rss_mb"], loaded["rss_mb"]), 1),
+        "rounds": args.rounds,
+        "bare_fps": round(med(lambda r: r["bare"]["fps"]), 2),
+        "bare_invoke_ms": round(med(lambda r: r["bare"]["invoke_ms"]), 2),
+        "bare_cpu_s_per_frame": round(med(lambda r: r["bare"]["cpu_s_per_frame"]), 5),
+        "naive_fps": round(med(lambda r: r["naive"]["fps"]), 2),
+        "naive_cpu_s_per_frame": round(med(lambda r: r["naive"]["cpu_s_per_frame"]), 5),
+        "pipeline_fps": round(med(lambda r: r["pipeline"]["fps"]), 2),
+        "pipeline_cpu_s_per_frame": round(med(lambda r: r["pipeline"]["cpu_s_per_frame"]), 5),
+        "pipeline_frame_to_result_ms": lat("pipeline"),
+        "pipeline_stage_ms": rounds[-1]["pipeline"]["stage_ms"],
+        "clients_fps": round(med(lambda r: r["clients"]["fps"]), 2),
+        "clients_cpu_s_per_frame": round(med(lambda r: r["clients"]["cpu_s_per_frame"]), 5),
+        "clients_frame_to_result_ms": lat("clients"),
+        # Includes the bare loop's interpreter, which stays loaded between rounds.
+        "rss_mb": round(max(r[k]["rss_mb"] for r in rounds for k in ("pipeline", "clients")), 1),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
     }
+    # Each ratio within its round (the loops ran seconds apart), then the median over rounds.
     out["ratios"] = {
-        "pipeline_vs_bare_fps": round(out["pipeline_fps"] / out["bare_fps"], 3),
-        "clients_vs_bare_fps": round(out["clients_fps"] / out["bare_fps"], 3),
-        "pipeline_vs_bare_cpu": round(
-            out["pipeline_cpu_s_per_frame"] / out["bare_cpu_s_per_frame"], 3
-        ),
-        "pipeline_vs_naive_fps": round(out["pipeline_fps"] / out["naive_fps"], 3),
+        "pipeline_vs_bare_fps": ratio("pipeline", "bare"),
+        "clients_vs_bare_fps": ratio("clients", "bare"),
+        "pipeline_vs_bare_cpu": ratio("pipeline", "bare", "cpu_s_per_frame"),
+        "pipeline_vs_naive_fps": ratio("pipeline", "naive"),
     }
+    out["per_round_fps"] = [
+        {k: round(r[k]["fps"], 1) for k in ("bare", "naive", "pipeline", "clients")}
+        for r in rounds
+    ]
     if args.json:
         print(json.dumps(out))
     else:

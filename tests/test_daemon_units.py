@@ -74,6 +74,25 @@ def test_quality_gate_blur_and_exposure(parrot):
     assert not q.assessable and "clipped" in q.reason
 
 
+def test_quality_scores_agree_with_and_without_opencv(parrot, monkeypatch):
+    """OpenCV is optional on the device: both paths must give the calibrated focus scale."""
+    import edge.quality as quality
+
+    rgb = np.asarray(Image.open(parrot).convert("RGB").resize((224, 224)))
+    grey = quality._grey_small(rgb)
+    g = grey.astype(np.float64)
+    lap = g[1:-1, :-2] + g[1:-1, 2:] + g[:-2, 1:-1] + g[2:, 1:-1] - 4 * g[1:-1, 1:-1]
+    want_focus = lap.var()
+    want_clipped = ((g <= 2) | (g >= 253)).mean()
+    with_cv2 = quality.assess(rgb, 0.0, 1.0)
+    monkeypatch.setattr(quality, "_cv2", lambda: None)
+    without = quality.assess(rgb, 0.0, 1.0)
+    for q in (with_cv2, without):
+        assert q.focus == pytest.approx(want_focus, rel=1e-4)
+        assert q.clipped == pytest.approx(want_clipped)
+    assert want_focus > 10
+
+
 def test_smoother_holds_state_until_it_persists():
     s = Smoother(["a", "b"], window=1, hold=3)
     assert s.update({"a": 0.9, "b": 0.1})[0] == "a"

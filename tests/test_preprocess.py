@@ -86,11 +86,26 @@ def test_uint8_input_identity_fast_path():
     rgb = np.array([[[0, 128, 255], [1, 2, 3]], [[4, 5, 6], [7, 8, 9]]], np.uint8)
     assert adapter._identity
     assert np.array_equal(adapter(rgb)[0], rgb)
-    # MobileNet's 127.5 is half a step off: values follow the formula, not the identity
+    # MobileNet's 127.5 with a scale of 1/128 is not the identity: values follow the formula
     spec = {"normalization": {"mean": [127.5] * 3, "std": [127.5] * 3}}
     adapter = InputAdapter.for_model(detail, spec)
-    want = np.clip(np.round((rgb - 127.5) / 127.5 / 0.0078125 + 128), 0, 255)
+    want = np.clip(np.floor((rgb - 127.5) / 127.5 / 0.0078125 + 128 + 0.5), 0, 255)
+    assert not adapter._identity
     assert np.array_equal(adapter(rgb)[0], want)
+
+
+def test_half_step_input_keeps_every_pixel_value():
+    """The bundled models' input (scale float32(1/127.5), zero point 127, mean/std 127.5) puts
+    each pixel exactly half a step between two codes; ties must not merge pixel values."""
+    scale = float(np.float32(1 / 127.5))
+    detail = {"shape": [1, 16, 16, 3], "dtype": np.uint8, "quantization": (scale, 127)}
+    spec = {"normalization": {"mean": [127.5] * 3, "std": [127.5] * 3}}
+    adapter = InputAdapter.for_model(detail, spec)
+    rgb = np.arange(256, dtype=np.uint8).reshape(16, 16, 1).repeat(3, axis=2)
+    got = adapter(rgb)[0]
+    assert len(np.unique(got)) == 256  # no two pixel values share a code
+    real = (got.astype(float) - 127) * scale
+    assert np.abs(real - (rgb - 127.5) / 127.5).max() <= scale / 2 + 1e-6
 
 
 def test_int8_input_folds_normalisation():
