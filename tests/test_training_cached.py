@@ -12,7 +12,12 @@ pytest.importorskip("tensorflow", reason="training needs the train extra (instal
 
 import keras  # noqa: E402
 
-from training.cached import activations, copies_dataset, split_at  # noqa: E402
+from training.cached import (  # noqa: E402
+    activations,
+    copies_dataset,
+    int8_activations,
+    split_at,
+)
 from training.config import load_config  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -72,6 +77,37 @@ def test_activations_are_augmented_per_copy_and_reused_from_disk(mobilenet, imag
     np.save(files[0], np.full_like(aug[0], 7))  # a reused copy comes from its file
     again = activations(bottom, images, 3, True, "block_13_expand", tmp_path, "a")
     assert (again[0] == 7).all() and np.array_equal(again[1:], aug[1:])
+
+
+def test_int8_activations_are_the_int8_bottoms_own(mobilenet, images, tmp_path):
+    """Batched (with a padded last batch) they equal one image at a time through the int8
+    bottom, they are the float bottom's up to int8 error, and augmented copies differ."""
+    from edge.runtime import resolve_runtime
+    from training.export import export_int8
+
+    layer = "block_6_expand"
+    bottom, _ = split_at(mobilenet, layer)
+    tflite = export_int8(bottom, images, tmp_path / "bottom.tflite")
+    q = int8_activations(tflite, images, 1, False, layer, tmp_path, "t", batch=2)
+    assert q.shape == (1, 5, 8, 8, 32) and q.dtype == np.float16
+
+    interp = resolve_runtime().interpreter_cls(model_path=str(tflite))
+    interp.allocate_tensors()
+    inp, out = interp.get_input_details()[0], interp.get_output_details()[0]
+    scale, zero = out["quantization"]
+    for i, img in enumerate(images):
+        interp.set_tensor(inp["index"], img[None])
+        interp.invoke()
+        one = (interp.get_tensor(out["index"])[0].astype(np.float32) - zero) * scale
+        np.testing.assert_array_equal(q[0, i], one.astype(np.float16))
+
+    f = bottom.predict((images.astype(np.float32) - 127.5) / 127.5, verbose=0)
+    assert np.linalg.norm(q[0] - f) / np.linalg.norm(f) < 0.3
+    assert np.abs(q[0].astype(np.float32) - f).max() > 0  # int8 rounding is there
+
+    aug = int8_activations(tflite, images, 2, True, layer, tmp_path, "a", batch=2)
+    assert np.abs(aug[0].astype(np.float32) - aug[1]).mean() > 0.01
+    assert len(list(tmp_path.glob("a-int8-*.npy"))) == 2
 
 
 def test_copies_dataset_shows_each_image_once_per_epoch_with_its_class_weight():

@@ -162,6 +162,13 @@ def test_config_errors_are_clear(tmp_path):
     p.write_text(base.replace("batch_size = 32", "batch_size = 32\nqat_epochs = 2"))
     with pytest.raises(ConfigError, match="qat_epochs needs cached_copies"):
         load_config(p)
+    p.write_text(base.replace("batch_size = 32", "batch_size = 32\nint8_copies = 2"))
+    with pytest.raises(ConfigError, match="int8_copies needs cached_copies"):
+        load_config(p)
+    many = "batch_size = 32\ncached_copies = 2\nint8_copies = 40"
+    p.write_text(base.replace("batch_size = 32", many))
+    with pytest.raises(ConfigError, match=r"int8_copies must be between 0 \(off\) and 32"):
+        load_config(p)
 
 
 def test_model_card_target_table():

@@ -8,8 +8,6 @@ import shutil
 from collections import Counter
 from pathlib import Path
 
-import numpy as np
-
 from edge.bundle import load_bundle, write_bundle
 
 from .config import Config
@@ -55,7 +53,7 @@ def base_manifest(cfg: Config, threshold: float) -> dict:
 def export_artifacts(cfg: Config, run_dir: Path) -> dict[str, Path]:
     import keras
 
-    from .export import export_float, export_int8, logits_model
+    from .export import calibration_images, export_float, export_int8, logits_model
     from .train import prepare_data
 
     model = keras.models.load_model(run_dir / "model.keras")
@@ -68,10 +66,9 @@ def export_artifacts(cfg: Config, run_dir: Path) -> dict[str, Path]:
         files["float"] = export_float(model, out / f"{cfg.name}_float.tflite")
     if cfg.export.int8:
         data = prepare_data(cfg, run_dir)
-        rng = np.random.default_rng(cfg.dataset.seed)
         x = data["x_train"]
-        pick = rng.choice(len(x), size=min(cfg.export.representative_images, len(x)), replace=False)
-        files["int8"] = export_int8(model, x[pick], out / f"{cfg.name}_int8.tflite")
+        rep = calibration_images(x, cfg.export.representative_images, cfg.dataset.seed)
+        files["int8"] = export_int8(model, rep, out / f"{cfg.name}_int8.tflite")
     return files
 
 

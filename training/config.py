@@ -69,6 +69,10 @@ class TrainConfig:
     # > 0 (needs cached_copies): then this many epochs with int8 activations simulated (see
     # training/qat.py), at qat_lr, before the float weights are exported.
     qat_epochs: int = 0
+    # > 0 (needs cached_copies): this many more augmented copies whose activations come from the
+    # int8 bottom (calibrated like the export), and validation on int8 activations, so the top
+    # learns to answer the same for the float and the int8 bottom (see training/cached.py).
+    int8_copies: int = 0
     qat_lr: float = 3e-5
 
 
@@ -162,5 +166,9 @@ def _check(cfg: Config, path: Path) -> None:
         raise ConfigError(f"{path} [export] output must be probabilities or logits")
     if cfg.train.qat_epochs and not cfg.train.cached_copies:
         raise ConfigError(f"{path} [train] qat_epochs needs cached_copies > 0")
+    if not 0 <= cfg.train.int8_copies <= 32:
+        raise ConfigError(f"{path} [train] int8_copies must be between 0 (off) and 32")
+    if cfg.train.int8_copies and not cfg.train.cached_copies:
+        raise ConfigError(f"{path} [train] int8_copies needs cached_copies > 0")
     if not 0 < cfg.decision.target_sensitivity <= 1:
         raise ConfigError(f"{path} [decision] target_sensitivity must be in (0, 1]")

@@ -63,6 +63,14 @@ def export_float(model, out: Path) -> Path:
     return out
 
 
+def calibration_images(x_train: np.ndarray, n: int, seed: int) -> np.ndarray:
+    """The calibration images: a seeded sample of the training images. The int8 bottom used in
+    training (train.int8_copies) is calibrated on the same ones, so its ranges are the shipped
+    model's."""
+    rng = np.random.default_rng(seed)
+    return x_train[rng.choice(len(x_train), size=min(n, len(x_train)), replace=False)]
+
+
 def export_int8(model, representative: np.ndarray, out: Path) -> Path:
     """Post-training full-integer quantisation with uint8 input and output (Edge TPU ready).
 
