@@ -116,7 +116,7 @@ def resize(img: Image.Image, size: tuple[int, int], mode: str) -> Image.Image:
 _CV2: list = []
 
 
-def _cv2():
+def opencv():
     """OpenCV when installed (python3-opencv on Raspberry Pi OS, or the usb-camera extra)."""
     if not _CV2:
         try:
@@ -133,7 +133,7 @@ def resize_array(rgb: np.ndarray, size: tuple[int, int], mode: str) -> np.ndarra
     """Like :func:`resize` for a camera frame already in memory, several times faster with
     OpenCV (the same reduce-then-bilinear scheme). Without OpenCV it is exactly :func:`resize`.
     """
-    cv2 = _cv2()
+    cv2 = opencv()
     if cv2 is None:
         return np.asarray(resize(Image.fromarray(rgb), size, mode), dtype=np.uint8)
     h, w = size

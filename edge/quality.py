@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .preprocess import _cv2
+from .preprocess import opencv
 
 QUALITY_WIDTH = 320
 
@@ -41,7 +41,7 @@ def focus_score(grey: np.ndarray) -> float:
     """Variance of the 4-neighbour Laplacian (inside the border) of a uint8 grey image."""
     if grey.shape[0] < 3 or grey.shape[1] < 3:
         return 0.0
-    cv2 = _cv2()
+    cv2 = opencv()
     if cv2 is not None:  # the same kernel, a few times faster: this runs on every frame
         lap = cv2.Laplacian(grey, cv2.CV_16S, ksize=1)[1:-1, 1:-1]  # exact for uint8 input
         return float(cv2.meanStdDev(lap)[1][0, 0] ** 2)

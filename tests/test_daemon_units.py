@@ -85,7 +85,7 @@ def test_quality_scores_agree_with_and_without_opencv(parrot, monkeypatch):
     want_focus = lap.var()
     want_clipped = ((g <= 2) | (g >= 253)).mean()
     with_cv2 = quality.assess(rgb, 0.0, 1.0)
-    monkeypatch.setattr(quality, "_cv2", lambda: None)
+    monkeypatch.setattr(quality, "opencv", lambda: None)
     without = quality.assess(rgb, 0.0, 1.0)
     for q in (with_cv2, without):
         assert q.focus == pytest.approx(want_focus, rel=1e-4)

@@ -178,7 +178,7 @@ def test_resize_array_matches_the_pillow_path(mode, shape, parrot):
     """The OpenCV fast path for camera frames gives the same picture as the Pillow path."""
     from edge import preprocess
 
-    if preprocess._cv2() is None:
+    if preprocess.opencv() is None:
         pytest.skip("OpenCV not installed: resize_array is the Pillow path itself")
     img = Image.open(parrot).convert("RGB").resize(shape[::-1])
     rgb = np.asarray(img)

@@ -170,6 +170,12 @@ def write_card(out: Path, manifest: dict, ev: dict, history: Path | None, cfg, e
             f"- The frozen bottom ran once on {cfg.train.cached_copies} augmented copies of "
             "the training set; the layers from there on trained on those stored activations."
         )
+    if cfg.train.int8_copies:
+        lines.append(
+            f"- {cfg.train.int8_copies} more augmented copies came from the bottom converted to "
+            "int8 (calibrated on the export's images), and validation used int8 activations, so "
+            "the top learnt from what the int8 model computes as well as from the float one."
+        )
     if cfg.train.qat_epochs:
         lines.append(
             f"- Then {cfg.train.qat_epochs} quantisation-aware epochs (int8 activations "
