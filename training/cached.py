@@ -63,13 +63,7 @@ def activations(
 
     from .pipeline import make_dataset
 
-    out = np.empty((copies, len(images), *bottom.output_shape[1:]), dtype=np.float16)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    for k in range(copies):
-        path = cache_dir / f"{desc}-{k}-{_key(images, layer, k, augmented)}.npy"
-        if path.is_file():
-            out[k] = np.load(path)
-            continue
+    def compute(k: int) -> np.ndarray:
         log.info("%s activations, copy %d of %d", desc, k + 1, copies)
         # One seed per copy: once a global seed is set (train() sets one), every freshly traced
         # augmentation gets the same op seeds, and the copies could come out identical.
@@ -77,7 +71,25 @@ def activations(
         ds = make_dataset(images, None, batch, train=augmented, shuffle=False)
         # predict, not a Python loop over the dataset: such a loop hung in the tf.data
         # iterator's destructor after the last batch (TF 2.21, 6,000 images).
-        out[k] = bottom.predict(ds, verbose=1)
+        return bottom.predict(ds, verbose=1)
+
+    shape = (copies, len(images), *bottom.output_shape[1:])
+    paths = [
+        cache_dir / f"{desc}-{k}-{_key(images, layer, k, augmented)}.npy" for k in range(copies)
+    ]
+    return _per_copy(shape, paths, compute)
+
+
+def _per_copy(shape: tuple, paths: list[Path], compute) -> np.ndarray:
+    """float16 ``shape`` filled copy by copy: from its file in ``paths`` when a run saved it,
+    else ``compute(k)``, saved at once (atomically) so an interrupted run resumes there."""
+    out = np.empty(shape, dtype=np.float16)
+    for k, path in enumerate(paths):
+        if path.is_file():
+            out[k] = np.load(path)
+            continue
+        path.parent.mkdir(parents=True, exist_ok=True)
+        out[k] = compute(k)
         tmp = path.with_suffix(".tmp.npy")
         np.save(tmp, out[k])
         tmp.replace(path)
@@ -124,15 +136,11 @@ def int8_activations(
     interp.resize_tensor_input(inp["index"], [batch, *inp["shape"][1:]])
     interp.allocate_tensors()
     scale, zero = outp["quantization"]
-    out = np.empty((copies, len(images), *outp["shape"][1:]), dtype=np.float16)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    for k in range(copies):
-        path = cache_dir / f"{desc}-int8-{k}-{_key(images, layer, k, augmented, digest)}.npy"
-        if path.is_file():
-            out[k] = np.load(path)
-            continue
+
+    def compute(k: int) -> np.ndarray:
         log.info("%s int8 activations, copy %d of %d", desc, k + 1, copies)
         tf.random.set_seed(seed + 1000 + k)  # other augmentations than the float copies'
+        acts = np.empty((len(images), *outp["shape"][1:]), dtype=np.float32)
         for start in tqdm(range(0, len(images), chunk), desc=f"{desc} int8 copy {k + 1}"):
             part = images[start : start + chunk]
             pixels = augmented_uint8(part) if augmented else part
@@ -144,11 +152,15 @@ def int8_activations(
                 interp.set_tensor(inp["index"], x)
                 interp.invoke()
                 q = interp.get_tensor(outp["index"])[:n]
-                out[k, start + b : start + b + n] = (q.astype(np.float32) - zero) * scale
-        tmp = path.with_suffix(".tmp.npy")
-        np.save(tmp, out[k])
-        tmp.replace(path)
-    return out
+                acts[start + b : start + b + n] = (q.astype(np.float32) - zero) * scale
+        return acts
+
+    shape = (copies, len(images), *outp["shape"][1:])
+    paths = [
+        cache_dir / f"{desc}-int8-{k}-{_key(images, layer, k, augmented, digest)}.npy"
+        for k in range(copies)
+    ]
+    return _per_copy(shape, paths, compute)
 
 
 def copies_dataset(
