@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import io
 import logging
-import os
 import threading
 import time
 from collections import deque
@@ -23,6 +22,7 @@ from . import notify, postprocess
 from .classifier import Classifier
 from .config import Config
 from .quality import Quality, assess
+from .runtime import usable_cores
 from .smoothing import Smoother
 from .sources import Source, SourceError
 from .store import StorageError, Store
@@ -41,13 +41,6 @@ class Frame:
     small: np.ndarray | None = None
     times: dict[str, float] = field(default_factory=dict)
     quality: Quality | None = None
-
-
-def usable_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
 
 
 @dataclass

@@ -24,6 +24,14 @@ PIP_NAMES = {
 }
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (a container or taskset can allow fewer than exist)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
 @dataclass(frozen=True)
 class Runtime:
     """The interpreter class and delegate loader of one installed package."""

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 from pathlib import Path
 
 import numpy as np
@@ -128,10 +127,10 @@ def int8_activations(
     """
     import tensorflow as tf
 
-    from edge.runtime import resolve_runtime
+    from edge.runtime import resolve_runtime, usable_cores
 
     digest = "|int8 " + hashlib.sha256(tflite.read_bytes()).hexdigest()[:16]
-    interp = resolve_runtime().interpreter_cls(model_path=str(tflite), num_threads=os.cpu_count())
+    interp = resolve_runtime().interpreter_cls(model_path=str(tflite), num_threads=usable_cores())
     inp, outp = interp.get_input_details()[0], interp.get_output_details()[0]
     interp.resize_tensor_input(inp["index"], [batch, *inp["shape"][1:]])
     interp.allocate_tensors()

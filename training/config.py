@@ -69,11 +69,11 @@ class TrainConfig:
     # > 0 (needs cached_copies): then this many epochs with int8 activations simulated (see
     # training/qat.py), at qat_lr, before the float weights are exported.
     qat_epochs: int = 0
+    qat_lr: float = 3e-5
     # > 0 (needs cached_copies): this many more augmented copies whose activations come from the
     # int8 bottom (calibrated like the export), and validation on int8 activations, so the top
     # learns to answer the same for the float and the int8 bottom (see training/cached.py).
     int8_copies: int = 0
-    qat_lr: float = 3e-5
 
 
 @dataclass

@@ -149,7 +149,7 @@ def _finetune_cached(cfg: Config, run_dir: Path, top, head, acts, data, weights,
         fit(simulate_int8(model), cfg.train.qat_lr, cfg.train.qat_epochs, "qat")
 
 
-def _add_int8_activations(cfg: Config, run_dir: Path, bottom, data, acts) -> None:
+def _add_int8_activations(cfg: Config, cache_dir: Path, bottom, data, acts) -> None:
     """Extend the cached float copies with copies from the int8 bottom, calibrated on the
     export's own images, and validate on int8 activations: the kit ships the int8 model."""
     from .cached import int8_activations
@@ -159,8 +159,8 @@ def _add_int8_activations(cfg: Config, run_dir: Path, bottom, data, acts) -> Non
     rep = calibration_images(
         data["x_train"], cfg.export.representative_images, cfg.dataset.seed
     )
-    tflite = export_int8(bottom, rep, run_dir / "activations" / "bottom_int8.tflite")
-    cache_dir = run_dir / "activations"
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tflite = export_int8(bottom, rep, cache_dir / "bottom_int8.tflite")
     extra = int8_activations(
         tflite, data["x_train"], cfg.train.int8_copies, cfg.train.augment, layer, cache_dir,
         "train", seed=cfg.dataset.seed,
@@ -210,12 +210,13 @@ def train(cfg: Config, run_dir: Path) -> Path:
                 "train",
                 seed=cfg.dataset.seed,
             ),
-            "val": activations(
-                bottom, data["x_val"], 1, False, cfg.train.unfreeze_from, cache_dir, "val"
-            )[0].astype(np.float32),
         }
-        if cfg.train.int8_copies:
-            _add_int8_activations(cfg, run_dir, bottom, data, acts)
+        if cfg.train.int8_copies:  # also sets the validation activations, from the int8 bottom
+            _add_int8_activations(cfg, cache_dir, bottom, data, acts)
+        else:
+            acts["val"] = activations(
+                bottom, data["x_val"], 1, False, cfg.train.unfreeze_from, cache_dir, "val"
+            )[0].astype(np.float32)
         log.info("activations cached in %.0f s", time.time() - t0)
 
     # Phase 1: head on cached features of the frozen backbone.
