@@ -131,7 +131,8 @@ def test_copies_dataset_shows_each_image_once_per_epoch_with_its_class_weight():
     assert seen_copies == {0, 1, 2}
 
 
-def test_a_cached_run_trains_only_the_top_and_keeps_the_bottom(shared, tmp_path):
+@pytest.mark.parametrize("int8_copies", [0, 1])
+def test_a_cached_run_trains_only_the_top_and_keeps_the_bottom(shared, tmp_path, int8_copies):
     """small_cnn sliced at conv2: conv0/conv1 stay as initialised, conv2 and the head change."""
     import keras
 
@@ -151,6 +152,7 @@ def test_a_cached_run_trains_only_the_top_and_keeps_the_bottom(shared, tmp_path)
             "train.batch_size": 8,
             "train.unfreeze_from": "conv2",
             "train.cached_copies": 2,
+            "train.int8_copies": int8_copies,
         },
     )
     keras.utils.set_random_seed(cfg.dataset.seed)
@@ -170,5 +172,11 @@ def test_a_cached_run_trains_only_the_top_and_keeps_the_bottom(shared, tmp_path)
     assert not np.array_equal(
         initial.get_layer("conv2").get_weights()[0], trained.get_layer("conv2").get_weights()[0]
     )
-    assert len(list((run_dir / "activations").glob("train-*.npy"))) == 2
+    acts = run_dir / "activations"
+    assert len(list(acts.glob("train-[0-9]-*.npy"))) == 2
+    # int8 copies join the float ones and replace the float validation activations
+    assert len(list(acts.glob("train-int8-*.npy"))) == int8_copies
+    assert len(list(acts.glob("val-int8-*.npy"))) == int8_copies
+    assert len(list(acts.glob("val-[0-9]-*.npy"))) == 1 - int8_copies
+    assert (acts / "bottom_int8.tflite").is_file() == bool(int8_copies)
     assert (run_dir / "history.csv").read_text().count("\n") == 3  # header + 2 epochs
