@@ -196,7 +196,7 @@ class Classifier:
         return Result(
             label=best[0][0],
             score=best[0][1],
-            probabilities={lab: float(p) for lab, p in zip(labels, probs, strict=True)},
+            probabilities=dict(zip(labels, probs.tolist(), strict=True)),
             top_k=best,
             groups=groups,
             decision=decision,

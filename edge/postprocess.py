@@ -12,7 +12,7 @@ def dequantize(raw: np.ndarray, detail: dict[str, Any]) -> np.ndarray:
     """(q − zero_point) × scale for uint8/int8 outputs; float outputs pass through."""
     values = raw.reshape(-1)
     scale, zero = detail.get("quantization", (0.0, 0))
-    if values.dtype in (np.uint8, np.int8, np.int16) and scale:
+    if values.dtype.kind in "iu" and scale:
         return (values.astype(np.float32) - zero) * np.float32(scale)
     return values.astype(np.float32)
 
@@ -33,7 +33,7 @@ def to_probabilities(values: np.ndarray, kind: str = "auto") -> np.ndarray:
     """Apply softmax only when the model emits logits (``kind`` or, if auto, by inspection)."""
     if kind == "logits" or (kind == "auto" and not looks_like_probabilities(values)):
         return softmax(values.astype(np.float64)).astype(np.float32)
-    probs = np.clip(values, 0.0, None)
+    probs = np.maximum(values, 0.0)  # the ufunc: np.clip costs several times more per frame
     total = probs.sum()
     return probs / total if total > 0 else probs
 

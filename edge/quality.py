@@ -44,7 +44,11 @@ def focus_score(grey: np.ndarray) -> float:
     cv2 = opencv()
     if cv2 is not None:  # the same kernel, a few times faster: this runs on every frame
         lap = cv2.Laplacian(grey, cv2.CV_16S, ksize=1)[1:-1, 1:-1]  # exact for uint8 input
-        return float(cv2.meanStdDev(lap)[1][0, 0] ** 2)
+        # Variance from the sum and the sum of squares, both exact integers in a float64:
+        # a tenth of the time meanStdDev takes on the same array.
+        n = lap.size
+        mean = cv2.sumElems(lap)[0] / n
+        return float(cv2.norm(lap, cv2.NORM_L2SQR) / n - mean * mean)
     g = grey.astype(np.float32)
     lap = g[1:-1, :-2] + g[1:-1, 2:] + g[:-2, 1:-1] + g[2:, 1:-1] - 4.0 * g[1:-1, 1:-1]
     return float(lap.var())

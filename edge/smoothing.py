@@ -19,7 +19,9 @@ class Smoother:
     def update(self, probabilities: dict[str, float]) -> tuple[str, np.ndarray]:
         """Add one frame; returns the shown state and the averaged probabilities."""
         self.window.append(np.array([probabilities[lab] for lab in self.labels]))
-        mean = np.mean(self.window, axis=0)
+        # sum() of a few small arrays, not np.mean of the deque (which copies it into a new
+        # 2-D array first): this runs once per classified frame.
+        mean = sum(self.window) / len(self.window)
         top = self.labels[int(mean.argmax())]
         if self.state is None:
             self.state = top

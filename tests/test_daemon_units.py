@@ -103,6 +103,10 @@ def test_smoother_holds_state_until_it_persists():
     s2.update({"a": 1.0, "b": 0.0})
     state, mean = s2.update({"a": 0.0, "b": 1.0})
     assert np.allclose(mean, [0.5, 0.5])
+    s3 = Smoother(["a", "b"], window=2, hold=1)
+    for p in (1.0, 0.5, 0.0):  # the first frame leaves the window
+        state, mean = s3.update({"a": p, "b": 1 - p})
+    assert np.allclose(mean, [0.25, 0.75]) and state == "b"
 
 
 def test_notify_sends_datagrams_to_the_socket(tmp_path, monkeypatch):
