@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -144,6 +146,13 @@ class Classifier:
             small = np.asarray(resize(img, (h, w), self.spec["resize"]), dtype=np.uint8)
         t2 = time.perf_counter()
         return small, {"decode": (t1 - t0) * 1e3, "preprocess": (t2 - t1) * 1e3}
+
+    @contextmanager
+    def exclusive(self) -> Iterator[Backend]:
+        """The backend, for a caller that runs it directly (a benchmark's bare loop on the
+        daemon's own interpreter); classification waits until the block ends."""
+        with self._lock:
+            yield self.backend
 
     def _invoke(self, rgb: np.ndarray) -> tuple[np.ndarray, list[str]]:
         try:

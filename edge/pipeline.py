@@ -1,8 +1,10 @@
 """The daemon's pipeline: capture → quality gate → classify → smooth → store.
 
 Capture keeps only the newest frame (a slot, not a queue), so a slow model never builds a
-backlog; one worker classifies. A camera that fails is reopened with backoff while the rest
-keeps serving. The worker pings the systemd watchdog, so a stuck loop gets the service restarted.
+backlog. The capture thread also prepares one frame at a time (resize, quality gate) while the
+worker classifies the previous one, and the worker only invokes and records. A camera that fails
+is reopened with backoff while the rest keeps serving. The worker pings the systemd watchdog, so
+a stuck loop gets the service restarted.
 """
 
 from __future__ import annotations
@@ -22,7 +24,6 @@ from . import notify, postprocess
 from .classifier import Classifier
 from .config import Config
 from .quality import Quality, assess
-from .runtime import usable_cores
 from .smoothing import Smoother
 from .sources import Source, SourceError
 from .store import StorageError, Store
@@ -32,8 +33,8 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Frame:
-    """A camera frame; ``small`` (model-size) and ``quality`` are filled by the capture thread
-    when it prepares frames (see :attr:`Pipeline.prep_on_capture`), else by the worker."""
+    """A camera frame; ``small`` (model-size), ``times`` and ``quality`` are filled by the
+    capture thread for the frames it hands to the worker."""
 
     id: int
     rgb: np.ndarray
@@ -77,7 +78,6 @@ class Pipeline:
         )
         self._frame: Frame | None = None  # the newest frame (live view)
         self._prepped: Frame | None = None  # prepared on the capture thread, not yet taken
-        self._taken = 0  # id of the newest frame the worker has taken
         self._refresh = 0.005
         self._cond = threading.Condition()
         self._source_lock = threading.Lock()  # the camera is used by capture and stills
@@ -93,12 +93,6 @@ class Pipeline:
         # A camera that stops delivering without an error (a hung driver) for this long stops
         # the systemd watchdog pings, so systemd restarts the daemon.
         self.source_timeout = max(cfg.source.timeout_s, 3.0 / cfg.source.fps)
-        # Resizing and the quality check on the capture thread overlap with the previous
-        # frame's inference, but only when a core is free for them: if the interpreter's threads
-        # take every core, the overlap stalls them (measured on 2 cores: 1 thread 0.93-0.98 × the
-        # bare loop against 0.88-0.89 serially; 2 threads 0.82 against 0.86).
-        cores = usable_cores()
-        self.prep_on_capture = (classifier.threads or cores) < cores
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:
@@ -163,9 +157,11 @@ class Pipeline:
                 backoff = min(backoff * 2, 30.0)
                 continue
             frame = Frame(next_id, rgb, time.monotonic())
-            # Prepare one frame per inference, not every frame: frames read while the worker is
-            # still busy with the prepared one only refresh the live view.
-            prep = self.prep_on_capture and self._prepped is None
+            # Prepare one frame per inference, not every frame: it overlaps the worker's
+            # inference of the previous one (even when the interpreter's threads take every core:
+            # 0.89 against 0.86 × the bare loop serially, 2 threads on 2 cores). Frames read
+            # while the prepared one waits only refresh the live view.
+            prep = self._prepped is None
             try:
                 if prep:
                     frame.small, frame.times, frame.quality = self._prepare(rgb)
@@ -179,12 +175,10 @@ class Pipeline:
                     self._prepped = frame
                 next_id += 1
                 self._cond.notify_all()
-                # Do not outrun the classifier: read the next frame once this one is taken, or
-                # after a short refresh so the live view stays current when inference is slow.
-                published = self._frame.id
+                # Do not outrun the classifier: read the next frame once the worker has taken
+                # the prepared one, or after a short refresh so the live view stays current.
                 self._cond.wait_for(
-                    lambda published=published: self._stop.is_set() or self._taken >= published,
-                    self._refresh,
+                    lambda: self._stop.is_set() or self._prepped is None, self._refresh
                 )
 
     def _prepare(self, rgb: np.ndarray) -> tuple[np.ndarray, dict[str, float], Quality]:
@@ -201,24 +195,14 @@ class Pipeline:
     def latest_frame(self) -> Frame | None:
         return self._frame
 
-    def wait_frame(self, after_id: int, timeout: float) -> Frame | None:
-        """The next frame for the worker: the prepared one if there is one (at most one
-        inference older than the newest), else the newest."""
-
-        def pick() -> Frame | None:
-            for frame in (self._prepped, self._frame):
-                if frame is not None and frame.id > after_id:
-                    return frame
-            return None
-
+    def wait_frame(self, timeout: float) -> Frame | None:
+        """The next prepared frame for the worker (at most one inference older than the
+        newest), or None after ``timeout``."""
         with self._cond:
-            self._cond.wait_for(lambda: self._stop.is_set() or pick() is not None, timeout)
-            frame = pick()
+            self._cond.wait_for(lambda: self._stop.is_set() or self._prepped is not None, timeout)
+            frame, self._prepped = self._prepped, None
             if frame is not None:
-                self._taken = frame.id
-                if self._prepped is not None and self._prepped.id <= frame.id:
-                    self._prepped = None  # the capture thread prepares the next one
-                self._cond.notify_all()
+                self._cond.notify_all()  # the capture thread prepares the next one
             return frame
 
     def preview_jpeg(self, max_width: int = 640) -> tuple[int, bytes] | None:
@@ -241,7 +225,6 @@ class Pipeline:
         interval = notify.watchdog_interval()
         last_ping = 0.0
         min_gap = 1.0 / self.cfg.pipeline.max_fps if self.cfg.pipeline.max_fps > 0 else 0.0
-        last_id = 0
         last_run = 0.0
         while not self._stop.is_set():
             now = time.monotonic()
@@ -258,10 +241,9 @@ class Pipeline:
             elif interval and now - last_ping >= interval:
                 notify.notify("WATCHDOG=1")
                 last_ping = now
-            frame = self.wait_frame(last_id, timeout=1.0)
+            frame = self.wait_frame(timeout=1.0)
             if frame is None:
                 continue
-            last_id = frame.id
             if min_gap and time.monotonic() - last_run < min_gap:
                 self._stop.wait(min_gap - (time.monotonic() - last_run))
             last_run = time.monotonic()
@@ -273,9 +255,7 @@ class Pipeline:
 
     def _process(self, frame: Frame) -> None:
         p = self.cfg.pipeline
-        if frame.quality is None:
-            frame.small, frame.times, frame.quality = self._prepare(frame.rgb)
-        quality = frame.quality
+        quality = frame.quality  # frames reach the worker prepared (see wait_frame)
         st = self.state
         st.quality = quality.to_dict()
         if not quality.assessable:

@@ -2,19 +2,22 @@
 """Throughput of the daemon's real pipeline vs a bare interpreter loop vs a naive loop.
 
 All run in one process on the same model and thread count, fed with camera-sized frames from
-memory, in interleaved rounds (bare, naive, pipeline, pipeline+clients, then again): a shared
-machine drifts by 10-20 % over a minute, so each ratio is taken within a round and the report
-gives the median over rounds.
+memory. One pipeline runs for the whole benchmark; the loops take turns in short slices (bare,
+naive, pipeline, pipeline with clients, then again), because a shared machine drifts by 10-20 %
+over a minute: each ratio is taken within its round and the report gives the median over rounds.
 
-- bare: set_tensor/invoke/get_tensor on an already preprocessed input (the ceiling);
-- naive: what common examples do per frame: PIL open/convert/resize, set, invoke, read;
+- bare: set_tensor/invoke/get_tensor on an already preprocessed input (the ceiling), on the
+  pipeline's own interpreter while the pipeline is held;
+- naive: what common examples do per frame: PIL open/convert/resize, set, invoke, read (its own
+  interpreter, the pipeline held meanwhile);
 - pipeline: edge.pipeline.Pipeline (capture thread, quality gate, classifier, smoothing) with an
   in-memory camera delivering 640×480 frames faster than the model can take them;
-- pipeline+clients: the same, served by waitress with two MJPEG viewers and an API poller.
+- clients: the same pipeline, served by waitress, with two MJPEG viewers and an API poller
+  attached for the slice.
 
 Usage: python scripts/bench_pipeline.py [--model models/blood-smear] [--threads 2]
-       [--seconds 10] [--rounds 3] [--json]
-(--seconds is the measured time of each loop, split over the rounds.)
+       [--seconds 15] [--rounds 10] [--json]
+(--seconds is the measured time of each of the four, split over the rounds.)
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ import sys
 import threading
 import time
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -49,11 +54,14 @@ class MemorySource(Source):
 
     def __init__(self, frames: list[np.ndarray], fps: float = 200.0) -> None:
         self.frames, self.gap, self.i, self.next_at = frames, 1.0 / fps, 0, 0.0
+        self.running = threading.Event()  # cleared: read() waits, the camera is quiet
+        self.running.set()
 
     def open(self) -> None:
         pass
 
     def read(self) -> np.ndarray:
+        self.running.wait()
         now = time.monotonic()
         if self.next_at > now:
             time.sleep(self.next_at - now)
@@ -79,49 +87,114 @@ def camera_frames(bundle, n: int = 8) -> list[np.ndarray]:
     return frames
 
 
-def run_bare(clf: Classifier, seconds: float) -> dict:
-    b = clf.backend
-    x = clf.adapter(np.zeros((*clf.input_size, 3), np.uint8))
-    for _ in range(5):
-        b.invoke(x)
-    n, t0, c0 = 0, time.perf_counter(), time.process_time()
-    while time.perf_counter() - t0 < seconds:
-        b.invoke(x)
-        n += 1
-    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+@contextmanager
+def held(pipe) -> Iterator:
+    """The pipeline's backend, with its camera quiet and its classification waiting."""
+    pipe.source.running.clear()
+    try:
+        with pipe.classifier.exclusive() as backend:
+            yield backend
+    finally:
+        pipe.source.running.set()
+
+
+def run_bare(pipe, seconds: float) -> dict:
+    """The interpreter alone, on the pipeline's own backend while the pipeline waits."""
+    clf = pipe.classifier
+    with held(pipe) as backend:
+        x = clf.adapter(np.zeros((*clf.input_size, 3), np.uint8))
+        for _ in range(3):
+            backend.invoke(x)
+        n, t0, c0 = 0, time.perf_counter(), time.process_time()
+        while time.perf_counter() - t0 < seconds:
+            backend.invoke(x)
+            n += 1
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     return {"fps": n / wall, "cpu_s_per_frame": cpu / n, "invoke_ms": 1e3 * wall / n}
 
 
-def run_naive(model_path: Path, threads: int, frames: list[np.ndarray], seconds: float) -> dict:
-    from edge.runtime import resolve_runtime
+class NaiveLoop:
+    """Per frame: decode the JPEG with PIL, convert, resize, set, invoke, read."""
 
-    jpegs = []
-    for f in frames:
-        buf = io.BytesIO()
-        Image.fromarray(f).save(buf, "JPEG", quality=90)
-        jpegs.append(buf.getvalue())
-    interp = resolve_runtime().interpreter_cls(model_path=str(model_path), num_threads=threads)
-    interp.allocate_tensors()
-    inp, out = interp.get_input_details()[0], interp.get_output_details()[0]
-    h, w = inp["shape"][1:3]
-    n, t0, c0 = 0, time.perf_counter(), time.process_time()
-    while time.perf_counter() - t0 < seconds:
-        img = Image.open(io.BytesIO(jpegs[n % len(jpegs)])).convert("RGB").resize((w, h))
-        interp.set_tensor(inp["index"], np.expand_dims(np.asarray(img, dtype=inp["dtype"]), 0))
-        interp.invoke()
-        interp.get_tensor(out["index"])
-        n += 1
-    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-    return {"fps": n / wall, "cpu_s_per_frame": cpu / n}
+    def __init__(self, model_path: Path, threads: int, frames: list[np.ndarray]) -> None:
+        from edge.runtime import resolve_runtime
+
+        self.jpegs = []
+        for f in frames:
+            buf = io.BytesIO()
+            Image.fromarray(f).save(buf, "JPEG", quality=90)
+            self.jpegs.append(buf.getvalue())
+        self.interp = resolve_runtime().interpreter_cls(
+            model_path=str(model_path), num_threads=threads
+        )
+        self.interp.allocate_tensors()
+        self.inp = self.interp.get_input_details()[0]
+        self.out = self.interp.get_output_details()[0]
+
+    def run(self, pipe, seconds: float) -> dict:
+        interp, inp, out = self.interp, self.inp, self.out
+        h, w = inp["shape"][1:3]
+        with held(pipe):  # the cores are the naive loop's
+            n, t0, c0 = 0, time.perf_counter(), time.process_time()
+            while time.perf_counter() - t0 < seconds:
+                jpeg = self.jpegs[n % len(self.jpegs)]
+                img = Image.open(io.BytesIO(jpeg)).convert("RGB").resize((w, h))
+                interp.set_tensor(inp["index"], np.expand_dims(np.asarray(img, inp["dtype"]), 0))
+                interp.invoke()
+                interp.get_tensor(out["index"])
+                n += 1
+            wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+        return {"fps": n / wall, "cpu_s_per_frame": cpu / n}
 
 
-def run_pipeline(
-    model: str, threads: int, frames, seconds: float, clients: bool, warmup: float = 2.0
-) -> dict:
+def measure_pipeline(pipe, seconds: float) -> dict:
+    """Frames the running pipeline classifies in ``seconds``, and the CPU it takes."""
+    n0, c0, t0 = pipe.state.classified, time.process_time(), time.perf_counter()
+    time.sleep(seconds)
+    n1, c1, t1 = pipe.state.classified, time.process_time(), time.perf_counter()
+    done = max(1, n1 - n0)
+    lat = list(pipe.state.latencies)[-min(len(pipe.state.latencies), done) :]
+    return {
+        "fps": (n1 - n0) / (t1 - t0),
+        "cpu_s_per_frame": (c1 - c0) / done,
+        "frame_to_result_ms": float(np.median(lat)) if lat else None,
+    }
+
+
+def with_clients(base: str, fn):
+    """Run ``fn`` with two MJPEG viewers and an API poller attached to the server at ``base``."""
+    stop = threading.Event()
+
+    def viewer():
+        with urllib.request.urlopen(base + "/stream.mjpg", timeout=30) as r:
+            while not stop.is_set():
+                r.read(65536)
+
+    def poller():
+        while not stop.is_set():
+            urllib.request.urlopen(base + "/api/status", timeout=10).read()
+            stop.wait(0.5)
+
+    workers = [threading.Thread(target=f, daemon=True) for f in (viewer, viewer, poller)]
+    for t in workers:
+        t.start()
+    time.sleep(0.2)  # connected and streaming
+    try:
+        return fn()
+    finally:
+        stop.set()
+        for t in workers:
+            t.join(5.0)
+
+
+def start_pipeline(model: str, threads: int, frames):
+    """The daemon's pipeline on an in-memory camera, served (idle until clients attach)."""
     import tempfile
 
     from edge.pipeline import Pipeline
+    from edge.serve import make_server
     from edge.store import Store
+    from edge.web import create_app
 
     data = tempfile.mkdtemp(prefix="fieldscope-bench-")
     cfg = load_config(
@@ -141,81 +214,50 @@ def run_pipeline(
     store = Store(Path(data))
     pipe = Pipeline(cfg, clf, MemorySource(frames), store)
     pipe.start()
-    stop = threading.Event()
-    workers = []
-    server = None
-    if clients:
-        from edge.serve import make_server
-        from edge.web import create_app
+    server = make_server(create_app(pipe, cfg), "127.0.0.1", 0, 6)
+    threading.Thread(target=server.run, daemon=True).start()
 
-        server = make_server(create_app(pipe, cfg), "127.0.0.1", 0, 6)
-        threading.Thread(target=server.run, daemon=True).start()
-        base = f"http://127.0.0.1:{server.effective_port}"
-
-        def viewer():
-            with urllib.request.urlopen(base + "/stream.mjpg", timeout=30) as r:
-                while not stop.is_set():
-                    r.read(65536)
-
-        def poller():
-            while not stop.is_set():
-                urllib.request.urlopen(base + "/api/status", timeout=10).read()
-                stop.wait(0.5)
-
-        for fn in (viewer, viewer, poller):
-            t = threading.Thread(target=fn, daemon=True)
-            t.start()
-            workers.append(t)
-    time.sleep(warmup)
-    n0, c0, t0 = pipe.state.classified, time.process_time(), time.perf_counter()
-    lat0 = len(pipe.state.latencies)
-    time.sleep(seconds)
-    n1, c1, t1 = pipe.state.classified, time.process_time(), time.perf_counter()
-    lat = list(pipe.state.latencies)[-min(50, max(1, len(pipe.state.latencies) - lat0)) :]
-    rss = rss_mb()
-    stop.set()
-    pipe.stop()
-    if server:
+    def stop() -> None:
+        pipe.stop()
         server.close()
         server.task_dispatcher.shutdown()
-    for t in workers:
-        t.join(2.0)
-    store.close()
-    clf.close()
-    frames_done = max(1, n1 - n0)
-    return {
-        "fps": frames_done / (t1 - t0),
-        "cpu_s_per_frame": (c1 - c0) / frames_done,
-        "frame_to_result_ms": float(np.median(lat)) if lat else None,
-        "rss_mb": rss,
-        "stage_ms": pipe.state.result.get("timings_ms") if pipe.state.result else None,
-    }
+        store.close()
+        clf.close()
+
+    return pipe, clf, f"http://127.0.0.1:{server.effective_port}", stop
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=str(ROOT / "models" / "blood-smear"))
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--seconds", type=float, default=10.0)
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--seconds", type=float, default=15.0)
+    ap.add_argument("--rounds", type=int, default=10)
+    ap.add_argument("--warmup", type=float, default=2.0)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     if args.rounds < 1 or args.seconds <= 0:
         ap.error("--rounds must be at least 1 and --seconds positive")
     bundle = load_model(args.model)
     frames = camera_frames(bundle)
-    clf = Classifier(bundle, backend="cpu", threads=args.threads)
+    pipe, clf, base, stop = start_pipeline(args.model, args.threads, frames)
     kind = clf.backend.artifact.kind
+    naive = NaiveLoop(clf.backend.artifact.path, args.threads, frames)
     block = args.seconds / args.rounds
-    warmup = min(2.0, max(0.5, block))
     rounds = []
-    for _ in range(args.rounds):
-        bare = run_bare(clf, block)
-        naive = run_naive(clf.backend.artifact.path, args.threads, frames, block)
-        pipe = run_pipeline(args.model, args.threads, frames, block, False, warmup)
-        loaded = run_pipeline(args.model, args.threads, frames, block, True, warmup)
-        rounds.append({"bare": bare, "naive": naive, "pipeline": pipe, "clients": loaded})
-    clf.close()
+    try:
+        time.sleep(args.warmup)
+        for _ in range(args.rounds):
+            bare = run_bare(pipe, block)
+            slow = naive.run(pipe, block)
+            measure_pipeline(pipe, min(0.2, block))  # back in its stride after the hold
+            alone = measure_pipeline(pipe, block)
+            loaded = with_clients(base, lambda: measure_pipeline(pipe, block))
+            rounds.append({"bare": bare, "naive": slow, "pipeline": alone, "clients": loaded})
+        rss = rss_mb()
+        stage_ms = pipe.state.result.get("timings_ms") if pipe.state.result else None
+    finally:
+        stop()
 
     def med(fn) -> float:
         return float(np.median([fn(r) for r in rounds]))
@@ -239,12 +281,12 @@ def main() -> int:
         "pipeline_fps": round(med(lambda r: r["pipeline"]["fps"]), 2),
         "pipeline_cpu_s_per_frame": round(med(lambda r: r["pipeline"]["cpu_s_per_frame"]), 5),
         "pipeline_frame_to_result_ms": lat("pipeline"),
-        "pipeline_stage_ms": rounds[-1]["pipeline"]["stage_ms"],
+        "pipeline_stage_ms": stage_ms,
         "clients_fps": round(med(lambda r: r["clients"]["fps"]), 2),
         "clients_cpu_s_per_frame": round(med(lambda r: r["clients"]["cpu_s_per_frame"]), 5),
         "clients_frame_to_result_ms": lat("clients"),
-        # Includes the bare loop's interpreter, which stays loaded between rounds.
-        "rss_mb": round(max(r[k]["rss_mb"] for r in rounds for k in ("pipeline", "clients")), 1),
+        # The daemon's pipeline and server, plus the naive loop's interpreter.
+        "rss_mb": round(rss, 1),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
     }
     # Each ratio within its round (the loops ran seconds apart), then the median over rounds.

@@ -82,6 +82,10 @@ def test_bench_pipeline_json(blood_bundle):
             "1",
             "--seconds",
             "1",
+            "--rounds",
+            "2",
+            "--warmup",
+            "0.5",
             "--json",
         ],
         cwd=ROOT,
@@ -105,3 +109,12 @@ def test_bench_pipeline_json(blood_bundle):
         assert key in doc, key
     assert doc["threads"] == 1 and doc["bare_fps"] > 0 and doc["pipeline_fps"] > 0
     assert doc["model"].startswith("blood-smear")
+    # one pipeline, the four loops taking turns: every round measured each of them
+    assert len(doc["per_round_fps"]) == 2
+    assert all(r["pipeline"] > 0 and r["bare"] > 0 for r in doc["per_round_fps"])
+    assert set(doc["ratios"]) == {
+        "pipeline_vs_bare_fps",
+        "clients_vs_bare_fps",
+        "pipeline_vs_bare_cpu",
+        "pipeline_vs_naive_fps",
+    }
