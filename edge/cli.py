@@ -5,11 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 
 from .errors import FieldScopeError
+from .runtime import usable_cores
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif"}
 log = logging.getLogger("edge")
@@ -158,7 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labels", help="labels file for a bare .tflite")
     p.add_argument("--backend", choices=("auto", "cpu", "edgetpu"), default="auto")
     p.add_argument("--device", help="Edge TPU device: usb, usb:N, pci, pci:N or :N")
-    p.add_argument("--threads", type=int, default=os.cpu_count(), help="CPU threads")
+    p.add_argument(
+        "--threads", type=int, default=usable_cores(), help="CPU threads (default: usable cores)"
+    )
     p.add_argument("--top-k", type=int, default=3)
     p.add_argument("--json", action="store_true", help="one JSON object per image per line")
     p.set_defaults(func=cmd_classify)
