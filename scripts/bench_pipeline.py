@@ -226,7 +226,7 @@ def start_pipeline(model: str, threads: int, frames):
         store.close()
         clf.close()
 
-    return pipe, clf, f"http://127.0.0.1:{server.effective_port}", stop
+    return pipe, f"http://127.0.0.1:{server.effective_port}", stop
 
 
 def main() -> int:
@@ -242,9 +242,9 @@ def main() -> int:
         ap.error("--rounds must be at least 1 and --seconds positive")
     bundle = load_model(args.model)
     frames = camera_frames(bundle)
-    pipe, clf, base, stop = start_pipeline(args.model, args.threads, frames)
-    kind = clf.backend.artifact.kind
-    naive = NaiveLoop(clf.backend.artifact.path, args.threads, frames)
+    pipe, base, stop = start_pipeline(args.model, args.threads, frames)
+    artifact = pipe.classifier.backend.artifact
+    naive = NaiveLoop(artifact.path, args.threads, frames)
     block = args.seconds / args.rounds
     rounds = []
     try:
@@ -278,7 +278,7 @@ def main() -> int:
         return round(float(np.median(values)), 2) if values else None
 
     out = {
-        "model": f"{bundle.name} {bundle.version} ({kind})",
+        "model": f"{bundle.name} {bundle.version} ({artifact.kind})",
         "threads": args.threads,
         "rounds": args.rounds,
         "bare_fps": round(med(lambda r: r["bare"]["fps"]), 2),
