@@ -76,6 +76,11 @@ class Bundle:
         return spec
 
     @property
+    def tta(self) -> list[str]:
+        """Views averaged when test-time augmentation is asked for ([] = not offered)."""
+        return list(self.manifest.get("tta") or [])
+
+    @property
     def output_kind(self) -> str:
         return self.manifest.get("output", "auto")
 
@@ -119,6 +124,14 @@ def _cross_errors(manifest: dict[str, Any]) -> list[str]:
         ambiguous = sorted(duplicates.intersection(members))
         if ambiguous:
             errors.append(f"label_groups/{group}: labels {ambiguous} occur more than once")
+    tta = manifest.get("tta") or []
+    size = manifest["input"]["size"]
+    turns = sorted({"rot90", "rot270"}.intersection(tta))
+    if turns and size[0] != size[1] and size != [0, 0]:
+        errors.append(
+            f"tta: {turns} would turn the {size[0]}×{size[1]} input on its side; on a non-square "
+            "input use identity, flip_lr, flip_ud and rot180"
+        )
     decision = manifest.get("decision")
     if decision and decision["group"] not in groups:
         errors.append(

@@ -23,6 +23,7 @@ from .preprocess import (
     open_image,
     resize,
     resize_array,
+    tta_views,
 )
 from .runtime import resolve_runtime
 
@@ -42,6 +43,8 @@ class Result:
     model: str = ""
     image: str | None = None
     notes: list[str] = field(default_factory=list)
+    # How many views were averaged (test-time augmentation); 1 for a plain classification.
+    views: int = 1
 
     def to_dict(self) -> dict[str, Any]:
         # Built by hand: dataclasses.asdict deep-copies recursively, a visible cost per frame.
@@ -173,32 +176,57 @@ class Classifier:
             return self.backend.invoke(self.adapter(rgb)), [why]
 
     def classify(
-        self, source: ImageSource | np.ndarray, top_k: int = 3, name: str | None = None
+        self,
+        source: ImageSource | np.ndarray,
+        top_k: int = 3,
+        name: str | None = None,
+        tta: bool = False,
     ) -> Result:
         rgb, times = self.prepare(source)
         if name is None and isinstance(source, str):
             name = source
-        return self.infer(rgb, times, top_k, name)
+        return self.infer(rgb, times, top_k, name, tta=tta)
+
+    @property
+    def tta_views(self) -> list[str]:
+        """The views ``tta=True`` averages (the bundle's ``tta``; [] when it offers none)."""
+        return self.bundle.tta
 
     def infer(
-        self, rgb: np.ndarray, times: dict[str, float] | None = None, top_k: int = 3,
+        self,
+        rgb: np.ndarray,
+        times: dict[str, float] | None = None,
+        top_k: int = 3,
         name: str | None = None,
+        tta: bool = False,
     ) -> Result:
-        """Classify an already prepared (H, W, 3) model-size input (see :meth:`prepare`)."""
+        """Classify an already prepared (H, W, 3) model-size input (see :meth:`prepare`).
+
+        ``tta``: average the probabilities over the bundle's test-time views (a few times the
+        invoke cost; for on-demand classifications, not the live stream). Without ``tta`` in
+        the bundle it is a plain classification."""
         times = dict(times or {})
         t_start = time.perf_counter() - (times.get("decode", 0) + times.get("preprocess", 0)) / 1e3
+        views = tta_views(rgb, self.bundle.tta) if tta and self.bundle.tta else [rgb]
+        outputs = []
+        notes: list[str] = []
         with self._lock:
             t0 = time.perf_counter()
-            raw, notes = self._invoke(rgb)
+            for view in views:
+                raw, why = self._invoke(view)
+                notes += why
+                outputs.append((raw, self.backend.output_detail))
             t1 = time.perf_counter()
-            detail = self.backend.output_detail
             backend_name = self.backend.name
-        values = postprocess.dequantize(raw, detail)
-        probs = postprocess.to_probabilities(values, self.bundle.output_kind)
+        kind = self.bundle.output_kind
+        each = [
+            postprocess.to_probabilities(postprocess.dequantize(r, d), kind) for r, d in outputs
+        ]
+        probs = each[0] if len(each) == 1 else np.mean(each, axis=0, dtype=np.float32)
         labels = self.bundle.labels
         best = postprocess.top_k(probs, labels, top_k)
         groups = postprocess.group_scores(probs, labels, self.bundle.label_groups)
-        decision = postprocess.decide(groups, self.bundle.decision)
+        decision = postprocess.decide(groups, self.bundle.decision, tta=len(views) > 1)
         t2 = time.perf_counter()
         times.update(invoke=(t1 - t0) * 1e3, postprocess=(t2 - t1) * 1e3)
         times["total"] = (t2 - t_start) * 1e3
@@ -214,6 +242,7 @@ class Classifier:
             model=f"{self.bundle.name} {self.bundle.version}",
             image=name,
             notes=notes,
+            views=len(views),
         )
 
     def close(self) -> None:

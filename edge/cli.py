@@ -39,8 +39,9 @@ def _expand(inputs: list[str]) -> tuple[list[Path], list[str]]:
 def _format(result, top_k: int) -> str:
     parts = ", ".join(f"{lab} {score:.3f}" for lab, score in result.top_k[:top_k])
     t = result.timings_ms
+    views = f", {result.views} views" if result.views > 1 else ""
     line = (
-        f"{result.image}: {parts} [{result.backend}, invoke {t['invoke']:.1f} ms, "
+        f"{result.image}: {parts} [{result.backend}, invoke {t['invoke']:.1f} ms{views}, "
         f"total {t['total']:.1f} ms]"
     )
     if result.decision:
@@ -61,6 +62,8 @@ def cmd_classify(args: argparse.Namespace) -> int:
     log.info(
         "model %s %s on %s: %s", bundle.name, bundle.version, clf.backend.name, clf.backend_reason
     )
+    if args.tta and not bundle.tta:
+        log.warning("--tta: bundle %s offers no test-time views; classifying plainly", bundle.name)
     if not args.json:
         print(
             f"# {bundle.name} {bundle.version} · {clf.backend.name} "
@@ -74,7 +77,7 @@ def cmd_classify(args: argparse.Namespace) -> int:
     bar = tqdm(files, unit="img", file=sys.stderr, disable=len(files) < 5 or None, leave=False)
     for path in bar:
         try:
-            result = clf.classify(str(path), top_k=args.top_k, name=str(path))
+            result = clf.classify(str(path), top_k=args.top_k, name=str(path), tta=args.tta)
         except FieldScopeError as exc:
             failed += 1
             bar.write(f"error: {exc}", file=sys.stderr)
@@ -95,6 +98,7 @@ def cmd_classify(args: argparse.Namespace) -> int:
                     "timings_ms",
                     "model",
                     "notes",
+                    "views",
                 )
             }
             bar.write(json.dumps(out))
@@ -162,6 +166,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--threads", type=int, default=usable_cores(), help="CPU threads (default: usable cores)"
     )
     p.add_argument("--top-k", type=int, default=3)
+    p.add_argument(
+        "--tta",
+        action="store_true",
+        help="average over the bundle's test-time views (flips/turns; several invokes per image)",
+    )
     p.add_argument("--json", action="store_true", help="one JSON object per image per line")
     p.set_defaults(func=cmd_classify)
 

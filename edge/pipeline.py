@@ -328,7 +328,11 @@ class Pipeline:
             )
         )
         small, times, quality = self._prepare(rgb)
-        result = self.classifier.infer(small, times, top_k=self.cfg.pipeline.top_k, name=mode)
+        # On demand a few more invokes cost nothing a user notices: average the bundle's
+        # test-time views (the live stream never does, see _process).
+        result = self.classifier.infer(
+            small, times, top_k=self.cfg.pipeline.top_k, name=mode, tta=True
+        )
         doc = result.to_dict()
         doc["quality"] = quality.to_dict()
         doc["assessable"] = quality.assessable

@@ -48,12 +48,17 @@ def group_scores(probs: np.ndarray, labels: list[str], groups: dict[str, list[st
     return {g: float(sum(probs[index[m]] for m in members)) for g, members in groups.items()}
 
 
-def decide(groups: dict[str, float], rule: dict[str, Any] | None) -> dict[str, Any] | None:
-    """The manifest's rule, e.g. malignant 0.83 ≥ 0.30 → refer."""
+def decide(
+    groups: dict[str, float], rule: dict[str, Any] | None, tta: bool = False
+) -> dict[str, Any] | None:
+    """The manifest's rule, e.g. malignant 0.83 ≥ 0.30 → refer. ``tta``: the scores are a mean
+    over test-time views, which are less extreme than one view's, so the rule's
+    ``tta_threshold`` (chosen the same way on those means) applies when it has one."""
     if not rule:
         return None
     score = groups[rule["group"]]
-    threshold = float(rule["threshold"])
+    key = "tta_threshold" if tta and "tta_threshold" in rule else "threshold"
+    threshold = float(rule[key])
     positive = score >= threshold
     outcome = rule.get("positive", "positive") if positive else rule.get("negative", "negative")
     sign = "≥" if positive else "<"

@@ -238,3 +238,24 @@ class InputAdapter:
         else:
             out = ((rgb.astype(np.float32) - self.mean) / self.std).astype(np.float32)
         return np.ascontiguousarray(out, dtype=self.dtype).reshape(self.shape)
+
+
+# Test-time augmentation: views of a prepared (H, W, 3) input that a lesion or a smear looks the
+# same in. Each is a view of the same pixels (no interpolation), so the model input of every
+# view is exactly what the plain path would give that rotated image.
+TTA_VIEWS: dict[str, Any] = {
+    "identity": lambda a: a,
+    "flip_lr": lambda a: a[:, ::-1],
+    "flip_ud": lambda a: a[::-1],
+    "rot180": lambda a: a[::-1, ::-1],
+    "rot90": lambda a: np.rot90(a, 1),
+    "rot270": lambda a: np.rot90(a, 3),
+}
+
+
+def tta_views(rgb: np.ndarray, names: list[str]) -> list[np.ndarray]:
+    """The prepared input under each named view, in order."""
+    try:
+        return [np.ascontiguousarray(TTA_VIEWS[n](rgb)) for n in names]
+    except KeyError as exc:
+        raise ValueError(f"unknown test-time view {exc}; known: {sorted(TTA_VIEWS)}") from None

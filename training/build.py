@@ -18,9 +18,9 @@ from .evaluate import choose_threshold, evaluate_bundle
 log = logging.getLogger(__name__)
 
 
-def base_manifest(cfg: Config, threshold: float) -> dict:
+def base_manifest(cfg: Config, threshold: float, tta_threshold: float | None = None) -> dict:
     ds = cfg.dataset
-    return {
+    manifest = {
         "schema_version": 1,
         "name": cfg.name,
         "version": cfg.version,
@@ -36,7 +36,7 @@ def base_manifest(cfg: Config, threshold: float) -> dict:
             "negative": cfg.decision.negative,
         },
         "input": {
-            "size": [cfg.model.input_size, cfg.model.input_size],
+            "size": list(cfg.model.hw),
             "color_order": "RGB",
             "resize": "squash" if ds.layout == "ham10000" else "center-crop",
             "normalization": {"mean": [127.5] * 3, "std": [127.5] * 3},
@@ -48,6 +48,11 @@ def base_manifest(cfg: Config, threshold: float) -> dict:
         "card": "CARD.md",
         "samples": "samples",
     }
+    if cfg.export.tta:
+        manifest["tta"] = list(cfg.export.tta)
+        if tta_threshold is not None:
+            manifest["decision"]["tta_threshold"] = round(float(tta_threshold), 4)
+    return manifest
 
 
 def export_artifacts(cfg: Config, run_dir: Path) -> dict[str, Path]:
@@ -116,13 +121,17 @@ def build_bundle(
         shutil.rmtree(staging)
     manifest = base_manifest(cfg, 0.5)
     write_bundle(staging, manifest, files)
-    threshold = choose_threshold(
-        load_bundle(staging),
-        parts["val"],
-        cfg.decision.target_sensitivity,
-        "int8" if "int8" in files else "float",
+    cpu_kind = "int8" if "int8" in files else "float"
+    staged = load_bundle(staging)
+    threshold = choose_threshold(staged, parts["val"], cfg.decision.target_sensitivity, cpu_kind)
+    tta_threshold = (
+        choose_threshold(
+            staged, parts["val"], cfg.decision.target_sensitivity, cpu_kind, tta=True
+        )
+        if cfg.export.tta
+        else None
     )
-    manifest = base_manifest(cfg, threshold)
+    manifest = base_manifest(cfg, threshold, tta_threshold)
     write_bundle(staging, manifest, files)
     ev = evaluate_bundle(staging, parts["test"])
     for kind, metrics in ev["artifacts"].items():
@@ -136,6 +145,10 @@ def build_bundle(
         "int8_float_agreement": ev.get("int8_float_agreement"),
         "int8_minus_float_accuracy": ev.get("int8_minus_float_accuracy"),
     }
+    if "tta" in ev:
+        manifest["evaluation"]["tta"] = {
+            kind: {k: v for k, v in m.items() if k != "confusion"} for kind, m in ev["tta"].items()
+        }
     extra: dict = {
         "split_counts": "/".join(str(len(parts[p])) for p in ("train", "val", "test")),
         "group_by": "lesion_id" if cfg.dataset.layout == "ham10000" else "image",

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .metrics import roc_curve
+from .metrics import reliability, roc_curve
 
 
 def _plots(
@@ -23,7 +23,7 @@ def _plots(
     fig, ax = plt.subplots(figsize=(4.5, 4.5))
     for kind, p in probs.items():
         fpr, tpr, _ = roc_curve(np.isin(y, gidx), p[:, gidx].sum(axis=1))
-        auc = ev["artifacts"][kind]["group_auc"]
+        auc = _metrics_of(ev, kind)["group_auc"]
         ax.plot(fpr, tpr, label=f"{kind} (AUC {auc:.3f})")
     ax.plot([0, 1], [0, 1], ":", color="grey")
     ax.set(xlabel="1 − specificity", ylabel="sensitivity", title=f"ROC: {group} vs rest")
@@ -32,6 +32,23 @@ def _plots(
     fig.savefig(out / "roc.png", dpi=110)
     plt.close(fig)
     made.append("roc.png")
+
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    for kind, p in probs.items():
+        mean, rate, count, ece = reliability(np.isin(y, gidx), p[:, gidx].sum(axis=1))
+        keep = count > 0
+        ax.plot(mean[keep], rate[keep], marker="o", label=f"{kind} (ECE {ece:.3f})")
+    ax.plot([0, 1], [0, 1], ":", color="grey", label="perfectly calibrated")
+    ax.set(
+        xlabel=f"{group} score (mean in bin)",
+        ylabel=f"observed {group} rate",
+        title=f"Reliability: {group} score (test)",
+    )
+    ax.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "calibration.png", dpi=110)
+    plt.close(fig)
+    made.append("calibration.png")
 
     kind = "int8" if "int8" in ev["artifacts"] else next(iter(ev["artifacts"]))
     cm = np.array(ev["artifacts"][kind]["confusion"])
@@ -62,7 +79,7 @@ def _plots(
         if rows:
             fig, ax = plt.subplots(figsize=(5, 3.5))
             ep = range(1, len(rows) + 1)
-            for key in ("accuracy", "val_accuracy", "val_group_auc"):
+            for key in ("accuracy", "val_accuracy", "val_balanced_accuracy", "val_group_auc"):
                 if key in rows[0]:
                     ax.plot(ep, [float(r[key]) for r in rows], marker="o", label=key)
             ax.set(xlabel="fine-tuning epoch (then QAT, if any)", title="Training curves")
@@ -74,18 +91,45 @@ def _plots(
     return made
 
 
+def _metrics_of(ev: dict, kind: str) -> dict:
+    """An artifact's metrics; ``KIND+tta`` names the same artifact over the test-time views."""
+    if kind.endswith("+tta"):
+        return ev["tta"][kind.removesuffix("+tta")]
+    return ev["artifacts"][kind]
+
+
 def _pct(x: float) -> str:
     return f"{100 * x:.1f} %"
 
 
-def target_results(targets: dict[str, float], ev: dict) -> list[tuple[str, bool, str, str]]:
-    """(name, met, required, achieved) for each configured target."""
-    m = ev["artifacts"].get("int8") or next(iter(ev["artifacts"].values()))
+MINIMUMS = {
+    "accuracy": "accuracy",
+    "balanced_accuracy": "balanced accuracy",
+    "group_auc": "group AUC",
+    "sensitivity": "sensitivity",
+    "specificity_at_target": "specificity at the target sensitivity",
+}
+
+
+def target_results(
+    targets: dict[str, float], ev: dict, kind: str | None = None
+) -> list[tuple[str, bool, str, str]]:
+    """(name, met, required, achieved) for each configured target, for one artifact (default
+    the int8 one; ``int8+tta`` for it over the test-time views)."""
+    kind = kind or ("int8" if "int8" in ev["artifacts"] else next(iter(ev["artifacts"])))
+    m = _metrics_of(ev, kind)
     out = []
-    for key in ("accuracy", "group_auc", "sensitivity"):
+    for key, name in MINIMUMS.items():
         if key in targets:
-            out.append((key.replace("_", " "), m[key] >= targets[key], f"≥ {targets[key]:.2f}",
-                        f"{m[key]:.3f}"))
+            out.append((name, m[key] >= targets[key], f"≥ {targets[key]:.2f}", f"{m[key]:.3f}"))
+    for key in sorted(k for k in targets if k.startswith("recall_")):
+        lab = key.removeprefix("recall_")
+        got = m["recall"].get(lab, float("nan"))
+        out.append((f"{lab} recall", got >= targets[key], f"≥ {targets[key]:.2f}", f"{got:.3f}"))
+    if "max_latency_ms" in targets:
+        ms = ev["artifacts"][kind.removesuffix("+tta")]["latency_ms_1_thread"]
+        out.append(("CPU invoke, 1 thread", ms <= targets["max_latency_ms"],
+                    f"≤ {targets['max_latency_ms']:.0f} ms", f"{ms:.1f} ms"))
     if "max_int8_drop" in targets and "int8_minus_float_accuracy" in ev:
         drop = -ev["int8_minus_float_accuracy"]
         out.append(("int8 accuracy loss vs float", drop <= targets["max_int8_drop"],
@@ -95,7 +139,7 @@ def target_results(targets: dict[str, float], ev: dict) -> list[tuple[str, bool,
         out.append(("int8/float agreement", agree >= targets["min_agreement"],
                     f"≥ {_pct(targets['min_agreement'])}", _pct(agree)))
     if "max_int8_mb" in targets:
-        mb = m["file_size_bytes"] / 1e6
+        mb = ev["artifacts"][kind.removesuffix("+tta")]["file_size_bytes"] / 1e6
         out.append(("int8 file size", mb <= targets["max_int8_mb"],
                     f"≤ {targets['max_int8_mb']} MB", f"{mb:.2f} MB"))
     return out
@@ -107,6 +151,7 @@ def write_card(out: Path, manifest: dict, ev: dict, history: Path | None, cfg, e
     gidx = [labels.index(m) for m in manifest["label_groups"][rule["group"]]]
     plots = _plots(out, labels, ev, history, rule["group"], gidx)
     arts = ev["artifacts"]
+    target_sens = rule.get("target_sensitivity", 0.9)
     ds = manifest["dataset"]
     members = ", ".join(manifest["label_groups"][rule["group"]])
     lines = [
@@ -121,7 +166,14 @@ def write_card(out: Path, manifest: dict, ev: dict, history: Path | None, cfg, e
         f"Decision rule: {rule['group']} score (sum of {members})"
         f" ≥ {rule['threshold']:.3f} → **{rule['positive']}**; otherwise {rule['negative']}. The "
         f"threshold was chosen on the validation split to reach sensitivity "
-        f"{rule.get('target_sensitivity', 0):.2f}.",
+        f"{rule.get('target_sensitivity', 0):.2f}."
+        + (
+            f" Uploads and captures average the model over {len(manifest['tta'])} views "
+            f"({', '.join(manifest['tta'])}) and use the threshold chosen the same way on those "
+            f"averages, {rule['tta_threshold']:.3f}; the live stream uses one view."
+            if manifest.get("tta") and "tta_threshold" in rule
+            else ""
+        ),
         "",
         "## Data",
         "",
@@ -134,15 +186,23 @@ def write_card(out: Path, manifest: dict, ev: dict, history: Path | None, cfg, e
         f"## Results on the held-out test split ({ev['n']} images)",
         "",
         "| artifact | size | accuracy | balanced acc. | macro AUC | "
-        f"{rule['group']} AUC | sensitivity | specificity | CPU latency 1 / 2 threads |",
-        "|---|---|---|---|---|---|---|---|---|",
+        f"{rule['group']} AUC | sensitivity | specificity | "
+        f"specificity at {_pct(target_sens)} sensitivity | ECE | CPU latency 1 / 2 threads |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for kind, m in arts.items():
+    rows = list(arts.items()) + [(f"{k}+tta", m) for k, m in ev.get("tta", {}).items()]
+    for kind, m in rows:
+        base = arts[kind.removesuffix("+tta")]
+        views = len(m.get("views", [])) or 1
+        lat = (
+            f"{base['latency_ms_1_thread']:.1f} / {base['latency_ms_2_threads']:.1f} ms"
+            + (f" per view, {views} views" if views > 1 else "")
+        )
         lines.append(
-            f"| {kind} | {m['file_size_bytes'] / 1e6:.2f} MB | {_pct(m['accuracy'])} | "
-            f"{_pct(m['balanced_accuracy'])} | {m['macro_auc']:.3f} | {m['group_auc']:.3f} | "
-            f"{_pct(m['sensitivity'])} | {_pct(m['specificity'])} | "
-            f"{m['latency_ms_1_thread']:.1f} / {m['latency_ms_2_threads']:.1f} ms |"
+            f"| {kind.replace('+tta', ' + TTA')} | {base['file_size_bytes'] / 1e6:.2f} MB | "
+            f"{_pct(m['accuracy'])} | {_pct(m['balanced_accuracy'])} | {m['macro_auc']:.3f} | "
+            f"{m['group_auc']:.3f} | {_pct(m['sensitivity'])} | {_pct(m['specificity'])} | "
+            f"{_pct(m['specificity_at_target'])} | {m['group_ece']:.3f} | {lat} |"
         )
     if "int8_float_agreement" in ev:
         lines += [
@@ -150,20 +210,59 @@ def write_card(out: Path, manifest: dict, ev: dict, history: Path | None, cfg, e
             f"int8 vs float: top-1 agreement {_pct(ev['int8_float_agreement'])}, "
             f"accuracy difference {100 * ev['int8_minus_float_accuracy']:+.1f} points.",
         ]
-    kind = "int8" if "int8" in arts else next(iter(arts))
-    lines += ["", f"Per-class recall ({kind}):", "", "| class | recall |", "|---|---|"]
+    if "tta" in ev:
+        kind, m = next(iter(ev["tta"].items()))
+        gain = m["gain_vs_plain"]
+        lines += [
+            "",
+            f"Test-time augmentation ({kind}, mean over {', '.join(m['views'])}): accuracy "
+            f"{100 * gain['accuracy']:+.1f} points, balanced accuracy "
+            f"{100 * gain['balanced_accuracy']:+.1f} points, {rule['group']} AUC "
+            f"{gain['group_auc']:+.3f}, specificity at {_pct(target_sens)} sensitivity "
+            f"{100 * gain['specificity_at_target']:+.1f} points against one view "
+            "(measured through `edge` on the int8 file).",
+        ]
+    lines += [
+        "",
+        f"Sensitivity and specificity are those of the shipped threshold on this split; "
+        f"'specificity at {_pct(target_sens)} sensitivity' is the best this split's own ROC "
+        "allows at that sensitivity. ECE: expected calibration error of the "
+        f"{rule['group']} score in 10 bins (see the reliability plot).",
+    ]
+    columns = list(arts) + [f"{k}+tta" for k in ev.get("tta", {})]
+    lines += [
+        "",
+        "Per-class recall:",
+        "",
+        "| class | " + " | ".join(c.replace("+tta", " + TTA") for c in columns) + " |",
+        "|---|" + "---|" * len(columns),
+    ]
     names = manifest.get("label_names", {})
-    for lab, r in arts[kind]["recall"].items():
-        lines.append(f"| {lab} ({names.get(lab, lab)}) | {_pct(r)} |")
+    for lab in labels:
+        cells = " | ".join(_pct(_metrics_of(ev, c)["recall"][lab]) for c in columns)
+        lines.append(f"| {lab} ({names.get(lab, lab)}) | {cells} |")
     lines += ["", *[f"![{p}]({p})" for p in plots], ""]
+    h, w = cfg.model.hw
+    which = (
+        "every layer"
+        if cfg.train.unfreeze_from == "all"
+        else f"the layers from `{cfg.train.unfreeze_from}` on"
+    )
+    drawn = {
+        "none": "images as they come, loss weighted by class "
+        f"({cfg.train.class_weight})",
+        "sqrt": "classes drawn in proportion to the square root of their counts",
+        "balanced": "every class drawn equally often",
+    }[cfg.train.sampling]
     lines += [
         "## Training",
         "",
         f"- Backbone {cfg.model.backbone} ({cfg.model.weights} initialisation), input "
-        f"{cfg.model.input_size} px; head on cached features {cfg.train.head_epochs} epochs, "
-        f"then fine-tuning from `{cfg.train.unfreeze_from}` for up to "
-        f"{cfg.train.finetune_epochs} epochs (BatchNorm frozen, early stopping on "
-        f"the mean of validation {rule['group']} AUC and accuracy).",
+        f"{w}×{h} px (width × height); head on cached features {cfg.train.head_epochs} "
+        f"epochs, then fine-tuning of {which} for up to {cfg.train.finetune_epochs} epochs "
+        f"at learning rate {cfg.train.finetune_lr:g} with cosine decay "
+        f"(BatchNorm frozen; {drawn}; early stopping on the mean of validation "
+        f"{rule['group']} AUC, accuracy and balanced accuracy).",
     ]
     if cfg.train.cached_copies:
         lines.append(
@@ -186,15 +285,41 @@ def write_card(out: Path, manifest: dict, ev: dict, history: Path | None, cfg, e
         f"- Time: {extra.get('train_minutes', '?')} min training on a 2-core x86-64 CPU, no GPU.",
         "",
     ]
+    if cfg.export.runs:
+        keys = list(dict.fromkeys(k for r in cfg.export.runs for k in r))
+        lines += [
+            "## What was tried",
+            "",
+            "Runs on the same split (figures on the test split through `edge`, int8 unless "
+            "the row says otherwise):",
+            "",
+            "| " + " | ".join(keys) + " |",
+            "|" + "---|" * len(keys),
+        ]
+        lines += [
+            "| " + " | ".join(str(r.get(k, "")) for k in keys) + " |" for r in cfg.export.runs
+        ]
+        lines.append("")
     edgetpu = extra.get("edgetpu")
     if edgetpu:
         lines += ["## Edge TPU", "", edgetpu, ""]
     targets = cfg.export.targets
     if targets:
-        lines += ["## Targets (int8, test split)", "", "| target | required | result | |",
-                  "|---|---|---|---|"]
-        for name, ok, want, got in target_results(targets, ev):
-            lines.append(f"| {name} | {want} | {got} | {'met' if ok else '**missed**'} |")
+        kinds = ["int8" if "int8" in arts else next(iter(arts))]
+        kinds += [f"{k}+tta" for k in ev.get("tta", {})]
+        lines += [
+            "## Targets (test split)",
+            "",
+            "| target | required | "
+            + " | ".join(k.replace("+tta", " + TTA") for k in kinds)
+            + " |",
+            "|---|---|" + "---|" * len(kinds),
+        ]
+        results = [target_results(targets, ev, k) for k in kinds]
+        for row in zip(*results, strict=True):
+            name, _, want, _ = row[0]
+            cells = " | ".join(f"{got} {'met' if ok else '**missed**'}" for _, ok, _, got in row)
+            lines.append(f"| {name} | {want} | {cells} |")
         if cfg.export.gap_notes:
             lines += ["", "What would close the gap:", ""]
             lines += [f"- {note}" for note in cfg.export.gap_notes]

@@ -11,7 +11,8 @@ from edge.paths import shared_dir
 
 __all__ = ["ConfigError", "Config", "load_config"]
 
-BACKBONES = ("mobilenetv2", "inceptionv3", "small_cnn")
+BACKBONES = ("mobilenetv2", "mobilenet_edgetpu", "inceptionv3", "small_cnn")
+SAMPLING = ("none", "sqrt", "balanced")
 
 
 @dataclass
@@ -47,9 +48,18 @@ class DecisionConfig:
 class ModelConfig:
     backbone: str = "mobilenetv2"
     weights: str = "coral"  # coral | imagenet | none | path to a .weights.h5 file
-    input_size: int = 224
+    # One number for a square input, or [height, width] to keep the images' own aspect ratio
+    # (HAM10000 is 4:3, so [168, 224] rather than upsampling a crop).
+    input_size: int | list[int] = 224
     dropout: float = 0.2
     dense: int = 128
+
+    @property
+    def hw(self) -> tuple[int, int]:
+        """(height, width) of the model input."""
+        if isinstance(self.input_size, int):
+            return self.input_size, self.input_size
+        return int(self.input_size[0]), int(self.input_size[1])
 
 
 @dataclass
@@ -59,10 +69,20 @@ class TrainConfig:
     head_lr: float = 1e-3
     finetune_epochs: int = 6
     finetune_lr: float = 1e-4
+    # The first layer that trains in phase 2; "all" trains every layer (BatchNorm excepted,
+    # whose transplanted statistics stay fixed: see training/model.py).
     unfreeze_from: str = "block_13_expand"
     patience: int = 3
     augment: bool = True
     class_weight: str = "balanced"  # balanced | sqrt | none
+    # How phase 2 draws training images: "none" as they come; "balanced" every class equally
+    # often; "sqrt" each class in proportion to the square root of its count (rare classes seen
+    # far more often without drowning the common ones). With sampling on, class_weight is ignored
+    # in phase 2 (the two would count the imbalance twice).
+    sampling: str = "none"
+    # Learning-rate warm-up steps at the start of phase 2 (whole-network training starts with a
+    # random head on a pretrained body; a cold start at the full rate disturbs the body).
+    warmup_steps: int = 0
     # > 0: phase 2 trains the layers from unfreeze_from on this many augmented copies of the
     # activations at that layer, computed once (the frozen bottom runs K times, not every epoch).
     cached_copies: int = 0
@@ -87,6 +107,12 @@ class ExportConfig:
     # "logits": the artifacts end before the softmax (the edge applies it in float), which keeps
     # the int8 group scores fine-grained; "probabilities": they end with the softmax.
     output: str = "probabilities"
+    # Test-time views the bundle offers (manifest "tta"): uploads, captures and classify --tta
+    # average the model over them; the live stream does not. [] = none.
+    tta: list[str] = field(default_factory=list)
+    # Earlier runs for the card's table of what was tried: each a table with the keys
+    # run, backbone, input, schedule, balancing, tta, and the figures it gave.
+    runs: list[dict] = field(default_factory=list)
     # Acceptance targets for the int8 artifact on the test split, reported in the model card:
     # accuracy, group_auc, sensitivity (minimums), max_int8_drop, max_int8_mb (maximums),
     # min_agreement (int8 vs float top-1).
@@ -147,8 +173,22 @@ def _check(cfg: Config, path: Path) -> None:
         raise ConfigError(
             f"{path} [model] backbone: {cfg.model.backbone!r} is not one of {BACKBONES}"
         )
-    if not 32 <= cfg.model.input_size <= 512:
+    size = cfg.model.input_size
+    if isinstance(size, bool) or not (
+        isinstance(size, int)
+        or (isinstance(size, list) and len(size) == 2 and all(isinstance(v, int) for v in size))
+    ):
+        raise ConfigError(
+            f"{path} [model] input_size must be a number or [height, width], not {size!r}"
+        )
+    if not all(32 <= v <= 512 for v in cfg.model.hw):
         raise ConfigError(f"{path} [model] input_size must be between 32 and 512")
+    if cfg.train.sampling not in SAMPLING:
+        raise ConfigError(f"{path} [train] sampling must be one of {SAMPLING}")
+    if cfg.train.sampling != "none" and cfg.train.cached_copies:
+        raise ConfigError(f"{path} [train] sampling works on images: set cached_copies = 0")
+    if cfg.train.unfreeze_from == "all" and cfg.train.cached_copies:
+        raise ConfigError(f"{path} [train] unfreeze_from = 'all' leaves nothing to cache")
     if cfg.decision.group not in cfg.decision.groups:
         raise ConfigError(f"{path} [decision] group {cfg.decision.group!r} is not in groups")
     for g, members in cfg.decision.groups.items():
@@ -170,5 +210,16 @@ def _check(cfg: Config, path: Path) -> None:
         raise ConfigError(f"{path} [train] int8_copies must be between 0 (off) and 32")
     if cfg.train.int8_copies and not cfg.train.cached_copies:
         raise ConfigError(f"{path} [train] int8_copies needs cached_copies > 0")
+    from edge.preprocess import TTA_VIEWS
+
+    bad = [v for v in cfg.export.tta if v not in TTA_VIEWS]
+    if bad or (cfg.export.tta and len(set(cfg.export.tta)) != len(cfg.export.tta)):
+        raise ConfigError(
+            f"{path} [export] tta: {bad or 'repeated views'}; use distinct views from "
+            f"{sorted(TTA_VIEWS)}"
+        )
+    h, w = cfg.model.hw
+    if h != w and {"rot90", "rot270"}.intersection(cfg.export.tta):
+        raise ConfigError(f"{path} [export] tta: rot90/rot270 need a square input ({h}×{w})")
     if not 0 < cfg.decision.target_sensitivity <= 1:
         raise ConfigError(f"{path} [decision] target_sensitivity must be in (0, 1]")

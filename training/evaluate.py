@@ -16,15 +16,21 @@ from .metrics import summarise, threshold_for_sensitivity
 
 
 def predict(
-    bundle: Bundle, kind: str, samples: list[Sample], threads: int | None = None, desc: str = ""
+    bundle: Bundle,
+    kind: str,
+    samples: list[Sample],
+    threads: int | None = None,
+    desc: str = "",
+    tta: bool = False,
 ) -> tuple[np.ndarray, float]:
-    """Probabilities (N, classes) from one artifact on the CPU, and the mean invoke time (ms)."""
+    """Probabilities (N, classes) from one artifact on the CPU (averaged over the bundle's
+    test-time views with ``tta``), and the median invoke time (ms, all views)."""
     clf = Classifier(bundle.only(kind), backend="cpu", threads=threads)
     labels = bundle.labels
     probs = np.zeros((len(samples), len(labels)), dtype=np.float32)
     invoke = []
     for i, s in enumerate(tqdm(samples, desc=desc or f"evaluate {kind}", unit="img", leave=False)):
-        r = clf.classify(str(s.path))
+        r = clf.classify(str(s.path), tta=tta)
         probs[i] = [r.probabilities[lab] for lab in labels]
         invoke.append(r.timings_ms["invoke"])
     clf.close()
@@ -40,10 +46,11 @@ def group_indices(bundle: Bundle) -> list[int]:
 
 
 def choose_threshold(
-    bundle: Bundle, samples: list[Sample], target: float, kind: str = "int8"
+    bundle: Bundle, samples: list[Sample], target: float, kind: str = "int8", tta: bool = False
 ) -> float:
-    """Threshold on the decision group's score that reaches ``target`` sensitivity."""
-    probs, _ = predict(bundle, kind, samples, desc="threshold on validation")
+    """Threshold on the decision group's score that reaches ``target`` sensitivity (on scores
+    averaged over the test-time views with ``tta``)."""
+    probs, _ = predict(bundle, kind, samples, desc="threshold on validation", tta=tta)
     y = np.array([bundle.labels.index(s.label) for s in samples])
     gidx = group_indices(bundle)
     return threshold_for_sensitivity(np.isin(y, gidx), probs[:, gidx].sum(axis=1), target)
@@ -74,13 +81,15 @@ def evaluate_bundle(
     bundle = bundle_dir if isinstance(bundle_dir, Bundle) else load_bundle(bundle_dir)
     kinds = kinds or [k for k in ("float", "int8") if k in bundle.artifacts]
     y = np.array([bundle.labels.index(s.label) for s in samples])
-    threshold = bundle.decision["threshold"] if bundle.decision else 0.5
+    rule = bundle.decision or {}
+    threshold = rule.get("threshold", 0.5)
+    target = rule.get("target_sensitivity", 0.9)
     out: dict = {"n": len(samples), "artifacts": {}}
     preds = {}
     for kind in kinds:
         probs, invoke = predict(bundle, kind, samples)
         preds[kind] = probs
-        m = summarise(y, probs, bundle.labels, group_indices(bundle), threshold)
+        m = summarise(y, probs, bundle.labels, group_indices(bundle), threshold, target)
         art = bundle.artifacts[kind]
         m["file_size_bytes"] = art.path.stat().st_size
         m["median_invoke_ms_in_classifier"] = invoke
@@ -94,6 +103,23 @@ def evaluate_bundle(
         out["int8_minus_float_accuracy"] = (
             out["artifacts"]["int8"]["accuracy"] - out["artifacts"]["float"]["accuracy"]
         )
+    if bundle.tta:
+        # What uploads and captures get: the CPU artifact over the bundle's views, judged by
+        # the rule's tta_threshold when it has one.
+        kind = "int8" if "int8" in kinds else kinds[0]
+        probs, invoke = predict(bundle, kind, samples, desc=f"evaluate {kind} + tta", tta=True)
+        m = summarise(
+            y, probs, bundle.labels, group_indices(bundle),
+            rule.get("tta_threshold", threshold), target,
+        )
+        m["views"] = bundle.tta
+        m["median_invoke_ms_in_classifier"] = invoke
+        out["tta"] = {kind: m}
+        m["gain_vs_plain"] = {
+            k: m[k] - out["artifacts"][kind][k]
+            for k in ("accuracy", "balanced_accuracy", "group_auc", "specificity_at_target")
+        }
+        preds[f"{kind}+tta"] = probs
     out["_probs"] = preds
     out["_y"] = y
     return out

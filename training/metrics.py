@@ -40,6 +40,12 @@ def confusion(y_true: np.ndarray, y_pred: np.ndarray, n: int) -> np.ndarray:
     return m
 
 
+def balanced_accuracy(y_true: np.ndarray, y_pred: np.ndarray) -> float:
+    """Mean recall over the classes present in ``y_true``."""
+    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
+    return float(np.mean([(y_pred[y_true == c] == c).mean() for c in np.unique(y_true)]))
+
+
 def threshold_for_sensitivity(y_true: np.ndarray, score: np.ndarray, target: float) -> float:
     """The highest threshold whose sensitivity reaches ``target`` (most specific such rule)."""
     y = np.asarray(y_true).astype(bool)
@@ -50,8 +56,40 @@ def threshold_for_sensitivity(y_true: np.ndarray, score: np.ndarray, target: flo
     return float(pos[max(k, 1) - 1])
 
 
+def specificity_at_sensitivity(y_true: np.ndarray, score: np.ndarray, target: float) -> float:
+    """The best specificity any threshold reaches while keeping sensitivity ≥ ``target``
+    (read off this split's own ROC: what the rule could do here, not what the shipped
+    threshold does)."""
+    y = np.asarray(y_true).astype(bool)
+    if not y.any() or y.all():
+        return float("nan")
+    t = threshold_for_sensitivity(y, score, target)
+    return float((np.asarray(score)[~y] < t).mean())
+
+
+def reliability(
+    y_true: np.ndarray, score: np.ndarray, bins: int = 10
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+    """Calibration of a probability: per equal-width bin the mean score, the observed rate
+    and the count, and the expected calibration error (count-weighted |score − rate|)."""
+    y = np.asarray(y_true).astype(float)
+    s = np.asarray(score, dtype=np.float64)
+    which = np.minimum((s * bins).astype(int), bins - 1)
+    count = np.bincount(which, minlength=bins).astype(float)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = np.bincount(which, weights=s, minlength=bins) / count
+        rate = np.bincount(which, weights=y, minlength=bins) / count
+    ece = float(np.nansum(count * np.abs(mean - rate)) / max(count.sum(), 1))
+    return mean, rate, count.astype(int), ece
+
+
 def summarise(
-    y_true: np.ndarray, probs: np.ndarray, labels: list[str], group_idx: list[int], threshold: float
+    y_true: np.ndarray,
+    probs: np.ndarray,
+    labels: list[str],
+    group_idx: list[int],
+    threshold: float,
+    target_sensitivity: float = 0.9,
 ) -> dict:
     """Everything the model card reports, for one artifact on one split."""
     y_true = np.asarray(y_true)
@@ -76,4 +114,7 @@ def summarise(
         "threshold": float(threshold),
         "sensitivity": float(flagged[is_pos].mean()) if is_pos.any() else float("nan"),
         "specificity": float((~flagged[~is_pos]).mean()) if (~is_pos).any() else float("nan"),
+        "target_sensitivity": float(target_sensitivity),
+        "specificity_at_target": specificity_at_sensitivity(is_pos, gscore, target_sensitivity),
+        "group_ece": reliability(is_pos, gscore)[3],
     }

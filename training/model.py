@@ -15,10 +15,12 @@ log = logging.getLogger(__name__)
 CORAL_MOBILENET = "models-ref/coral-mobilenet-v2/mobilenet_v2_1.0_224_quant.tflite"
 
 
-def build_backbone(name: str, size: int, weights: str):
+def build_backbone(name: str, size: int | tuple[int, int], weights: str):
+    """``size`` is one side of a square input or (height, width)."""
     import keras
 
-    shape = (size, size, 3)
+    h, w = (size, size) if isinstance(size, int) else size
+    shape = (h, w, 3)
     if name == "small_cnn":
         inputs = keras.Input(shape)
         x = inputs
@@ -28,7 +30,18 @@ def build_backbone(name: str, size: int, weights: str):
             x = keras.layers.ReLU(6.0, name=f"relu{i}")(x)
         return keras.Model(inputs, x, name="small_cnn")
     keras_weights = "imagenet" if weights == "imagenet" else None
-    if name == "mobilenetv2":
+    if name == "mobilenet_edgetpu":
+        from .mobilenet_edgetpu import MOBILENET_EDGETPU, build_mobilenet_edgetpu
+
+        if weights == "imagenet":
+            raise ValueError("mobilenet_edgetpu has no Keras download: use weights='coral'")
+        # The architecture is read off the reference file, so it must be there either way.
+        base, _ = build_mobilenet_edgetpu(
+            shared_dir() / MOBILENET_EDGETPU, shape, weights=weights == "coral"
+        )
+        if weights == "coral":
+            log.info("MobileNet-EdgeTPU initialised offline from the model garden's 8-bit file")
+    elif name == "mobilenetv2":
         base = keras.applications.MobileNetV2(
             input_shape=shape, include_top=False, weights=keras_weights, alpha=1.0
         )
@@ -39,7 +52,10 @@ def build_backbone(name: str, size: int, weights: str):
             log.info("MobileNetV2 initialised offline from Coral's reference model")
     elif name == "inceptionv3":
         if weights == "coral":
-            raise ValueError("weights='coral' exists only for mobilenetv2; use imagenet or a file")
+            raise ValueError(
+                "weights='coral' exists only for mobilenetv2 and mobilenet_edgetpu; "
+                "use imagenet or a file"
+            )
         base = keras.applications.InceptionV3(
             input_shape=shape, include_top=False, weights=keras_weights
         )
@@ -78,11 +94,18 @@ def freeze_batchnorm(model) -> None:
 
 
 def unfreeze_from(backbone, first_layer: str) -> int:
-    """Make layers from ``first_layer`` on trainable (BatchNorm excepted); returns the count."""
+    """Make layers from ``first_layer`` on trainable (BatchNorm excepted); returns the count.
+    ``"all"``: every layer. BatchNorm stays frozen even then, statistics and scale alike: the
+    transplanted statistics are exact (folded from the reference model) and batches of 32
+    re-estimating them collapsed fine-tuning (see ../shared/README.md); the convolutions around
+    them absorb whatever scale the task needs."""
     names = [layer.name for layer in backbone.layers]
-    if first_layer not in names:
+    if first_layer == "all":
+        start = 0
+    elif first_layer not in names:
         raise ValueError(f"unfreeze_from: no layer {first_layer!r} in {backbone.name}")
-    start = names.index(first_layer)
+    else:
+        start = names.index(first_layer)
     backbone.trainable = True
     for i, layer in enumerate(backbone.layers):
         layer.trainable = i >= start

@@ -18,8 +18,8 @@ import numpy as np
 from .cached import activations, copies_dataset, split_at
 from .config import Config
 from .datasets import check_samples, class_weights, load_samples, split_samples, write_split
-from .metrics import roc_auc
-from .pipeline import cache_images, make_dataset
+from .metrics import balanced_accuracy, roc_auc
+from .pipeline import cache_images, make_dataset, sampled_dataset
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ def prepare_data(cfg: Config, run_dir: Path) -> dict:
     cache_dir = run_dir.parent / "cache"
     for part, items in parts.items():
         data[f"x_{part}"] = cache_images(
-            items, cfg.model.input_size, resize_mode(cfg), cache_dir, desc=f"{cfg.name}-{part}"
+            items, cfg.model.hw, resize_mode(cfg), cache_dir, desc=f"{cfg.name}-{part}"
         )
         data[f"y_{part}"] = np.array([index[s.label] for s in items], dtype=np.int32)
     return data
@@ -62,23 +62,29 @@ def _callbacks(cfg: Config, run_dir: Path, val, group_idx: list[int], phase: str
     import keras
 
     class ValAuc(keras.callbacks.Callback):
-        """Validation decision-group ROC AUC (val_group_auc) and val_score, the mean of that
-        AUC and the accuracy: early stopping on the AUC alone can keep an epoch whose class
-        predictions are clearly worse (seen on HAM10000: AUC +0.007, accuracy −0.06)."""
+        """Validation decision-group ROC AUC (val_group_auc), balanced accuracy
+        (val_balanced_accuracy) and val_score, the mean of the AUC, the accuracy and the
+        balanced accuracy: early stopping on the AUC alone can keep an epoch whose class
+        predictions are clearly worse (seen on HAM10000: AUC +0.007, accuracy −0.06), and on
+        accuracy alone one that gives up the rare classes."""
 
         def on_epoch_end(self, epoch, logs=None):
             probs = self.model.predict(val[0], verbose=0, batch_size=64)
             y = np.isin(val[1], group_idx)
             logs = logs if logs is not None else {}
             logs["val_group_auc"] = roc_auc(y, probs[:, group_idx].sum(axis=1))
-            acc = float((probs.argmax(axis=1) == val[1]).mean())
-            logs["val_score"] = (logs["val_group_auc"] + acc) / 2
+            pred = probs.argmax(axis=1)
+            acc = float((pred == val[1]).mean())
+            bal = balanced_accuracy(val[1], pred)
+            logs["val_balanced_accuracy"] = bal
+            logs["val_score"] = (logs["val_group_auc"] + acc + bal) / 3
             log.info(
-                "%s epoch %d: val_group_auc %.4f, accuracy %.4f",
+                "%s epoch %d: val_group_auc %.4f, accuracy %.4f, balanced accuracy %.4f",
                 phase,
                 epoch + 1,
                 logs["val_group_auc"],
                 acc,
+                bal,
             )
 
     return [
@@ -104,11 +110,16 @@ def _callbacks(cfg: Config, run_dir: Path, val, group_idx: list[int], phase: str
     ]
 
 
-def _compile(model, lr: float, steps: int = 0) -> None:
-    """Adam and sparse cross-entropy, with a cosine decay over ``steps`` when given."""
+def _compile(model, lr: float, steps: int = 0, warmup: int = 0) -> None:
+    """Adam and sparse cross-entropy, with a cosine decay over ``steps`` when given (after
+    ``warmup`` steps rising linearly from 0)."""
     import keras
 
-    if steps:
+    if steps and warmup:
+        lr = keras.optimizers.schedules.CosineDecay(
+            0.0, max(steps - warmup, 1), warmup_target=lr, warmup_steps=warmup
+        )
+    elif steps:
         lr = keras.optimizers.schedules.CosineDecay(lr, steps)
     model.compile(
         optimizer=keras.optimizers.Adam(lr),
@@ -147,6 +158,40 @@ def _finetune_cached(cfg: Config, run_dir: Path, top, head, acts, data, weights,
         full.save(run_dir / "model-before-qat.keras")
         log.info("quantisation-aware fine-tuning, %d epochs", cfg.train.qat_epochs)
         fit(simulate_int8(model), cfg.train.qat_lr, cfg.train.qat_epochs, "qat")
+
+
+def _finetune_images(cfg: Config, run_dir: Path, model, data, weights, group_idx) -> None:
+    """Phase 2 on images: the unfrozen layers end to end, with augmentation, drawing classes
+    as ``train.sampling`` says (then without loss weights) or as they come (with them)."""
+    bs = cfg.train.batch_size
+    n = len(cfg.dataset.labels)
+    steps_per_epoch = int(np.ceil(len(data["y_train"]) / bs))
+    if cfg.train.sampling != "none":
+        train_ds = sampled_dataset(
+            data["x_train"], data["y_train"], n, cfg.train.sampling, bs, cfg.dataset.seed
+        )
+        fit_kw = {"steps_per_epoch": steps_per_epoch}
+        log.info("phase 2 draws classes %s", cfg.train.sampling)
+    else:
+        train_ds = make_dataset(
+            data["x_train"], data["y_train"], bs, train=cfg.train.augment, seed=cfg.dataset.seed
+        )
+        fit_kw = {"class_weight": weights}
+    _compile(
+        model,
+        cfg.train.finetune_lr,
+        cfg.train.finetune_epochs * steps_per_epoch,
+        cfg.train.warmup_steps,
+    )
+    val_norm = (np.asarray((data["x_val"].astype(np.float32) - 127.5) / 127.5), data["y_val"])
+    model.fit(
+        train_ds,
+        epochs=cfg.train.finetune_epochs,
+        validation_data=make_dataset(data["x_val"], data["y_val"], 64, train=False),
+        callbacks=_callbacks(cfg, run_dir, val_norm, group_idx, "finetune"),
+        verbose=2,
+        **fit_kw,
+    )
 
 
 def _add_int8_activations(cfg: Config, cache_dir: Path, bottom, data, acts) -> None:
@@ -188,10 +233,10 @@ def train(cfg: Config, run_dir: Path) -> Path:
     weights = class_weights(data["parts"]["train"], labels, cfg.train.class_weight)
     n = len(labels)
     bs = cfg.train.batch_size
-    size = cfg.model.input_size
+    h, w = cfg.model.hw
 
     with _strategy().scope():
-        backbone = build_backbone(cfg.model.backbone, size, cfg.model.weights)
+        backbone = build_backbone(cfg.model.backbone, (h, w), cfg.model.weights)
         backbone.trainable = False
         head = build_head(backbone.output_shape[1:], n, cfg.model.dropout, cfg.model.dense)
 
@@ -242,7 +287,7 @@ def train(cfg: Config, run_dir: Path) -> Path:
     log.info("phase 1 done in %.0f s", time.time() - t0)
 
     # Phase 2: the top blocks, end to end, with augmentation.
-    inputs = keras.Input((size, size, 3), name="image")
+    inputs = keras.Input((h, w, 3), name="image")
     outputs = head(backbone(inputs, training=False))
     model = keras.Model(inputs, outputs, name=cfg.name.replace("-", "_"))
     if cfg.train.finetune_epochs > 0:
@@ -254,19 +299,7 @@ def train(cfg: Config, run_dir: Path) -> Path:
     if copies:
         _finetune_cached(cfg, run_dir, top, head, acts, data, weights, group_idx, model)
     elif cfg.train.finetune_epochs > 0:
-        steps = cfg.train.finetune_epochs * int(np.ceil(len(data["y_train"]) / bs))
-        _compile(model, cfg.train.finetune_lr, steps)
-        val_norm = (np.asarray((data["x_val"].astype(np.float32) - 127.5) / 127.5), data["y_val"])
-        model.fit(
-            make_dataset(
-                data["x_train"], data["y_train"], bs, train=cfg.train.augment, seed=cfg.dataset.seed
-            ),
-            epochs=cfg.train.finetune_epochs,
-            validation_data=make_dataset(data["x_val"], data["y_val"], 64, train=False),
-            class_weight=weights,
-            callbacks=_callbacks(cfg, run_dir, val_norm, group_idx, "finetune"),
-            verbose=2,
-        )
+        _finetune_images(cfg, run_dir, model, data, weights, group_idx)
     out = run_dir / "model.keras"
     model.save(out)
     minutes = (time.time() - t0) / 60
