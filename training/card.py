@@ -79,7 +79,14 @@ def _plots(
         if rows:
             fig, ax = plt.subplots(figsize=(5, 3.5))
             ep = range(1, len(rows) + 1)
-            for key in ("accuracy", "val_accuracy", "val_balanced_accuracy", "val_group_auc"):
+            for key in (
+                "accuracy",
+                "categorical_accuracy",
+                "val_accuracy",
+                "val_categorical_accuracy",
+                "val_balanced_accuracy",
+                "val_group_auc",
+            ):
                 if key in rows[0]:
                     ax.plot(ep, [float(r[key]) for r in rows], marker="o", label=key)
             ax.set(xlabel="fine-tuning epoch (then QAT, if any)", title="Training curves")
@@ -143,6 +150,35 @@ def target_results(
         out.append(("int8 file size", mb <= targets["max_int8_mb"],
                     f"≤ {targets['max_int8_mb']} MB", f"{mb:.2f} MB"))
     return out
+
+
+def _teacher_line(cfg) -> str:
+    """What the student's soft labels came from, with the teacher's own figures if its report
+    lies beside the labels (``NAME-report.json`` next to ``NAME.npz``)."""
+    import json
+
+    path = cfg.train.soft_labels_path
+    w = cfg.train.soft_weight
+    text = (
+        f"- Phase 2 learnt from {1 - w:.0%} labels and {w:.0%} the out-of-fold probabilities "
+        f"of a teacher ensemble (`training/gpu_teacher.py`, file `{path.name}`): five "
+        "MobileNetV2s with the same offline initialisation, each trained on four fifths of the "
+        "training split (lesion-grouped), each training image labelled by the model that never "
+        "saw it. The teacher ran on a GPU once; the student trains on the CPU from the stored "
+        "file, and without it from the labels alone."
+    )
+    report = path.with_name(path.stem + "-report.json")
+    if report.is_file():
+        r = json.loads(report.read_text())
+        v, o = r["ensemble_val"], r["out_of_fold_train"]
+        text += (
+            f" Teacher: input {r['args']['hw']}, {r['epochs']} epochs per model, "
+            f"{r['minutes']} min on one GPU; its ensemble on the validation split: accuracy "
+            f"{v['accuracy']:.3f}, balanced accuracy {v['balanced_accuracy']:.3f}, "
+            f"{cfg.decision.group} AUC {v['group_auc']:.3f} (out-of-fold on training images "
+            f"{o['accuracy']:.3f} / {o['balanced_accuracy']:.3f} / {o['group_auc']:.3f})."
+        )
+    return text
 
 
 def write_card(out: Path, manifest: dict, ev: dict, history: Path | None, cfg, extra: dict) -> Path:
@@ -264,6 +300,8 @@ def write_card(out: Path, manifest: dict, ev: dict, history: Path | None, cfg, e
         f"(BatchNorm frozen; {drawn}; early stopping on the mean of validation "
         f"{rule['group']} AUC, accuracy and balanced accuracy).",
     ]
+    if cfg.train.soft_labels:
+        lines.append(_teacher_line(cfg))
     if cfg.train.cached_copies:
         lines.append(
             f"- The frozen bottom ran once on {cfg.train.cached_copies} augmented copies of "

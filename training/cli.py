@@ -93,6 +93,15 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def cmd_teacher_prep(args) -> int:
+    from .teacher import prepare
+
+    cfg = _cfg(args)
+    out = prepare(cfg, Path(args.run_dir or f"runs/{cfg.name}"), Path(args.out))
+    print(f"teacher data in {out}: run `python training/gpu_teacher.py --data {out} --out DIR`")
+    return 0
+
+
 def cmd_compile(args) -> int:
     from edge.bundle import load_bundle, write_bundle
 
@@ -154,6 +163,14 @@ def main(argv: list[str] | None = None) -> int:
     v.add_argument("--part", default="test")
     v.add_argument("--json", action="store_true")
     v.set_defaults(func=cmd_evaluate)
+    tp = sub.add_parser(
+        "teacher-prep", help="write the folder training/gpu_teacher.py trains a teacher on"
+    )
+    tp.add_argument("--config", required=True)
+    tp.add_argument("--run-dir", help="the run whose split.csv to use (default runs/<name>)")
+    tp.add_argument("--out", required=True)
+    tp.add_argument("--set", action="append")
+    tp.set_defaults(func=cmd_teacher_prep)
     c = sub.add_parser("compile", help="compile a bundle's int8 model for the Edge TPU")
     c.add_argument("--model", required=True)
     c.add_argument("--runtime-version", type=int, default=14)

@@ -80,6 +80,10 @@ class TrainConfig:
     # far more often without drowning the common ones). With sampling on, class_weight is ignored
     # in phase 2 (the two would count the imbalance twice).
     sampling: str = "none"
+    # Soft labels from a teacher (training/gpu_teacher.py), relative to this config file's
+    # folder: phase 2 learns from (1 − soft_weight) × one-hot + soft_weight × teacher. "" = off.
+    soft_labels: str = ""
+    soft_weight: float = 0.5
     # Learning-rate warm-up steps at the start of phase 2 (whole-network training starts with a
     # random head on a pretrained body; a cold start at the full rate disturbs the body).
     warmup_steps: int = 0
@@ -94,6 +98,12 @@ class TrainConfig:
     # int8 bottom (calibrated like the export), and validation on int8 activations, so the top
     # learns to answer the same for the float and the int8 bottom (see training/cached.py).
     int8_copies: int = 0
+
+    @property
+    def soft_labels_path(self) -> Path:
+        """``soft_labels`` resolved against the config file's folder (set by load_config)."""
+        p = Path(self.soft_labels)
+        return p if p.is_absolute() else getattr(self, "base_dir", Path(".")) / p
 
 
 @dataclass
@@ -164,6 +174,7 @@ def load_config(path: Path | str, overrides: dict[str, Any] | None = None) -> Co
         export=_build(ExportConfig, raw.get("export", {}), f"{path} [export]"),
         source=str(path),
     )
+    cfg.train.base_dir = path.resolve().parent
     _check(cfg, path)
     return cfg
 
@@ -183,6 +194,16 @@ def _check(cfg: Config, path: Path) -> None:
         )
     if not all(32 <= v <= 512 for v in cfg.model.hw):
         raise ConfigError(f"{path} [model] input_size must be between 32 and 512")
+    if cfg.train.soft_labels:
+        if cfg.train.cached_copies:
+            raise ConfigError(f"{path} [train] soft_labels works on images: set cached_copies = 0")
+        if not Path(cfg.train.soft_labels_path).is_file():
+            raise ConfigError(
+                f"{path} [train] soft_labels: {cfg.train.soft_labels_path} not found",
+                "make it with training/gpu_teacher.py, or set soft_labels = \"\"",
+            )
+    if not 0 <= cfg.train.soft_weight <= 1:
+        raise ConfigError(f"{path} [train] soft_weight must be between 0 and 1")
     if cfg.train.sampling not in SAMPLING:
         raise ConfigError(f"{path} [train] sampling must be one of {SAMPLING}")
     if cfg.train.sampling != "none" and cfg.train.cached_copies:

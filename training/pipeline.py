@@ -106,10 +106,17 @@ def class_sampling_weights(labels: np.ndarray, n_classes: int, mode: str) -> np.
 
 
 def sampled_dataset(
-    images: np.ndarray, labels: np.ndarray, n_classes: int, mode: str, batch: int, seed: int = 0
+    images: np.ndarray,
+    labels: np.ndarray,
+    n_classes: int,
+    mode: str,
+    batch: int,
+    seed: int = 0,
+    targets: np.ndarray | None = None,
 ):
-    """An endless stream of augmented (image, label) batches, classes drawn with the
-    probabilities of :func:`class_sampling_weights` (each class reshuffled on every pass)."""
+    """An endless stream of augmented (image, target) batches, classes drawn with the
+    probabilities of :func:`class_sampling_weights` (each class reshuffled on every pass).
+    The target is the class index, or the row of ``targets`` (soft labels) when given."""
     import tensorflow as tf
 
     probs = class_sampling_weights(labels, n_classes, mode)
@@ -118,7 +125,8 @@ def sampled_dataset(
         idx = np.flatnonzero(labels == c)
         if not len(idx):
             continue
-        ds = tf.data.Dataset.from_tensor_slices((images[idx], labels[idx]))
+        out = labels[idx] if targets is None else targets[idx]
+        ds = tf.data.Dataset.from_tensor_slices((images[idx], out))
         parts.append(ds.shuffle(len(idx), seed=seed + c, reshuffle_each_iteration=True).repeat())
         weights.append(float(probs[c]))
     picks = tf.data.Dataset.sample_from_datasets(parts, weights=weights, seed=seed)

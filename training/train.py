@@ -110,9 +110,9 @@ def _callbacks(cfg: Config, run_dir: Path, val, group_idx: list[int], phase: str
     ]
 
 
-def _compile(model, lr: float, steps: int = 0, warmup: int = 0) -> None:
-    """Adam and sparse cross-entropy, with a cosine decay over ``steps`` when given (after
-    ``warmup`` steps rising linearly from 0)."""
+def _compile(model, lr: float, steps: int = 0, warmup: int = 0, soft: bool = False) -> None:
+    """Adam and cross-entropy (on class indices, or on probability rows with ``soft``), with a
+    cosine decay over ``steps`` when given (after ``warmup`` steps rising linearly from 0)."""
     import keras
 
     if steps and warmup:
@@ -123,8 +123,10 @@ def _compile(model, lr: float, steps: int = 0, warmup: int = 0) -> None:
         lr = keras.optimizers.schedules.CosineDecay(lr, steps)
     model.compile(
         optimizer=keras.optimizers.Adam(lr),
-        loss=keras.losses.SparseCategoricalCrossentropy(),
-        metrics=["accuracy"],
+        loss=keras.losses.CategoricalCrossentropy()
+        if soft
+        else keras.losses.SparseCategoricalCrossentropy(),
+        metrics=["categorical_accuracy" if soft else "accuracy"],
     )
 
 
@@ -164,17 +166,38 @@ def _finetune_images(cfg: Config, run_dir: Path, model, data, weights, group_idx
     """Phase 2 on images: the unfrozen layers end to end, with augmentation, drawing classes
     as ``train.sampling`` says (then without loss weights) or as they come (with them)."""
     bs = cfg.train.batch_size
-    n = len(cfg.dataset.labels)
+    labels = cfg.dataset.labels
+    n = len(labels)
     steps_per_epoch = int(np.ceil(len(data["y_train"]) / bs))
+    y_train, y_val = data["y_train"], data["y_val"]
+    soft = bool(cfg.train.soft_labels)
+    if soft:
+        from .teacher import soft_targets
+
+        y_train = soft_targets(
+            cfg.train.soft_labels_path, data["parts"]["train"], labels, cfg.train.soft_weight
+        )
+        y_val = np.eye(n, dtype=np.float32)[data["y_val"]]
+        log.info(
+            "phase 2 learns from %.0f %% teacher (%s)",
+            100 * cfg.train.soft_weight,
+            cfg.train.soft_labels_path,
+        )
     if cfg.train.sampling != "none":
         train_ds = sampled_dataset(
-            data["x_train"], data["y_train"], n, cfg.train.sampling, bs, cfg.dataset.seed
+            data["x_train"],
+            data["y_train"],
+            n,
+            cfg.train.sampling,
+            bs,
+            cfg.dataset.seed,
+            targets=y_train if soft else None,
         )
         fit_kw = {"steps_per_epoch": steps_per_epoch}
         log.info("phase 2 draws classes %s", cfg.train.sampling)
     else:
         train_ds = make_dataset(
-            data["x_train"], data["y_train"], bs, train=cfg.train.augment, seed=cfg.dataset.seed
+            data["x_train"], y_train, bs, train=cfg.train.augment, seed=cfg.dataset.seed
         )
         fit_kw = {"class_weight": weights}
     _compile(
@@ -182,12 +205,13 @@ def _finetune_images(cfg: Config, run_dir: Path, model, data, weights, group_idx
         cfg.train.finetune_lr,
         cfg.train.finetune_epochs * steps_per_epoch,
         cfg.train.warmup_steps,
+        soft=soft,
     )
     val_norm = (np.asarray((data["x_val"].astype(np.float32) - 127.5) / 127.5), data["y_val"])
     model.fit(
         train_ds,
         epochs=cfg.train.finetune_epochs,
-        validation_data=make_dataset(data["x_val"], data["y_val"], 64, train=False),
+        validation_data=make_dataset(data["x_val"], y_val, 64, train=False),
         callbacks=_callbacks(cfg, run_dir, val_norm, group_idx, "finetune"),
         verbose=2,
         **fit_kw,

@@ -1,0 +1,80 @@
+"""Soft labels from a teacher (see training/gpu_teacher.py): the folder the teacher reads, and
+the file it writes read back for the student.
+
+The student then learns from ``(1 − w) × one-hot + w × teacher`` (``train.soft_weight``): the
+teacher's out-of-fold probabilities say which benign lesions look malignant and which classes
+an image sits between, which a one-hot label cannot.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from .config import Config
+from .datasets import Sample, read_split
+
+
+def prepare(cfg: Config, run_dir: Path, out: Path) -> Path:
+    """Write ``out``: the training and validation images (never the test split), split.csv,
+    meta.json (labels, decision group) and init.npz (the student's offline initialisation,
+    convolution kernels and BatchNorm parameters in graph order)."""
+    import keras
+
+    from .model import build_backbone
+
+    parts = read_split(run_dir / "split.csv")
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    with open(out / "split.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["part", "image_id", "label", "group"])
+        for part in ("train", "val"):
+            for s in parts[part]:
+                w.writerow([part, s.path.stem, s.label, s.group])
+                dest = out / "images" / f"{s.path.stem}.jpg"
+                if not dest.exists():
+                    shutil.copyfile(s.path, dest)
+    group = cfg.decision.groups[cfg.decision.group]
+    (out / "meta.json").write_text(json.dumps({"labels": cfg.dataset.labels, "group": group}))
+    if cfg.model.backbone != "mobilenetv2":
+        raise ValueError("the GPU teacher mirrors a mobilenetv2 student")
+    base = build_backbone("mobilenetv2", cfg.model.hw, cfg.model.weights)
+    arrays = {}
+    kinds = (keras.layers.Conv2D, keras.layers.DepthwiseConv2D)
+    convs = [lay for lay in base.layers if isinstance(lay, kinds)]
+    by_name = {lay.name: lay for lay in base.layers}
+    for i, conv in enumerate(convs):
+        arrays[f"conv_{i}"] = conv.get_weights()[0]
+        bn = next(
+            by_name[n]
+            for n in (f"{conv.name}_BN", f"bn_{conv.name}", f"{conv.name}_bn")
+            if n in by_name
+        )
+        arrays[f"bn_{i}"] = np.stack(bn.get_weights())
+    np.savez(out / "init.npz", **arrays)
+    return out
+
+
+def soft_targets(
+    path: Path, samples: list[Sample], labels: list[str], weight: float
+) -> np.ndarray:
+    """(N, classes) float32 targets for ``samples``: the one-hot label mixed with the
+    teacher's probabilities. Every sample must have a teacher prediction."""
+    data = np.load(path)
+    if list(data["labels"]) != list(labels):
+        raise ValueError(f"{path}: labels {list(data['labels'])} are not the config's {labels}")
+    row = {str(i): k for k, i in enumerate(data["image_id"])}
+    missing = [s.path.stem for s in samples if s.path.stem not in row]
+    if missing:
+        raise ValueError(
+            f"{path} has no teacher prediction for {len(missing)} training images "
+            f"(e.g. {missing[0]}): it was made for another split"
+        )
+    probs = data["probs"].astype(np.float32)[[row[s.path.stem] for s in samples]]
+    probs /= probs.sum(axis=1, keepdims=True)
+    onehot = np.eye(len(labels), dtype=np.float32)[[labels.index(s.label) for s in samples]]
+    return (1 - weight) * onehot + weight * probs
