@@ -93,13 +93,27 @@ class Pipeline:
         # A camera that stops delivering without an error (a hung driver) for this long stops
         # the systemd watchdog pings, so systemd restarts the daemon.
         self.source_timeout = max(cfg.source.timeout_s, 3.0 / cfg.source.fps)
+        self.housekeeping_s = 3600.0
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:
-        for target, name in ((self._capture_loop, "capture"), (self._infer_loop, "inference")):
+        for target, name in (
+            (self._capture_loop, "capture"),
+            (self._infer_loop, "inference"),
+            (self._housekeeping_loop, "housekeeping"),
+        ):
             t = threading.Thread(target=target, name=name, daemon=True)
             t.start()
             self._threads.append(t)
+
+    def _housekeeping_loop(self) -> None:
+        """Retention while the kit runs, not only at start-up: a kit left on for months must
+        still forget results past their age."""
+        while not self._stop.wait(self.housekeeping_s):
+            try:
+                self.store.enforce_retention()
+            except Exception:  # a locked or failing database: try again next round
+                log.exception("retention failed")
 
     def stop(self, timeout: float = 1.5) -> None:
         """Stop within a few seconds even when the camera is wedged inside read()."""
@@ -384,5 +398,7 @@ class Pipeline:
                 "ok": self.store.last_error is None,
                 "error": self.store.last_error,
                 "free_mb": round(self.store.free_mb(), 1),
+                "low_space": self.store.low_on_space(),
+                "min_free_mb": self.store.min_free_mb,
             },
         }

@@ -53,9 +53,7 @@ def build(cfg: Config):
 
     classifier = open_classifier(cfg)
     store = Store(cfg.data_dir, cfg.storage.retention_days, cfg.storage.min_free_mb)
-    removed = store.enforce_retention()
-    if removed:
-        log.info("retention: removed %d old results", removed)
+    store.enforce_retention()
     pipeline = Pipeline(cfg, classifier, make_source(cfg.source), store)
     app = create_app(pipeline, cfg)
     return pipeline, app, store

@@ -1,8 +1,17 @@
 """Results in SQLite (WAL, synchronous=FULL) and JPEG snapshots written atomically.
 
-A result gets its id only after its row is committed, and its snapshot is renamed into place
-(and the folder synced) before the row that names it: so an id handed to a user survives a crash
-or power cut, and no row ever points at a half-written file.
+A store is a protocol of four steps: the snapshot is written to a hidden temp file and synced;
+renamed to its final name (and the folder synced); the result row and its sample row are
+inserted in one transaction; the transaction commits, and only then does the result get its id.
+So an id handed to a user survives a crash or power cut, and no row ever points at a
+half-written file. A crash between the rename and the commit (or a failed INSERT) leaves a
+snapshot no row names: a failed INSERT removes it at once, and start-up removes what a crash
+left (``reconcile``), so no patient image outlives its row or the retention period.
+
+Retention only ever deletes results past their age (and their snapshots). It never deletes
+results to make room: a disk filled by something else must not wipe the kit's records, so low
+space is reported (health, System page) and a store that cannot write fails with
+:class:`StorageError` while classification goes on.
 """
 
 from __future__ import annotations
@@ -10,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import sqlite3
 import threading
@@ -55,6 +65,12 @@ class StorageError(FieldScopeError):
     """Could not store (disk full, read-only, write limit); the result is not acknowledged."""
 
 
+# What this kit names its snapshots: day folders and a random hex name. Reconciliation touches
+# nothing else in the folder.
+SNAPSHOT_NAME = re.compile(r"^\d{4}/\d{2}/\d{2}/[0-9a-f]{32}\.jpg$")
+STEPS = ("snapshot-temp-written", "snapshot-renamed", "rows-inserted", "committed")
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -80,22 +96,77 @@ class Store:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(SCHEMA)
-        for leftover in self.snapshots.rglob(".*.tmp"):  # a crash mid-write; never referenced
+        # Tests set this to stop the process between two steps of a store (see STEPS).
+        self.step_hook = None
+        self._closed = False
+        self.reconciled = self.reconcile()
+
+    def _step(self, name: str) -> None:
+        if self.step_hook is not None:
+            self.step_hook(name)
+
+    def reconcile(self) -> dict[str, int]:
+        """Remove what an interrupted store left: temp files, and snapshots no row names.
+        Returns the counts (logged when not zero)."""
+        temps = 0
+        for leftover in self.snapshots.rglob(".*.tmp"):
             leftover.unlink(missing_ok=True)
+            temps += 1
+        with self._lock:
+            named = {
+                r[0]
+                for r in self._db.execute(
+                    "SELECT snapshot FROM results WHERE snapshot IS NOT NULL"
+                )
+            }
+        orphans = 0
+        for path in self.snapshots.rglob("*.jpg"):
+            rel = path.relative_to(self.snapshots).as_posix()
+            if SNAPSHOT_NAME.match(rel) and rel not in named:
+                path.unlink(missing_ok=True)
+                orphans += 1
+        if temps or orphans:
+            log.warning(
+                "start-up: removed %d unfinished and %d unreferenced snapshot files "
+                "(a store was interrupted)",
+                temps,
+                orphans,
+            )
+        return {"temp_files": temps, "orphan_snapshots": orphans}
 
     # -- writing ---------------------------------------------------------------------------
+    def _day_folder(self, day: str) -> Path:
+        """The day's folder, each newly made level synced in its parent (a new directory entry
+        is only durable once its parent is synced)."""
+        folder = self.snapshots / day
+        if not folder.is_dir():
+            missing = []
+            p = folder
+            while not p.is_dir():
+                missing.append(p)
+                p = p.parent
+            for level in reversed(missing):
+                level.mkdir(exist_ok=True)
+                _fsync_dir(level.parent)
+        return folder
+
     def _write_snapshot(self, jpeg: bytes) -> str:
         day = time.strftime("%Y/%m/%d")
-        folder = self.snapshots / day
-        folder.mkdir(parents=True, exist_ok=True)
+        folder = self._day_folder(day)
         name = f"{uuid.uuid4().hex}.jpg"
         tmp = folder / f".{name}.tmp"
-        with open(tmp, "wb") as fh:
-            fh.write(jpeg)
-            fh.flush()
-            os.fsync(fh.fileno())
-        tmp.replace(folder / name)
+        try:
+            with open(tmp, "wb") as fh:
+                fh.write(jpeg)
+                fh.flush()
+                os.fsync(fh.fileno())
+            self._step("snapshot-temp-written")
+            tmp.replace(folder / name)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
         _fsync_dir(folder)
+        self._step("snapshot-renamed")
         return f"{day}/{name}"
 
     def save(
@@ -108,39 +179,55 @@ class Store:
     ) -> int:
         """Store one result (and its snapshot); returns the durable id or raises StorageError."""
         decision = result.get("decision") or {}
+        snapshot = None
         try:
             with self._lock:
+                if self._closed:  # shutting down: write nothing a closed database can't name
+                    raise sqlite3.ProgrammingError("the store is closed (the daemon is stopping)")
                 snapshot = self._write_snapshot(jpeg) if jpeg else None
-                cur = self._db.execute(
-                    "INSERT INTO results (created, mode, sample_code, label, score, assessable, "
-                    "decision_outcome, decision_positive, group_score, probabilities, quality, "
-                    "timings, backend, model, snapshot, source) "
-                    "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                    (
-                        time.time(),
-                        mode,
-                        sample_code,
-                        result["label"],
-                        float(result["score"]),
-                        int(result.get("assessable", True)),
-                        decision.get("outcome"),
-                        None if not decision else int(bool(decision.get("positive"))),
-                        decision.get("score"),
-                        json.dumps(result.get("probabilities", {})),
-                        json.dumps(result.get("quality")),
-                        json.dumps(result.get("timings_ms")),
-                        result.get("backend"),
-                        result.get("model"),
-                        snapshot,
-                        source,
-                    ),
-                )
-                if sample_code:
-                    self._db.execute(
-                        "INSERT OR IGNORE INTO samples (code, created) VALUES (?,?)",
-                        (sample_code, time.time()),
+                now = time.time()
+                # One transaction: the result and its sample exist together or not at all.
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    cur = self._db.execute(
+                        "INSERT INTO results (created, mode, sample_code, label, score, "
+                        "assessable, decision_outcome, decision_positive, group_score, "
+                        "probabilities, quality, timings, backend, model, snapshot, source) "
+                        "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                        (
+                            now,
+                            mode,
+                            sample_code,
+                            result["label"],
+                            float(result["score"]),
+                            int(result.get("assessable", True)),
+                            decision.get("outcome"),
+                            None if not decision else int(bool(decision.get("positive"))),
+                            decision.get("score"),
+                            json.dumps(result.get("probabilities", {})),
+                            json.dumps(result.get("quality")),
+                            json.dumps(result.get("timings_ms")),
+                            result.get("backend"),
+                            result.get("model"),
+                            snapshot,
+                            source,
+                        ),
                     )
+                    if sample_code:
+                        self._db.execute(
+                            "INSERT OR IGNORE INTO samples (code, created) VALUES (?,?)",
+                            (sample_code, now),
+                        )
+                    self._step("rows-inserted")
+                    self._db.execute("COMMIT")
+                except BaseException:
+                    if self._db.in_transaction:
+                        self._db.execute("ROLLBACK")
+                    raise
+                self._step("committed")
         except (sqlite3.Error, OSError) as exc:
+            if snapshot:  # renamed but never referenced: do not leave a patient image behind
+                (self.snapshots / snapshot).unlink(missing_ok=True)
             self.last_error = f"{type(exc).__name__}: {exc}"
             self.last_error_at = time.time()
             log.error("storage failed: %s", self.last_error)
@@ -225,34 +312,49 @@ class Store:
     def free_mb(self) -> float:
         return shutil.disk_usage(self.root).free / 1e6
 
-    def enforce_retention(self) -> int:
-        """Delete results older than retention_days, then the oldest until min_free_mb is free."""
+    def low_on_space(self) -> bool:
+        """Free space under ``min_free_mb``: reported, never answered by deleting results."""
+        try:
+            return self.free_mb() < self.min_free_mb
+        except OSError:
+            return True
+
+    def enforce_retention(self, now: float | None = None) -> int:
+        """Delete results older than ``retention_days`` (0 keeps everything), with their
+        snapshots; returns how many. Runs at start-up and periodically (see the daemon)."""
+        if self.retention_days <= 0:
+            return 0
         removed = 0
-        cutoff = time.time() - self.retention_days * 86400
+        cutoff = (now if now is not None else time.time()) - self.retention_days * 86400
         while True:
             with self._lock:
-                if self.retention_days > 0:
-                    rows = self._db.execute(
-                        "SELECT id, snapshot FROM results WHERE created < ? ORDER BY id LIMIT 200",
-                        (cutoff,),
-                    ).fetchall()
-                else:
-                    rows = []
-                if not rows and self.free_mb() < self.min_free_mb:
-                    rows = self._db.execute(
-                        "SELECT id, snapshot FROM results WHERE snapshot IS NOT NULL "
-                        "ORDER BY id LIMIT 50"
-                    ).fetchall()
+                rows = self._db.execute(
+                    "SELECT id, snapshot FROM results WHERE created < ? ORDER BY id LIMIT 200",
+                    (cutoff,),
+                ).fetchall()
                 if not rows:
-                    return removed
-                for row in rows:
-                    if row["snapshot"]:
-                        path = self.snapshot_path(row["snapshot"])
-                        if path:
-                            path.unlink(missing_ok=True)
+                    break
+                # Rows first: a crash after the commit leaves only unreferenced files, which
+                # start-up removes; the other order could leave rows naming missing files.
+                self._db.execute("BEGIN IMMEDIATE")
                 self._db.executemany("DELETE FROM results WHERE id=?", [(r["id"],) for r in rows])
-                removed += len(rows)
+                self._db.execute(
+                    "DELETE FROM samples WHERE code NOT IN "
+                    "(SELECT sample_code FROM results WHERE sample_code IS NOT NULL)"
+                )
+                self._db.execute("COMMIT")
+            for row in rows:
+                if row["snapshot"]:
+                    path = self.snapshot_path(row["snapshot"])
+                    if path:
+                        path.unlink(missing_ok=True)
+            removed += len(rows)
+        if removed:
+            log.info("retention: removed %d results older than %d days", removed,
+                     self.retention_days)
+        return removed
 
     def close(self) -> None:
         with self._lock:
+            self._closed = True
             self._db.close()

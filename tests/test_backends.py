@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -155,7 +159,29 @@ def test_runtime_too_old_is_explained():
     assert "too old" in text and "edgetpu_compiler -m" in text
 
 
-def test_threads_are_passed_to_the_interpreter(coral_bundle, host_without_tpu):
-    clf = Classifier(load_bundle(coral_bundle), backend="cpu", threads=1)
-    assert clf.describe()["threads"] == 1
-    assert clf.describe()["artifact"] == "int8"
+def test_threads_are_passed_to_the_interpreter(coral_bundle, parrot):
+    """What the interpreter runs with, not what the constructor was given: its XNNPACK pool
+    starts (threads − 1) worker threads of the process (counted in /proc) when it is built."""
+    code = f"""
+import os, sys
+from edge.bundle import load_bundle
+from edge.classifier import Classifier
+before = len(os.listdir("/proc/self/task"))
+clf = Classifier(load_bundle({str(coral_bundle)!r}), backend="cpu", threads=int(sys.argv[1]))
+clf.classify({str(parrot)!r})
+print(len(os.listdir("/proc/self/task")) - before, clf.describe()["artifact"])
+"""
+    extra = {}
+    for n in (1, 2, 3):
+        proc = subprocess.run(
+            [sys.executable, "-c", code, str(n)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env={**os.environ, "FIELDSCOPE_HOST_ROOT": "/nonexistent"},
+        )
+        assert proc.returncode == 0, proc.stderr
+        started, artifact = proc.stdout.split()
+        extra[n] = int(started)
+        assert artifact == "int8"
+    assert extra[2] - extra[1] == 1 and extra[3] - extra[1] == 2, extra

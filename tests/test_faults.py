@@ -34,16 +34,26 @@ def hammer(
 
 
 def check_store(data_dir: Path, acked: list[int]) -> None:
+    """No acknowledged result lost, every row's snapshot whole, and every snapshot file named
+    by a row (nothing left behind), with no temp files."""
     db = sqlite3.connect(data_dir / "fieldscope.db")
     assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     ids = {row[0] for row in db.execute("SELECT id FROM results")}
     missing = sorted(set(acked) - ids)
     assert not missing, f"acknowledged results lost: {missing[:10]}"
+    named = set()
     for (snap,) in db.execute("SELECT snapshot FROM results WHERE snapshot IS NOT NULL"):
         path = data_dir / "snapshots" / snap
         assert path.is_file(), f"row references a missing snapshot {snap}"
         with Image.open(path) as img:
             img.load()  # a half-written JPEG would fail here
+        named.add(snap)
+    on_disk = {
+        p.relative_to(data_dir / "snapshots").as_posix()
+        for p in (data_dir / "snapshots").rglob("*")
+        if p.is_file()
+    }
+    assert on_disk == named, f"files no row names: {sorted(on_disk - named)[:5]}"
     db.close()
 
 
@@ -74,8 +84,7 @@ def test_kill_9_under_load_loses_no_acknowledged_result(tmp_path, blood_bundle, 
     finally:
         if proc.poll() is None:
             proc.kill()
-    check_store(data_dir, acked)
-    # and the daemon starts again on the same data
+    # and the daemon starts again on the same data, removing what the cut interrupted
     proc2, base2 = start_daemon(
         tmp_path / "again", blood_bundle, blood_samples, args=("--data-dir", str(data_dir))
     )
@@ -83,10 +92,10 @@ def test_kill_9_under_load_loses_no_acknowledged_result(tmp_path, blood_bundle, 
         wait_http(base2 + "/api/health")
         status, doc = Client(base2).get_json(f"/api/results/{acked[-1]}")
         assert status == 200 and doc["sample_code"] == "LOAD-1"
-        assert not list((data_dir / "snapshots").rglob(".*.tmp")), "leftovers not cleaned"
     finally:
         proc2.send_signal(signal.SIGTERM)
         proc2.wait(timeout=10)
+    check_store(data_dir, acked)
 
 
 def test_full_disk_keeps_classifying_reports_and_recovers(tmp_path, blood_bundle, blood_samples):
@@ -173,16 +182,89 @@ def test_refused_bundle_falls_back_to_the_previous_good_one(tmp_path, blood_bund
     assert "configured bundle refused" in clf.backend_reason
 
 
-def test_jpeg_snapshot_is_never_half_written(tmp_path):
-    """Snapshots are written to a hidden temp file and renamed: a crash leaves only temps."""
-    from edge.store import Store
+KILLER = """
+import io, os, signal, sys
+from PIL import Image
+from edge.store import Store
+
+def jpeg(colour):
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 48), colour).save(buf, "JPEG")
+    return buf.getvalue()
+
+result = {"label": "Benign", "score": 0.9, "probabilities": {"Benign": 0.9}}
+store = Store(sys.argv[1])
+print(store.save(result, "capture", "S-1", jpeg=jpeg("red")), flush=True)
+
+def hook(step):
+    if step == sys.argv[2]:
+        os.kill(os.getpid(), signal.SIGKILL)  # the power cut, between two steps
+
+store.step_hook = hook
+print(store.save(result, "capture", "S-2", jpeg=jpeg("blue")), flush=True)
+"""
+
+
+@pytest.mark.parametrize("step", ["snapshot-temp-written", "snapshot-renamed", "rows-inserted",
+                                  "committed"])
+def test_kill_9_at_each_step_of_a_store(tmp_path, step):
+    """A child process storing a result is killed with SIGKILL at one step of the protocol.
+    On disk the final snapshot name never holds a partial write; after start-up no temp file,
+    no unreferenced snapshot and no result without its sample (one transaction) remain, and a
+    committed result survives."""
+    import subprocess
+    import sys
+
+    from edge.store import STEPS, Store
+
+    assert step in STEPS
+    data = tmp_path / "data"
+    proc = subprocess.run(
+        [sys.executable, "-c", KILLER, str(data), step],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    first = int(proc.stdout.split()[0])
+    files = [p for p in (data / "snapshots").rglob("*") if p.is_file()]
+    finals = [p for p in files if not p.name.startswith(".")]
+    temps = [p for p in files if p.name.endswith(".tmp")]
+    if step == "snapshot-temp-written":
+        # Written but not renamed: the second image exists only under its temp name.
+        assert len(temps) == 1 and len(finals) == 1
+        assert temps[0].read_bytes()[:2] == b"\xff\xd8"
+    else:
+        assert not temps and len(finals) == 2
+
+    store = Store(data)  # start-up
+    rows = store.list(limit=10)
+    if step == "committed":
+        assert [r["sample_code"] for r in rows] == ["S-2", "S-1"]
+        assert store.reconciled == {"temp_files": 0, "orphan_snapshots": 0}
+    else:
+        assert [r["id"] for r in rows] == [first]
+        expected = {"temp_files": int(step == "snapshot-temp-written"),
+                    "orphan_snapshots": int(step != "snapshot-temp-written")}
+        assert store.reconciled == expected
+    assert {s["code"] for s in store.samples()} == {r["sample_code"] for r in rows}
+    store.close()
+    check_store(data, [first])
+
+
+def test_a_failed_insert_leaves_no_snapshot_behind(tmp_path):
+    """SQLite itself refusing the row (here: the database made read-only under the store)
+    fails the store with StorageError and removes the snapshot it had renamed into place."""
+    from edge.store import StorageError, Store
 
     store = Store(tmp_path)
     buf = io.BytesIO()
-    Image.new("RGB", (64, 64), "red").save(buf, "JPEG")
-    rel = store._write_snapshot(buf.getvalue())
-    assert (tmp_path / "snapshots" / rel).read_bytes() == buf.getvalue()
-    (tmp_path / "snapshots" / Path(rel).parent / ".dead.jpg.tmp").write_bytes(b"\xff\xd8half")
+    Image.new("RGB", (32, 32), "red").save(buf, "JPEG")
+    store._db.execute("PRAGMA query_only = 1")
+    with pytest.raises(StorageError):
+        store.save({"label": "x", "score": 1.0}, "upload", "S", jpeg=buf.getvalue())
+    assert not [p for p in (tmp_path / "snapshots").rglob("*") if p.is_file()]
+    store._db.execute("PRAGMA query_only = 0")
+    assert store.save({"label": "x", "score": 1.0}, "upload", "S", jpeg=buf.getvalue()) > 0
     store.close()
-    Store(tmp_path).close()  # start-up removes temp leftovers
-    assert not list((tmp_path / "snapshots").rglob(".*.tmp"))

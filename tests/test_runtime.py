@@ -98,28 +98,33 @@ def test_no_runtime_gives_one_clear_error(parrot):
     assert "Traceback" not in proc.stderr
 
 
-def test_tflite_runtime_with_numpy2_is_detected_not_a_traceback(tmp_path):
-    """A tflite-runtime 2.14 install next to numpy 2 is skipped with the reason, not used."""
+@pytest.mark.parametrize("numpy_version", ["2.1.0", "1.26.4"])
+def test_tflite_runtime_is_refused_with_numpy2_and_used_with_numpy1(tmp_path, numpy_version):
+    """A tflite-runtime 2.14 install is skipped with the reason next to numpy 2, and used next to
+    numpy 1 (the installed numpy's version is set in the child, so both cases always run)."""
     pkg = tmp_path / "tflite_runtime"
     pkg.mkdir()
     (pkg / "__init__.py").write_text('__version__ = "2.14.0"\n')
     (pkg / "interpreter.py").write_text("Interpreter = object\ndef load_delegate(*a): pass\n")
-    code = """
+    code = f"""
         import numpy
+        numpy.__version__ = {numpy_version!r}
         from edge.runtime import resolve_runtime
         from edge.errors import RuntimeMissingError
         try:
-            resolve_runtime()
+            print("resolved", resolve_runtime().name)
         except RuntimeMissingError as exc:
             print(exc.message)
+            raise SystemExit(3)
     """
     proc = run_python(code, block="ai_edge_litert,tensorflow", extra_path=str(tmp_path))
-    assert proc.returncode == 0, proc.stderr
-    import numpy
-
-    if int(numpy.__version__.split(".")[0]) >= 2:
+    if numpy_version.startswith("2"):
+        assert proc.returncode == 3, proc.stdout + proc.stderr
         assert "tflite-runtime 2.14.0 was built for numpy 1.x" in proc.stdout
         assert "numpy<2" in proc.stdout
+    else:
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert proc.stdout.split() == ["resolved", "tflite_runtime"]
 
 
 def test_numpy_rule():

@@ -74,9 +74,9 @@ def test_a_whole_network_step_moves_every_layer_but_batchnorm(shared):
     model.train_on_batch(x, y)
     moved, still = [], []
     for lay in layers:
-        changed = any(
-            not np.array_equal(a, b) for a, b in zip(before[lay.name], lay.get_weights(), strict=True)
-        )
+        after = lay.get_weights()
+        pairs = zip(before[lay.name], after, strict=True)
+        changed = any(not np.array_equal(a, b) for a, b in pairs)
         is_bn = isinstance(lay, keras.layers.BatchNormalization)
         (still if is_bn else moved).append((lay.name, changed))
     assert moved and all(changed for _, changed in moved), [n for n, c in moved if not c]

@@ -49,13 +49,14 @@ def health():
     pipe, _ = _ctx()
     age = time.monotonic() - pipe.last_heartbeat
     storage_ok = pipe.store.last_error is None
+    low_space = pipe.store.low_on_space()
     camera_ok = pipe.state.camera == "ok"
     inference_ok = age < 10
-    ok = storage_ok and camera_ok and inference_ok
+    ok = storage_ok and camera_ok and inference_ok and not low_space
     body = {
         "status": "ok" if ok else "degraded",
         "camera": {"ok": camera_ok, "state": pipe.state.camera, "error": pipe.state.camera_error},
-        "storage": {"ok": storage_ok, "error": pipe.store.last_error},
+        "storage": {"ok": storage_ok, "error": pipe.store.last_error, "low_space": low_space},
         "inference": {
             "ok": inference_ok,
             "heartbeat_age_s": round(age, 2),
