@@ -74,10 +74,22 @@ json_values = st.recursive(
 
 
 @FUZZ
-@given(body=st.dictionaries(st.sampled_from(["sample_code", "x", ""]), json_values, max_size=3))
+@given(
+    body=st.dictionaries(st.sampled_from(["sample_code", "x", ""]), json_values, max_size=3)
+    | json_values
+)
 def test_capture_json_never_5xx(client, body):
+    """Any JSON document (objects with likely keys, and lists, strings, numbers, null)."""
     r = client.post("/api/capture", json=body, headers={"X-CSRFToken": client.token})
     assert r.status_code < 500 or r.status_code == 503, r.get_json()
+    if not isinstance(body, dict) and body is not None:
+        assert r.status_code == 400 and "object" in r.get_json()["error"]
+
+
+@pytest.mark.parametrize("body", [[], ["P-1"], "P-1", 7, True])
+def test_capture_with_a_json_non_object_is_a_400(client, body):
+    r = client.post("/api/capture", json=body, headers={"X-CSRFToken": client.token})
+    assert r.status_code == 400, r.get_json()
 
 
 @FUZZ

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import io
 import re
+import shutil
 import time
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -25,9 +27,9 @@ def wait_for(predicate, timeout=30.0):
 
 @pytest.fixture
 def daemon(blood_bundle, blood_samples, tmp_path):
-    def start(**overrides):
-        replay = replay_folder(tmp_path / "replay", blood_samples[:4])
-        cfg = make_config(blood_bundle, replay, tmp_path / "data", **overrides)
+    def start(images=None, bundle=None, **overrides):
+        replay = replay_folder(tmp_path / "replay", images or blood_samples[:4])
+        cfg = make_config(bundle or blood_bundle, replay, tmp_path / "data", **overrides)
         pipeline, app, store = build(cfg)
         pipeline.start()
         started.append((pipeline, store))
@@ -91,19 +93,46 @@ def test_upload_is_classified_stored_and_listed(daemon, blood_samples):
     assert [x["id"] for x in listed] == [doc["id"]]
 
 
-def test_capture_lands_in_a_sample_with_summary_and_exports(daemon):
-    pipeline, app = daemon()
+def _score_of(clf, image_bytes: bytes) -> dict:
+    """The decision the kit gives these bytes, by the path uploads and stills take."""
+    from edge.preprocess import open_image
+
+    rgb = np.asarray(open_image(image_bytes), dtype=np.uint8)
+    small, times = clf.prepare(rgb)
+    return clf.infer(small, times, tta=True).decision
+
+
+def test_capture_lands_in_a_sample_with_summary_and_exports(daemon, blood_samples):
+    """Two captures of a known lymphoblast field and one upload of a known benign field: the
+    summary must give exactly their count, flags, mean and maximum."""
+    pro = next(p for p in blood_samples if p.name.startswith("Pro_"))
+    benign = next(p for p in blood_samples if p.name.startswith("Benign_"))
+    pipeline, app = daemon(images=[pro])
     c = app.test_client()
     wait_for(lambda: pipeline.state.camera == "ok" and pipeline.state.classified > 0)
     token = csrf_of(c)
     ids = []
-    for _ in range(3):
+    for _ in range(2):
         r = c.post("/api/capture", json={"sample_code": "P-001"}, headers={"X-CSRFToken": token})
         assert r.status_code == 201, r.get_json()
         ids.append(r.get_json()["id"])
+    r = c.post(
+        "/api/classify",
+        headers={"X-CSRFToken": token},
+        data={"image": (io.BytesIO(benign.read_bytes()), "b.jpg"), "sample_code": "P-001"},
+    )
+    assert r.status_code == 201
+    ids.append(r.get_json()["id"])
+    pro_rule = _score_of(pipeline.classifier, pro.read_bytes())
+    benign_rule = _score_of(pipeline.classifier, benign.read_bytes())
+    assert pro_rule["positive"] and not benign_rule["positive"]  # what these fields are
     s = c.get("/api/samples/P-001").get_json()
     assert s["fields"] == 3 and {x["id"] for x in s["results"]} == set(ids)
-    assert 0 <= s["flagged"] <= 3 and s["max_score"] >= s["mean_score"]
+    assert s["flagged"] == 2 and s["not_assessable"] == 0
+    assert s["max_score"] == pytest.approx(pro_rule["score"], abs=1e-6)
+    assert s["mean_score"] == pytest.approx(
+        (2 * pro_rule["score"] + benign_rule["score"]) / 3, abs=1e-6
+    )
     csv_text = c.get("/api/samples/P-001/export.csv").get_data(as_text=True)
     lines = csv_text.strip().splitlines()
     assert lines[0].startswith("id,time_utc,label,score,decision") and len(lines) == 4
@@ -168,8 +197,12 @@ def test_post_without_csrf_token_is_refused(daemon, blood_samples):
     assert r.status_code == 400
 
 
-def test_path_traversal_in_snapshot_urls_is_refused(daemon, tmp_path):
-    pipeline, app = daemon()
+def test_path_traversal_in_snapshot_urls_is_refused(daemon, tmp_path, blood_bundle):
+    # A real PNG beside the bundle: only the path guard (not the .png rule) keeps it out.
+    bundle = tmp_path / "models" / "blood-smear"
+    shutil.copytree(blood_bundle, bundle)
+    Image.new("RGB", (4, 4)).save(bundle.parent / "outside.png")
+    pipeline, app = daemon(bundle=bundle)
     c = app.test_client()
     for url in (
         "/snapshots/../fieldscope.db",
@@ -177,10 +210,21 @@ def test_path_traversal_in_snapshot_urls_is_refused(daemon, tmp_path):
         "/snapshots/%2e%2e/secret_key",
         "/snapshots//etc/passwd",
         "/model/files/..%2Fmanifest.json",
+        "/model/files/..%2Foutside.png",
     ):
         r = c.get(url, follow_redirects=True)
         assert r.status_code == 404, url
         assert b"SQLite" not in r.data
+    # The router never hands a name with "/" to the view; the view's own guard must refuse it
+    # too (defence in depth), so call it as a router that did would.
+    from werkzeug.exceptions import NotFound
+
+    from edge.web.pages import model_file
+
+    with app.test_request_context("/model/files/x"):
+        assert model_file("roc.png").status_code == 200
+        with pytest.raises(NotFound):
+            model_file("../outside.png")
 
 
 def test_bad_sample_code_is_refused(daemon):

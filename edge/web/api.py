@@ -144,7 +144,11 @@ def classify():
 @bp.post("/api/capture")
 def capture():
     pipe, _ = _ctx()
-    body = request.get_json(silent=True) or {}
+    body = request.get_json(silent=True)
+    if body is None:
+        body = {}
+    elif not isinstance(body, dict):
+        return _error('the JSON body must be an object, e.g. {"sample_code": "P-001"}', 400)
     code = _sample_code(body.get("sample_code") or request.form.get("sample_code"))
     if pipe.state.camera != "ok":
         return _error(f"camera not available: {pipe.state.camera_error or pipe.state.camera}", 503)
