@@ -28,7 +28,7 @@ format: $(STAMP)
 	$(PY) -m ruff format edge training scripts tests
 
 test: $(STAMP) lint
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -rs
 
 doctor: $(STAMP)
 	$(PY) -m edge doctor

@@ -138,6 +138,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         "model.backend": args.backend,
         "model.threads": args.threads,
     }
+    cfg = None
     try:
         if args.source:
             kind, path = parse_source(args.source)
@@ -146,9 +147,31 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return serve(cfg)
     except FieldScopeError as exc:
         if args.error_page or running_as_service():
-            # The page shows only the error text; it binds where the kit was asked to.
-            return serve_error(str(exc), args.host or "127.0.0.1", args.port or 8080)
+            # The page shows only the error text; it binds where the kit was asked to (the
+            # command line, else the config's [web], even when the rest of the file is bad).
+            host, port = _where_to_serve(args, cfg)
+            return serve_error(str(exc), host, port)
         raise
+
+
+def _where_to_serve(args: argparse.Namespace, cfg) -> tuple[str, int]:
+    if cfg is not None:
+        return cfg.web.host, cfg.web.port
+    web: dict = {}
+    if args.config:
+        try:
+            from .config import read_toml
+
+            raw = read_toml(Path(args.config))
+            web = raw.get("web", {}) if isinstance(raw.get("web"), dict) else {}
+        except (FieldScopeError, OSError):
+            web = {}
+    host = args.host or web.get("host")
+    port = args.port or web.get("port")
+    return (
+        host if isinstance(host, str) and host else "127.0.0.1",
+        port if isinstance(port, int) and 0 < port < 65536 else 8080,
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -141,9 +141,23 @@ def serve(cfg: Config) -> int:
 
 
 def serve_error(message: str, host: str, port: int) -> int:
+    """Serve the error page until stopped; under a systemd watchdog, keep pinging it (the
+    unit would otherwise be killed every WatchdogSec and end 'failed' after its restarts)."""
     log.error("%s", message)
     notify.notify(f"READY=1\nSTATUS=configuration error: {message[:200]}")
-    _serve_app(error_page_app(message), host, port, threads=2)
+    stop = threading.Event()
+    interval = notify.watchdog_interval()
+    if interval:
+
+        def ping() -> None:
+            while not stop.wait(interval):
+                notify.notify("WATCHDOG=1")
+
+        threading.Thread(target=ping, name="watchdog", daemon=True).start()
+    try:
+        _serve_app(error_page_app(message), host, port, threads=2)
+    finally:
+        stop.set()
     return 1
 
 

@@ -25,6 +25,17 @@ def _need(path: Path) -> Path:
     return path
 
 
+def require_module(name: str, why: str):
+    """Import ``name``; where it is missing, skip (with the reason shown by ``-rs``), except
+    in CI, which installs it: there a missing module fails the run instead of hiding tests."""
+    try:
+        return __import__(name)
+    except ImportError:
+        if CI:
+            pytest.fail(f"{name} is missing in CI: {why}", pytrace=False)
+        pytest.skip(f"{name} not installed: {why}", allow_module_level=True)
+
+
 @pytest.fixture(scope="session")
 def shared() -> Path:
     return _need(shared_dir())

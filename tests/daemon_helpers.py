@@ -9,6 +9,15 @@ from pathlib import Path
 from edge.config import load_config
 
 
+def stop_limit_s() -> float:
+    """systemd's TimeoutStopSec from the shipped unit: a stop slower than this is killed."""
+    unit = Path(__file__).resolve().parent.parent / "systemd" / "fieldscope.service"
+    for line in unit.read_text().splitlines():
+        if line.startswith("TimeoutStopSec="):
+            return float(line.split("=", 1)[1])
+    raise AssertionError("TimeoutStopSec is missing from the unit")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -12,6 +12,7 @@ from PIL import Image
 
 from edge.errors import ImageError
 from edge.preprocess import InputAdapter, open_image, resize, to_rgb
+from tests.conftest import require_module
 
 
 def jpeg_bytes(img: Image.Image, **kw) -> bytes:
@@ -179,7 +180,7 @@ def test_resize_array_matches_the_pillow_path(mode, shape, parrot):
     from edge import preprocess
 
     if preprocess.opencv() is None:
-        pytest.skip("OpenCV not installed: resize_array is the Pillow path itself")
+        require_module("cv2", "resize_array is then the Pillow path itself")
     img = Image.open(parrot).convert("RGB").resize(shape[::-1])
     rgb = np.asarray(img)
     fast = preprocess.resize_array(rgb, (224, 224), mode)

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from edge.runtime import tflite_runtime_numpy_problem
+from tests.conftest import require_module
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -135,7 +136,7 @@ def test_numpy_rule():
 
 
 def test_tensorflow_lite_is_the_last_resort(parrot, coral):
-    pytest.importorskip("tensorflow", reason="the training extra is installed in CI")
+    require_module("tensorflow", "the training extra is installed in CI")
     code = f"""
         from edge.bundle import load_model
         from edge.classifier import Classifier

@@ -10,7 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-pytest.importorskip("tensorflow", reason="training needs the train extra (installed in CI)")
+from tests.conftest import require_module
+
+require_module("tensorflow", "training needs the train extra (installed in CI)")
 
 from edge.bundle import load_bundle  # noqa: E402
 from edge.classifier import Classifier  # noqa: E402

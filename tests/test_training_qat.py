@@ -6,7 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-pytest.importorskip("tensorflow", reason="training needs the train extra (installed in CI)")
+from tests.conftest import require_module
+
+require_module("tensorflow", "training needs the train extra (installed in CI)")
 
 import keras  # noqa: E402
 

@@ -9,7 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-pytest.importorskip("tensorflow", reason="training needs the train extra (installed in CI)")
+from tests.conftest import require_module
+
+require_module("tensorflow", "training needs the train extra (installed in CI)")
 
 from training.config import ConfigError, load_config  # noqa: E402
 

@@ -70,12 +70,13 @@ def test_hung_camera_stops_watchdog_and_is_reported(blood_bundle, blood_samples,
         return n
 
     try:
-        assert pings(0.4) >= 2  # healthy: pinging
+        # healthy: pinging (20 due in 2 s; a loaded machine delays some, never most)
+        assert pings(2.0) >= 3
         deadline = time.monotonic() + 10
         while pipe.state.camera != "stalled" and time.monotonic() < deadline:
             time.sleep(0.05)
         assert pipe.state.camera == "stalled" and "no frame" in pipe.state.camera_error
-        pings(0.2)  # drain what was in flight
+        pings(0.5)  # drain what was in flight
         assert pings(1.0) == 0  # stalled: systemd's watchdog will fire
         assert pipe.state.classified >= 1
     finally:

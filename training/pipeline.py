@@ -61,11 +61,11 @@ def normalise(x):
     return (tf.cast(x, tf.float32) - 127.5) / 127.5
 
 
-def augment(x):
+def augment(x, rotate: bool = False):
     """Dermoscopy and microscopy have no 'up': flips and right-angle turns are free (on a
-    non-square input only the half turn keeps the shape, and the two flips give it); a lesion
-    is framed a little closer or further each time; colour and brightness vary between
-    cameras, stains and lights."""
+    non-square input only the half turn keeps the shape, and the two flips give it), and with
+    ``rotate`` any angle (edges filled by reflection); a lesion is framed a little closer or
+    further each time; colour and brightness vary between cameras, stains and lights."""
     import tensorflow as tf
 
     h, w = x.shape[0], x.shape[1]
@@ -74,12 +74,39 @@ def augment(x):
     if h == w:
         x = tf.image.rot90(x, k=tf.random.uniform([], 0, 4, dtype=tf.int32))
     x = tf.cast(x, tf.float32) / 255.0
+    if rotate:
+        x = random_rotation(x)
     x = random_zoom(x, 0.8)
     x = tf.image.random_brightness(x, 0.08)
     x = tf.image.random_contrast(x, 0.9, 1.1)
     x = tf.image.random_saturation(x, 0.9, 1.1)
     x = tf.image.random_hue(x, 0.02)
     return tf.clip_by_value(x, 0.0, 1.0) * 2.0 - 1.0
+
+
+def random_rotation(x):
+    """Turn by a random angle about the centre, filling the corners by reflection."""
+    import math
+
+    import tensorflow as tf
+
+    h, w = float(x.shape[0]), float(x.shape[1])
+    a = tf.random.uniform([], 0.0, 2 * math.pi)
+    c, s = tf.cos(a), tf.sin(a)
+    cx, cy = (w - 1) / 2, (h - 1) / 2
+    # Output pixel (x, y) reads input (c·x − s·y + tx, s·x + c·y + ty): a turn about the centre.
+    transform = tf.stack(
+        [c, -s, cx - c * cx + s * cy, s, c, cy - s * cx - c * cy, 0.0, 0.0]
+    )[None]
+    out = tf.raw_ops.ImageProjectiveTransformV3(
+        images=x[None],
+        transforms=transform,
+        output_shape=tf.constant([int(h), int(w)]),
+        fill_value=0.0,
+        interpolation="BILINEAR",
+        fill_mode="REFLECT",
+    )
+    return out[0]
 
 
 def random_zoom(x, min_scale: float):
@@ -113,6 +140,7 @@ def sampled_dataset(
     batch: int,
     seed: int = 0,
     targets: np.ndarray | None = None,
+    rotate: bool = False,
 ):
     """An endless stream of augmented (image, target) batches, classes drawn with the
     probabilities of :func:`class_sampling_weights` (each class reshuffled on every pass).
@@ -131,7 +159,7 @@ def sampled_dataset(
         weights.append(float(probs[c]))
     picks = tf.data.Dataset.sample_from_datasets(parts, weights=weights, seed=seed)
     return (
-        picks.map(lambda x, y: (augment(x), y), num_parallel_calls=tf.data.AUTOTUNE)
+        picks.map(lambda x, y: (augment(x, rotate), y), num_parallel_calls=tf.data.AUTOTUNE)
         .batch(batch)
         .prefetch(tf.data.AUTOTUNE)
     )

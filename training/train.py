@@ -192,6 +192,7 @@ def _finetune_images(cfg: Config, run_dir: Path, model, data, weights, group_idx
             bs,
             cfg.dataset.seed,
             targets=y_train if soft else None,
+            rotate=cfg.train.rotate,
         )
         fit_kw = {"steps_per_epoch": steps_per_epoch}
         log.info("phase 2 draws classes %s", cfg.train.sampling)
