@@ -331,17 +331,25 @@ class Pipeline:
         return self.classify_and_store(rgb, "capture", sample_code)
 
     def classify_and_store(self, image: Any, mode: str, sample_code: str | None) -> dict[str, Any]:
-        """Classify an RGB array or encoded image; raises ImageError or StorageError."""
+        """Classify an RGB array (a camera still) or an encoded image (an upload); raises
+        ImageError or StorageError.
+
+        An encoded image takes exactly the path of ``classify`` and of training's evaluation
+        (Classifier.prepare on the bytes: JPEG draft decoding, then the Pillow resize), so the
+        same file gives the same model input however it enters. The snapshot is re-encoded
+        from a full decode (which also drops the upload's metadata)."""
         from .preprocess import open_image
 
-        rgb = (
-            image
-            if isinstance(image, np.ndarray)
-            else np.asarray(
+        p = self.cfg.pipeline
+        if isinstance(image, np.ndarray):
+            rgb = image
+            small, times, quality = self._prepare(rgb)
+        else:
+            small, times = self.classifier.prepare(image)
+            quality = assess(small, p.min_focus, p.max_clipped)
+            rgb = np.asarray(
                 open_image(image, max_pixels=self.classifier.max_pixels), dtype=np.uint8
             )
-        )
-        small, times, quality = self._prepare(rgb)
         # On demand a few more invokes cost nothing a user notices: average the bundle's
         # test-time views (the live stream never does, see _process).
         result = self.classifier.infer(
