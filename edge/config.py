@@ -68,8 +68,12 @@ class WebSection:
     port: int = 8080
     password: str = ""  # plain, or a werkzeug hash ("scrypt:..." / "pbkdf2:...")
     max_upload_mb: int = 16
+    # Threads for pages and the API; live views get threads of their own (max_streams), so
+    # viewers can never take the threads that logins, uploads and health checks need.
     threads: int = 8
     stream_fps: float = 5.0
+    # Live views (MJPEG) at once; one more is answered 503 with Retry-After.
+    max_streams: int = 24
 
 
 @dataclass
@@ -199,6 +203,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError("[pipeline].max_clipped is a fraction between 0 and 1")
     if not 0 < w.port < 65536:
         raise ConfigError(f"[web].port: {w.port} is not a TCP port")
+    if not 2 <= w.threads <= 64:
+        raise ConfigError("[web].threads must be between 2 and 64")
+    if not 0 <= w.max_streams <= 200:
+        raise ConfigError("[web].max_streams must be between 0 (no live view) and 200")
     if w.max_upload_mb < 1:
         raise ConfigError("[web].max_upload_mb must be at least 1")
     if cfg.network_bound and not w.password:

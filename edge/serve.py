@@ -132,7 +132,9 @@ def serve(cfg: Config) -> int:
     pipeline, app, store = build(cfg)
     pipeline.start()
     try:
-        _serve_app(app, cfg.web.host, cfg.web.port, cfg.web.threads)
+        # Live views hold a thread each for their whole life: they get their own, on top of
+        # the threads reserved for pages and the API (the stream's cap keeps them within).
+        _serve_app(app, cfg.web.host, cfg.web.port, cfg.web.threads + cfg.web.max_streams)
     finally:
         pipeline.stop()
         store.close()

@@ -1,10 +1,17 @@
-"""MJPEG live view: the newest frame, encoded once per frame and shared by every viewer."""
+"""MJPEG live view: the newest frame, encoded once per frame and shared by every viewer.
+
+A viewer holds a server thread for as long as it watches. The server has ``web.threads`` for
+pages and the API plus ``web.max_streams`` for viewers, and this cap turns the viewer past that
+away with 503 (Retry-After), so a room full of phones can never starve logins, uploads and
+health checks.
+"""
 
 from __future__ import annotations
 
+import threading
 import time
 
-from flask import Blueprint, Response, current_app
+from flask import Blueprint, Response, current_app, jsonify
 
 bp = Blueprint("stream", __name__)
 BOUNDARY = "fieldscopeframe"
@@ -31,12 +38,46 @@ def mjpeg(pipeline, fps: float, max_seconds: float | None = None):
         time.sleep(gap)
 
 
+class _Slot:
+    """The response body: the frames, and the viewer's slot given back when the server closes
+    the body (client gone, server stopping), even if no frame was ever sent."""
+
+    def __init__(self, frames, slots: threading.BoundedSemaphore) -> None:
+        self._frames, self._slots, self._open = frames, slots, True
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> bytes:
+        return next(self._frames)
+
+    def close(self) -> None:
+        if self._open:
+            self._open = False
+            self._frames.close()
+            self._slots.release()
+
+
+def viewer_slots(app) -> tuple[threading.BoundedSemaphore, int]:
+    ext = app.extensions["fieldscope"]
+    if "stream_slots" not in ext:
+        n = ext["cfg"].web.max_streams
+        ext["stream_slots"] = (threading.BoundedSemaphore(max(n, 1)), n)
+    return ext["stream_slots"]
+
+
 @bp.get("/stream.mjpg")
 def stream():
     ext = current_app.extensions["fieldscope"]
-    gen = mjpeg(ext["pipeline"], ext["cfg"].web.stream_fps)
+    slots, n = viewer_slots(current_app)
+    if n == 0 or not slots.acquire(blocking=False):
+        resp = jsonify(error=f"too many live viewers (at most {n}); the page retries by itself")
+        resp.status_code = 503
+        resp.headers["Retry-After"] = "5"
+        return resp
+    body = _Slot(mjpeg(ext["pipeline"], ext["cfg"].web.stream_fps), slots)
     return Response(
-        gen,
+        body,
         mimetype=f"multipart/x-mixed-replace; boundary={BOUNDARY}",
         headers={"Cache-Control": "no-store"},
     )

@@ -39,11 +39,37 @@
     $("#backend").textContent = data.backend.backend;
   }
 
+  // The live view: an MJPEG <img>. It reconnects when its stream fails (503 when too many
+  // viewers, the kit restarting) and whenever the status API comes back after an outage
+  // (a restarted daemon ends the old stream without the browser noticing).
+  const live = $("#stream");
+  let streamRetry = null;
+  function reconnectStream(delay) {
+    if (!live || streamRetry) return;
+    streamRetry = setTimeout(() => {
+      streamRetry = null;
+      live.src = live.dataset.src + "?t=" + Date.now();
+    }, delay);
+  }
+  if (live) {
+    live.dataset.src = live.getAttribute("src").split("?")[0];
+    live.addEventListener("error", () => reconnectStream(3000));
+  }
+
+  let down = false;
   async function poll() {
     try {
       const resp = await fetch("/api/status", { headers: { Accept: "application/json" } });
-      if (resp.ok) show(await resp.json());
-    } catch (e) { /* the kit restarts or the Wi-Fi dropped: try again */ }
+      if (resp.ok) {
+        show(await resp.json());
+        if (down) reconnectStream(0);
+        down = false;
+      } else {
+        down = true;
+      }
+    } catch (e) {
+      down = true; // the kit restarts or the Wi-Fi dropped: try again
+    }
     setTimeout(poll, 1000);
   }
 
