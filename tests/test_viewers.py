@@ -6,6 +6,7 @@ is turned away with 503; viewers that leave give their slots back."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import socket
@@ -48,10 +49,8 @@ class Viewer(threading.Thread):
 
     def close(self) -> None:
         self.stop.set()
-        try:
+        with contextlib.suppress(OSError):
             self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
         self.sock.close()
 
 
