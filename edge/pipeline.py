@@ -14,7 +14,7 @@ import logging
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -44,8 +44,12 @@ class Frame:
     quality: Quality | None = None
 
 
-@dataclass
+@dataclass(frozen=True)
 class LiveState:
+    """What the kit shows now, as one immutable snapshot: a reader (the page, the API) gets a
+    result, its quality and its smoothed state from the same frame, never a mix. The threads
+    that change it publish a new snapshot under one lock (``Pipeline._publish``)."""
+
     frame_id: int = 0
     at: float = 0.0
     result: dict[str, Any] | None = None
@@ -56,8 +60,6 @@ class LiveState:
     classified: int = 0
     not_assessable: int = 0
     errors: int = 0
-    latencies: deque = field(default_factory=lambda: deque(maxlen=50))
-    stamps: deque = field(default_factory=lambda: deque(maxlen=50))
 
 
 def encode_jpeg(rgb: np.ndarray, quality: int = 85) -> bytes:
@@ -72,7 +74,10 @@ class Pipeline:
         self.classifier = classifier
         self.source = source
         self.store = store
-        self.state = LiveState()
+        self._state = LiveState()
+        self._state_lock = threading.Lock()
+        self._latencies: deque = deque(maxlen=50)  # under _state_lock
+        self._stamps: deque = deque(maxlen=50)
         self.smoother = Smoother(
             classifier.bundle.labels, cfg.pipeline.smoothing, cfg.pipeline.hold
         )
@@ -94,6 +99,21 @@ class Pipeline:
         # the systemd watchdog pings, so systemd restarts the daemon.
         self.source_timeout = max(cfg.source.timeout_s, 3.0 / cfg.source.fps)
         self.housekeeping_s = 3600.0
+
+    # -- live state --------------------------------------------------------------------------
+    @property
+    def state(self) -> LiveState:
+        """The current snapshot (replaced, never changed in place)."""
+        return self._state
+
+    def _publish(self, count: tuple[str, ...] = (), **changes: Any) -> LiveState:
+        """Replace the snapshot: ``changes`` set fields, each name in ``count`` adds one."""
+        with self._state_lock:
+            st = self._state
+            for name in count:
+                changes[name] = getattr(st, name) + 1
+            self._state = replace(st, **changes)
+            return self._state
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:
@@ -147,17 +167,17 @@ class Pipeline:
                     if not opened:
                         self.source.open()
                         opened = True
-                        self.state.camera, self.state.camera_error = "ok", None
+                        self._publish(camera="ok", camera_error=None)
                         log.info("source %s open", self.source.describe())
                         backoff = 1.0
                     rgb = self.source.read()
                 self.last_frame_at = time.monotonic()
                 if self.state.camera == "stalled":
                     log.info("camera delivers again")
-                    self.state.camera, self.state.camera_error = "ok", None
+                    self._publish(camera="ok", camera_error=None)
             except (SourceError, OSError) as exc:
                 opened = False
-                self.state.camera, self.state.camera_error = "lost", str(exc)
+                self._publish(camera="lost", camera_error=str(exc))
                 log.warning("camera lost (%s); retrying in %.0f s", exc, backoff)
                 # Up without a camera is still up: the page says "camera lost" and uploads work;
                 # not being READY would have systemd kill and restart the kit in a loop.
@@ -181,7 +201,7 @@ class Pipeline:
                 if prep:
                     frame.small, frame.times, frame.quality = self._prepare(rgb)
             except Exception:  # a malformed frame is dropped; the camera keeps going
-                self.state.errors += 1
+                self._publish(count=("errors",))
                 log.exception("could not prepare frame %d", next_id)
                 continue
             with self._cond:
@@ -251,8 +271,10 @@ class Pipeline:
                         "pings so systemd restarts the daemon",
                         self.source_timeout,
                     )
-                    self.state.camera = "stalled"
-                    self.state.camera_error = f"no frame for {self.source_timeout:.0f} s"
+                    self._publish(
+                        camera="stalled",
+                        camera_error=f"no frame for {self.source_timeout:.0f} s",
+                    )
             elif interval and now - last_ping >= interval:
                 notify.notify("WATCHDOG=1")
                 last_ping = now
@@ -265,50 +287,66 @@ class Pipeline:
             try:
                 self._process(frame)
             except Exception:
-                self.state.errors += 1
+                self._publish(count=("errors",))
                 log.exception("inference failed on frame %d", frame.id)
 
     def _process(self, frame: Frame) -> None:
         p = self.cfg.pipeline
-        quality = frame.quality  # frames reach the worker prepared (see wait_frame)
-        st = self.state
-        st.quality = quality.to_dict()
-        if not quality.assessable:
-            st.not_assessable += 1
-            st.result = {
-                "label": None,
-                "assessable": False,
-                "reason": quality.reason,
-                "quality": st.quality,
-            }
-            st.frame_id, st.at = frame.id, time.time()
+        quality = frame.quality.to_dict()  # frames reach the worker prepared (see wait_frame)
+        if not frame.quality.assessable:
+            self._publish(
+                count=("not_assessable",),
+                quality=quality,
+                result={
+                    "label": None,
+                    "assessable": False,
+                    "reason": frame.quality.reason,
+                    "quality": quality,
+                },
+                frame_id=frame.id,
+                at=time.time(),
+            )
             self._mark_ready()
             return
         result = self.classifier.infer(
             frame.small, frame.times, top_k=p.top_k, name=f"frame {frame.id}"
         )
         done = time.monotonic()
-        state, mean = self.smoother.update(result.probabilities)
+        bundle = self.classifier.bundle
+        shown = self.smoother.update(
+            result.probabilities,
+            lambda mean: postprocess.decide(
+                postprocess.group_scores(mean, bundle.labels, bundle.label_groups),
+                bundle.decision,
+            ),
+        )
         doc = result.to_dict()
-        doc["quality"] = st.quality
+        doc["quality"] = quality
         doc["assessable"] = True
         doc["frame_to_result_ms"] = round((done - frame.at) * 1e3, 2)
-        st.result = doc
-        bundle = self.classifier.bundle
-        groups = postprocess.group_scores(mean, bundle.labels, bundle.label_groups)
-        st.smoothed = {
-            "label": state,
-            "probabilities": dict(zip(self.smoother.labels, map(float, mean), strict=True)),
-            "decision": postprocess.decide(groups, bundle.decision),
+        smoothed = {
+            "label": shown.label,
+            "probabilities": dict(zip(self.smoother.labels, map(float, shown.mean), strict=True)),
+            "decision": shown.decision,
+            "frame_id": frame.id,
+            "shown_for_frames": shown.age,
         }
-        st.frame_id, st.at = frame.id, time.time()
-        st.classified += 1
-        st.latencies.append(doc["frame_to_result_ms"])
-        st.stamps.append(done)
+        with self._state_lock:
+            self._latencies.append(doc["frame_to_result_ms"])
+            self._stamps.append(done)
+        # One snapshot: this frame's result, its quality and the smoothed state it led to.
+        self._publish(
+            count=("classified",),
+            result=doc,
+            quality=quality,
+            smoothed=smoothed,
+            frame_id=frame.id,
+            at=time.time(),
+        )
         self._mark_ready()
         if p.store_every_s > 0 and time.time() - self._last_store >= p.store_every_s:
             try:
-                doc["id"] = self.store.save(doc, "live", source=self.source.describe())
+                self.store.save(doc, "live", source=self.source.describe())
                 self._last_store = time.time()
             except StorageError:
                 pass  # reported through /api/health; live results are not acknowledged anyway
@@ -371,13 +409,20 @@ class Pipeline:
 
     # -- status ------------------------------------------------------------------------------
     def fps(self) -> float:
-        stamps = self.state.stamps
+        with self._state_lock:
+            stamps = list(self._stamps)
         if len(stamps) < 2 or stamps[-1] == stamps[0]:
             return 0.0
         return (len(stamps) - 1) / (stamps[-1] - stamps[0])
 
+    def recent_latencies(self) -> list[float]:
+        """Frame-to-result times (ms) of the last classified frames, oldest first."""
+        with self._state_lock:
+            return list(self._latencies)
+
     def latency_ms(self) -> float | None:
-        lat = self.state.latencies
+        with self._state_lock:
+            lat = list(self._latencies)
         return float(np.median(lat)) if lat else None
 
     def status(self) -> dict[str, Any]:
@@ -396,6 +441,7 @@ class Pipeline:
             },
             "fps": round(self.fps(), 2),
             "latency_ms": self.latency_ms(),
+            "frame_id": st.frame_id,
             "frames_classified": st.classified,
             "frames_not_assessable": st.not_assessable,
             "errors": st.errors,

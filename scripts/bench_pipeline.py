@@ -153,7 +153,8 @@ def measure_pipeline(pipe, seconds: float) -> dict:
     time.sleep(seconds)
     n1, c1, t1 = pipe.state.classified, time.process_time(), time.perf_counter()
     done = max(1, n1 - n0)
-    lat = list(pipe.state.latencies)[-min(len(pipe.state.latencies), done) :]
+    recent = pipe.recent_latencies()
+    lat = recent[-min(len(recent), done) :]
     result = pipe.state.result or {}
     return {
         "fps": (n1 - n0) / (t1 - t0),

@@ -101,12 +101,38 @@ def test_smoother_holds_state_until_it_persists():
     assert s.update({"a": 0.1, "b": 0.9})[0] == "b"
     s2 = Smoother(["a", "b"], window=4, hold=1)
     s2.update({"a": 1.0, "b": 0.0})
-    state, mean = s2.update({"a": 0.0, "b": 1.0})
-    assert np.allclose(mean, [0.5, 0.5])
+    shown = s2.update({"a": 0.0, "b": 1.0})
+    assert np.allclose(shown.mean, [0.5, 0.5])
     s3 = Smoother(["a", "b"], window=2, hold=1)
     for p in (1.0, 0.5, 0.0):  # the first frame leaves the window
-        state, mean = s3.update({"a": p, "b": 1 - p})
-    assert np.allclose(mean, [0.25, 0.75]) and state == "b"
+        shown = s3.update({"a": p, "b": 1 - p})
+    assert np.allclose(shown.mean, [0.25, 0.75]) and shown.label == "b"
+
+
+def test_shown_label_and_decision_change_together_after_the_hold():
+    """The decision shown is held like the label, and both come from the same frame: never
+    the held label next to a decision computed from a newer mean."""
+
+    def decide(mean):
+        score = float(mean[1])
+        return {"positive": score >= 0.3, "score": score, "text": f"b {score:.2f}"}
+
+    s = Smoother(["a", "b"], window=1, hold=3)
+    first = s.update({"a": 0.9, "b": 0.1}, decide)
+    assert (first.label, first.decision["positive"]) == ("a", False)
+    # b rises past the decision threshold but not past a: the pair (a, refer) is new...
+    for _ in range(2):
+        shown = s.update({"a": 0.6, "b": 0.4}, decide)
+        assert (shown.label, shown.decision["positive"]) == ("a", False)
+        assert shown.decision["score"] == pytest.approx(0.1)  # the held frame's own score
+    # ...and is shown on its third frame, label and decision from that same frame.
+    shown = s.update({"a": 0.6, "b": 0.4}, decide)
+    assert (shown.label, shown.decision["positive"]) == ("a", True)
+    assert shown.decision["score"] == pytest.approx(0.4) and shown.age == 0
+    # A single frame that disagrees changes nothing.
+    shown = s.update({"a": 0.95, "b": 0.05}, decide)
+    assert (shown.label, shown.decision["positive"]) == ("a", True) and shown.age == 1
+    assert np.allclose(shown.mean, [0.95, 0.05])  # the bars stay live
 
 
 def test_notify_sends_datagrams_to_the_socket(tmp_path, monkeypatch):

@@ -90,3 +90,44 @@ def test_a_malformed_frame_is_dropped_and_the_camera_keeps_going(
     assert pipe.state.errors >= 1
     assert pipe.state.camera == "ok"
     assert "could not prepare" in caplog.text
+
+
+def test_live_state_is_one_frame_at_a_time(blood_bundle, tmp_path, blood_samples):
+    """Readers polling while the pipeline runs always see a result, its quality and its
+    smoothed state from one frame, and counters that only grow."""
+    frames = [np.asarray(Image.open(p).convert("RGB")) for p in blood_samples[:4]]
+    pipe, _ = _pipeline(blood_bundle, tmp_path, frames)
+    seen, problems = [], []
+    stop = threading.Event()
+
+    def reader():
+        last = 0
+        while not stop.is_set():
+            st = pipe.state
+            if st.result is not None and st.smoothed is not None:
+                if st.result["image"] != f"frame {st.frame_id}":
+                    problems.append(("result", st.frame_id, st.result["image"]))
+                if st.smoothed["frame_id"] != st.frame_id:
+                    problems.append(("smoothed", st.frame_id, st.smoothed["frame_id"]))
+                if st.result["quality"] != st.quality:
+                    problems.append(("quality", st.frame_id))
+                seen.append(st.frame_id)
+            if st.classified < last:
+                problems.append(("counter", last, st.classified))
+            last = st.classified
+            status = pipe.status()
+            if status["last_result"] and status["smoothed"]:
+                if status["smoothed"]["frame_id"] != status["frame_id"]:
+                    problems.append(("status", status["frame_id"]))
+
+    threads = [threading.Thread(target=reader) for _ in range(2)]
+    for t in threads:
+        t.start()
+    try:
+        _run_until(pipe, 40)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert len(set(seen)) >= 10, "the readers saw too few frames to mean anything"
+    assert not problems, problems[:5]
