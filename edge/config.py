@@ -158,6 +158,24 @@ def read_toml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"{p}: not valid TOML: {exc}") from exc
 
 
+PATH_KEYS = (("model", "bundle"), ("model", "labels"), ("model", "fallback_bundle"),
+             ("storage", "data_dir"))
+
+
+def _absolute_paths(raw: dict[str, Any], base: Path) -> None:
+    """Make the path options in ``raw`` absolute against ``base`` (a replay source's path
+    too; a V4L2 device path or index is left alone)."""
+    keys = list(PATH_KEYS)
+    source = raw.get("source")
+    if isinstance(source, dict) and source.get("kind", "replay") == "replay":
+        keys.append(("source", "path"))
+    for section, key in keys:
+        table = raw.get(section)
+        if isinstance(table, dict) and isinstance(table.get(key), str) and table[key]:
+            p = Path(table[key]).expanduser()
+            table[key] = os.path.normpath(p if p.is_absolute() else (base / p))
+
+
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
     raw: dict[str, Any] = read_toml(path) if path else {}
     unknown = sorted(set(raw) - set(SECTIONS))
@@ -166,11 +184,20 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
             f"{path}: unknown section(s) {', '.join(unknown)}",
             f"sections are {', '.join(SECTIONS)}",
         )
+    # Paths written in a config file mean the file's folder; paths given on the command line
+    # (overrides) mean the working directory. Both become absolute here, so nothing later
+    # (Flask's send_file, a thread that changed directory) resolves them differently.
+    if path:
+        _absolute_paths(raw, Path(path).resolve().parent)
+    given: dict[str, Any] = {}
     for dotted, value in (overrides or {}).items():
         if value is None:
             continue
         section, key = dotted.split(".", 1)
-        raw.setdefault(section, {})[key] = value
+        given.setdefault(section, {})[key] = value
+    _absolute_paths(given, Path.cwd())
+    for section, values in given.items():
+        raw.setdefault(section, {}).update(values)
     cfg = Config(
         **{
             name: _section(cls, dict(raw.get(name, {})), f"[{name}]")
