@@ -116,9 +116,9 @@ def test_live_state_is_one_frame_at_a_time(blood_bundle, tmp_path, blood_samples
                 problems.append(("counter", last, st.classified))
             last = st.classified
             status = pipe.status()
-            if status["last_result"] and status["smoothed"]:
-                if status["smoothed"]["frame_id"] != status["frame_id"]:
-                    problems.append(("status", status["frame_id"]))
+            smoothed = status["smoothed"]
+            if status["last_result"] and smoothed and smoothed["frame_id"] != status["frame_id"]:
+                problems.append(("status", status["frame_id"]))
 
     threads = [threading.Thread(target=reader) for _ in range(2)]
     for t in threads:
