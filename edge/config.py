@@ -74,6 +74,9 @@ class WebSection:
     stream_fps: float = 5.0
     # Live views (MJPEG) at once; one more is answered 503 with Retry-After.
     max_streams: int = 24
+    # Reverse proxies in front of the kit whose X-Forwarded-For is trusted (0: none; the
+    # client address is the connection's). Needed for a per-client login rate limit behind one.
+    trusted_proxies: int = 0
 
 
 @dataclass
@@ -232,6 +235,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"[web].port: {w.port} is not a TCP port")
     if not 2 <= w.threads <= 64:
         raise ConfigError("[web].threads must be between 2 and 64")
+    if not 0 <= w.trusted_proxies <= 5:
+        raise ConfigError("[web].trusted_proxies must be between 0 and 5")
     if not 0 <= w.max_streams <= 200:
         raise ConfigError("[web].max_streams must be between 0 (no live view) and 200")
     if w.max_upload_mb < 1:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 
 from .errors import ModelError
@@ -30,9 +31,23 @@ def is_edgetpu_compiled(data: bytes) -> bool:
     return EDGETPU_CUSTOM_OP in data[:_MAX_SCAN]
 
 
+_DIGESTS: dict[tuple, str] = {}
+HASHED = {"files": 0}  # how many files were actually read (the System page's cost, tested)
+
+
 def sha256_file(path: Path) -> str:
+    """The file's SHA-256, remembered while its inode, size and modification time stay the
+    same (the System page checks every bundle on each view; a Pi's SD card is slow)."""
+    st = os.stat(path)
+    key = (os.path.realpath(path), st.st_ino, st.st_size, st.st_mtime_ns)
+    if key in _DIGESTS:
+        return _DIGESTS[key]
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             digest.update(chunk)
-    return digest.hexdigest()
+    HASHED["files"] += 1
+    if len(_DIGESTS) > 256:
+        _DIGESTS.clear()
+    _DIGESTS[key] = digest.hexdigest()
+    return _DIGESTS[key]

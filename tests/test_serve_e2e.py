@@ -194,7 +194,10 @@ def test_without_a_camera_the_kit_is_ready_and_says_so(tmp_path, blood_bundle, n
         status, _, body = wait_http(base + "/api/health")
         health = json.loads(body)
         assert status == 200 and health["status"] == "degraded"
-        assert health["camera"]["state"] == "lost" and "does not exist" in health["camera"]["error"]
+        assert health["camera"]["state"] == "lost"
+        assert str(tmp_path) not in body.decode()  # no paths to an unauthenticated caller
+        status = json.loads(get(base + "/api/status")[2])
+        assert "does not exist" in status["camera"]["error"]
         time.sleep(0.5)
         assert any(m.startswith("READY=1") and "camera lost" in m for m in drain(sock))
     finally:

@@ -5,6 +5,7 @@ Built by an app factory; served by waitress (see ``edge.serve``), never Flask's 
 
 from __future__ import annotations
 
+import logging
 import os
 import secrets
 from pathlib import Path
@@ -18,16 +19,32 @@ from .. import __version__
 csrf = CSRFProtect()
 
 
+KEY_BYTES = 32
+
+
 def _secret_key(data_dir: Path) -> bytes:
-    """A per-kit key kept in the data folder (0600), so sessions survive restarts."""
+    """A per-kit key kept in the data folder (0600), so sessions survive restarts.
+
+    Written to a temp file, synced and renamed, so a crash leaves the old key or the new one,
+    never an empty file; a key file that is empty or short anyway (an older kit, a damaged
+    card) is replaced, which only logs the current users out."""
     path = data_dir / "secret_key"
     if path.is_file():
-        return path.read_bytes()
+        key = path.read_bytes()
+        if len(key) >= KEY_BYTES:
+            return key
+        logging.getLogger(__name__).warning(
+            "%s holds %d bytes, not a key: making a new one (sessions restart)", path, len(key)
+        )
     data_dir.mkdir(parents=True, exist_ok=True)
-    key = secrets.token_bytes(32)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    key = secrets.token_bytes(KEY_BYTES)
+    tmp = data_dir / f".secret_key.{os.getpid()}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as fh:
         fh.write(key)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
     return key
 
 
@@ -37,6 +54,12 @@ def create_app(pipeline: Any, cfg: Any, doctor: Any = None) -> Flask:
     from .metrics import metrics_view
 
     app = Flask(__name__)
+    if cfg.web.trusted_proxies:
+        # Behind a reverse proxy the client is in X-Forwarded-For (trusted only from the
+        # configured number of proxies): the login rate limit must key on it, not on the proxy.
+        from werkzeug.middleware.proxy_fix import ProxyFix
+
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=cfg.web.trusted_proxies)
     app.config.update(
         SECRET_KEY=_secret_key(cfg.data_dir),
         MAX_CONTENT_LENGTH=cfg.web.max_upload_mb * 1024 * 1024,

@@ -53,10 +53,12 @@ def health():
     camera_ok = pipe.state.camera == "ok"
     inference_ok = age < 10
     ok = storage_ok and camera_ok and inference_ok and not low_space
+    # Open to anyone who can reach the kit (monitors, load balancers): states only. The error
+    # texts (which name files and devices) are in /api/status, behind the login.
     body = {
         "status": "ok" if ok else "degraded",
-        "camera": {"ok": camera_ok, "state": pipe.state.camera, "error": pipe.state.camera_error},
-        "storage": {"ok": storage_ok, "error": pipe.store.last_error, "low_space": low_space},
+        "camera": {"ok": camera_ok, "state": pipe.state.camera},
+        "storage": {"ok": storage_ok, "low_space": low_space},
         "inference": {
             "ok": inference_ok,
             "heartbeat_age_s": round(age, 2),

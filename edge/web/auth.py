@@ -52,6 +52,22 @@ class LoginLimiter:
             self._fails.pop(who, None)
 
 
+def safe_next(target: str) -> str:
+    """``target`` when it is a path on this kit, else "/". Browsers read a backslash as a
+    slash, so "/\\evil.com" would leave the kit like "//evil.com" does."""
+    from urllib.parse import urlsplit
+
+    if (
+        not target.startswith("/")
+        or target.startswith("//")
+        or "\\" in target
+        or any(ord(c) < 32 or ord(c) == 127 for c in target)
+    ):
+        return "/"
+    parts = urlsplit(target)
+    return target if not parts.scheme and not parts.netloc else "/"
+
+
 def _hash(password: str) -> str:
     if password.startswith(("scrypt:", "pbkdf2:")):
         return password
@@ -98,10 +114,7 @@ def login():
             state["limiter"].clear(who)
             session.clear()
             session["user"] = "operator"
-            target = request.args.get("next", "/")
-            return redirect(
-                target if target.startswith("/") and not target.startswith("//") else "/"
-            )
+            return redirect(safe_next(request.args.get("next", "/")))
         else:
             state["limiter"].fail(who)
             current_app.logger.warning("failed login from %s", who)
