@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from . import postprocess
-from .backends import Backend, open_backend, open_cpu
+from .backends import Backend, open_backend, open_cpu, open_edgetpu
 from .bundle import Bundle
 from .errors import BundleError, EdgeTpuError
 from .preprocess import (
@@ -28,6 +28,8 @@ from .preprocess import (
 from .runtime import resolve_runtime
 
 log = logging.getLogger(__name__)
+REPROBE_FIRST_S = 15.0
+REPROBE_MAX_S = 600.0
 
 
 @dataclass
@@ -77,9 +79,15 @@ class Classifier:
         self.max_pixels = max_pixels
         self.runtime = resolve_runtime()
         self._lock = threading.Lock()
+        self.device = device
         selection = open_backend(bundle, backend, threads, device, self.runtime)
         self.backend_reason = selection.reason
         self.fallback_events: list[str] = []
+        # Set while an Edge TPU that failed mid-run is replaced by the CPU: {"since", "reason"};
+        # the TPU is tried again with backoff (a USB reset re-enumerates it within seconds).
+        self.degraded: dict[str, Any] | None = None
+        self.reprobe_s = REPROBE_FIRST_S
+        self._reprobe_at = 0.0
         self._use(selection.backend)
 
     # -- setup ---------------------------------------------------------------------------
@@ -130,6 +138,7 @@ class Classifier:
             "policy": self.policy,
             "reason": self.backend_reason,
             "fallbacks": list(self.fallback_events),
+            "degraded": dict(self.degraded) if self.degraded else None,
             "model": self.bundle.name,
             "model_version": self.bundle.version,
         }
@@ -158,22 +167,51 @@ class Classifier:
             yield self.backend
 
     def _invoke(self, rgb: np.ndarray) -> tuple[np.ndarray, list[str]]:
+        """Run one prepared input (the caller holds the lock). Only a failure of the Edge TPU
+        itself moves inference to the CPU: a bad input is the caller's error and raised as is."""
+        tensor = self.adapter(rgb)  # shape or type problems surface here, before the TPU
+        notes = self._maybe_reprobe()
         try:
-            return self.backend.invoke(self.adapter(rgb)), []
+            return self.backend.invoke(tensor), notes
         except Exception as exc:
             if self.backend.name != "edgetpu" or self.policy != "auto":
                 if self.backend.name == "edgetpu":
                     raise EdgeTpuError(f"the Edge TPU failed during inference: {exc}") from exc
                 raise
             why = f"the Edge TPU failed during inference ({exc}); switched to the CPU"
-            log.warning(why)
+            log.warning("%s; trying it again in %.0f s", why, self.reprobe_s)
             self.fallback_events.append(why)
             selection = open_cpu(self.bundle, self.runtime, self.threads, f"CPU fallback: {why}")
             old = self.backend
             self._use(selection.backend)
             self.backend_reason = selection.reason
+            self.degraded = {"since": time.time(), "reason": why}
+            self._reprobe_at = time.monotonic() + self.reprobe_s
             old.close()
-            return self.backend.invoke(self.adapter(rgb)), [why]
+            return self.backend.invoke(self.adapter(rgb)), notes + [why]
+
+    def _maybe_reprobe(self) -> list[str]:
+        """While degraded, try the Edge TPU again when its backoff has passed; back on it when
+        it opens (the next invoke runs there), else wait twice as long (up to 10 min)."""
+        if not self.degraded or time.monotonic() < self._reprobe_at:
+            return []
+        try:
+            selection = open_edgetpu(self.bundle, self.runtime, self.threads, self.device)
+        except Exception as exc:  # still gone: any failure to open means "not yet"
+            self.reprobe_s = min(self.reprobe_s * 2, REPROBE_MAX_S)
+            self._reprobe_at = time.monotonic() + self.reprobe_s
+            log.debug("Edge TPU still unusable (%s); next try in %.0f s", exc, self.reprobe_s)
+            return []
+        old = self.backend
+        self._use(selection.backend)
+        self.backend_reason = f"{selection.reason} (back after a failure)"
+        old.close()
+        note = "the Edge TPU works again; inference is back on it"
+        log.warning("%s", note)
+        self.fallback_events.append(note)
+        self.degraded = None
+        self.reprobe_s = REPROBE_FIRST_S
+        return [note]
 
     def classify(
         self,

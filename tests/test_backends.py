@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -185,3 +186,56 @@ print(len(os.listdir("/proc/self/task")) - before, clf.describe()["artifact"])
         extra[n] = int(started)
         assert artifact == "int8"
     assert extra[2] - extra[1] == 1 and extra[3] - extra[1] == 2, extra
+
+
+def test_tpu_that_fails_then_returns_is_used_again(
+    coral, coral_bundle, parrot, host_with_tpu, fake_tpu_lib, monkeypatch
+):
+    """A USB reset: the TPU fails mid-run, the CPU stands in (degraded, with the reason), the
+    TPU is tried again after its backoff, and once it opens inference is back on it."""
+    import edge.classifier as classifier_mod
+
+    clf = Classifier(_bundle_running_on_fake_tpu(coral, coral_bundle))
+    clf.reprobe_s = 0.2
+    assert clf.classify(str(parrot)).backend == "edgetpu"
+
+    def usb_reset():
+        raise RuntimeError("Edge TPU: USB transfer error (device reset)")
+
+    clf.backend.interpreter.invoke = usb_reset
+    assert clf.classify(str(parrot)).backend == "cpu"
+    assert clf.degraded and "USB transfer error" in clf.describe()["degraded"]["reason"]
+    # Still unplugged at the first retry: stays on the CPU and backs off.
+    with monkeypatch.context() as m:
+        m.setattr(classifier_mod, "open_edgetpu", _raise_no_tpu)
+        time.sleep(0.25)
+        assert clf.classify(str(parrot)).backend == "cpu"
+        assert clf.reprobe_s == pytest.approx(0.4)
+    # Plugged back in: after the backoff the next classification runs on the TPU again.
+    time.sleep(0.45)
+    r = clf.classify(str(parrot))
+    assert r.backend == "edgetpu" and r.label == "macaw"
+    assert "works again" in r.notes[0] and clf.degraded is None
+
+
+def _raise_no_tpu(*args, **kwargs):
+    raise EdgeTpuError("no Edge TPU found")
+
+
+def test_a_callers_bad_input_does_not_move_inference_off_the_tpu(
+    coral, coral_bundle, host_with_tpu, fake_tpu_lib
+):
+    clf = Classifier(_bundle_running_on_fake_tpu(coral, coral_bundle))
+    with pytest.raises(ValueError):
+        clf.infer(np.zeros((10, 10, 3), np.uint8))  # wrong size: the caller's bug
+    assert clf.backend.name == "edgetpu" and clf.degraded is None
+
+
+@pytest.mark.parametrize("device", ["usb0", "ubs", "pci:x", ":", "usb:"])
+def test_a_device_typo_is_a_config_error(device):
+    from edge.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="device"):
+        load_config(None, {"model.device": device, "source.path": "x"})
+    for good in ("", "usb", "usb:1", "pci", "pci:0", ":0"):
+        load_config(None, {"model.device": good, "source.path": "x"})

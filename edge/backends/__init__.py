@@ -16,7 +16,15 @@ from .registry import BACKENDS
 log = logging.getLogger(__name__)
 POLICIES = ("auto", "cpu", "edgetpu")
 
-__all__ = ["BACKENDS", "POLICIES", "Backend", "Selection", "open_backend", "open_cpu"]
+__all__ = [
+    "BACKENDS",
+    "POLICIES",
+    "Backend",
+    "Selection",
+    "open_backend",
+    "open_cpu",
+    "open_edgetpu",
+]
 
 
 @dataclass

@@ -52,7 +52,8 @@ def health():
     low_space = pipe.store.low_on_space()
     camera_ok = pipe.state.camera == "ok"
     inference_ok = age < 10
-    ok = storage_ok and camera_ok and inference_ok and not low_space
+    tpu_lost = pipe.classifier.degraded is not None
+    ok = storage_ok and camera_ok and inference_ok and not low_space and not tpu_lost
     # Open to anyone who can reach the kit (monitors, load balancers): states only. The error
     # texts (which name files and devices) are in /api/status, behind the login.
     body = {
@@ -63,6 +64,8 @@ def health():
             "ok": inference_ok,
             "heartbeat_age_s": round(age, 2),
             "backend": pipe.classifier.backend.name,
+            # The Edge TPU failed and the CPU stands in (the reason is in /api/status).
+            "degraded": tpu_lost,
         },
     }
     return jsonify(body), 200 if inference_ok else 503

@@ -46,6 +46,11 @@ class PipelineCollector:
             "Free disk in the data folder",
             value=st["storage"]["free_mb"],
         )
+        yield GaugeMetricFamily(
+            "fieldscope_inference_degraded",
+            "1 while the CPU stands in for an Edge TPU that failed (it is retried with backoff)",
+            value=1.0 if st["backend"].get("degraded") else 0.0,
+        )
         backend = GaugeMetricFamily("fieldscope_backend", "Backend in use", labels=["backend"])
         backend.add_metric([st["backend"]["backend"]], 1.0)
         yield backend
