@@ -42,6 +42,11 @@ class SourceSection:
     still_height: int = 0
     loop: bool = True
     timeout_s: float = 15.0  # no frame for this long: the camera is stalled (watchdog stops)
+    # Fixed exposure and colour, for consistent colour under a microscope (0 / empty: auto).
+    exposure_us: int = 0  # exposure time in microseconds (picamera2, V4L2)
+    gain: float = 0.0  # analogue gain (picamera2) or the driver's gain value (V4L2)
+    colour_gains: list = field(default_factory=list)  # [red, blue] white balance (picamera2)
+    white_balance_k: int = 0  # white balance colour temperature in kelvin (V4L2)
 
 
 @dataclass
@@ -230,6 +235,13 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"[source].kind: {s.kind!r} is not replay, picamera2 or v4l2")
     if s.kind == "replay" and not s.path:
         raise ConfigError("[source].path: replay needs a folder of images or a video file")
+    if s.exposure_us < 0 or s.gain < 0 or s.white_balance_k < 0:
+        raise ConfigError("[source] exposure_us, gain and white_balance_k must be ≥ 0 (0: auto)")
+    if s.colour_gains and not (
+        len(s.colour_gains) == 2
+        and all(isinstance(g, (int, float)) and 0 < g < 32 for g in s.colour_gains)
+    ):
+        raise ConfigError("[source].colour_gains must be [red, blue], each between 0 and 32")
     if s.timeout_s <= 0:
         raise ConfigError("[source].timeout_s must be positive")
     if not 0 < s.fps <= 120:

@@ -29,6 +29,7 @@ from .sources import Source, SourceError
 from .store import StorageError, Store
 
 log = logging.getLogger(__name__)
+BAD_FRAMES_LIMIT = 25
 
 
 @dataclass
@@ -136,13 +137,22 @@ class Pipeline:
                 log.exception("retention failed")
 
     def stop(self, timeout: float = 1.5) -> None:
-        """Stop within a few seconds even when the camera is wedged inside read()."""
+        """Stop within a few seconds even when the camera is wedged inside read().
+
+        The capture thread is asked to stop and joined first, so the camera is normally
+        closed only once nobody is inside read(); only a read that is still stuck after
+        ``timeout`` (a hung driver) has the camera closed under it, which is what unblocks it.
+        """
         self._stop.set()
         with self._cond:
             self._cond.notify_all()
+        for t in self._threads:
+            if t.name == "capture":
+                t.join(timeout)
         locked = self._source_lock.acquire(timeout=timeout)
+        if not locked:
+            log.warning("the camera is stuck inside a read: closing it under the reader")
         try:
-            # Closing is also what unblocks a read() stuck in a hung driver.
             self.source.close()
         except Exception:  # closing a broken camera must not block shutdown
             log.exception("closing the source")
@@ -161,24 +171,36 @@ class Pipeline:
         backoff = 1.0
         opened = False
         next_id = 1
+        bad_frames = 0  # consecutive frames that could not be prepared
+        last_bad_log = 0.0
         while not self._stop.is_set():
             try:
                 with self._source_lock:
                     if not opened:
                         self.source.open()
                         opened = True
-                        self._publish(camera="ok", camera_error=None)
-                        log.info("source %s open", self.source.describe())
-                        backoff = 1.0
                     rgb = self.source.read()
                 self.last_frame_at = time.monotonic()
-                if self.state.camera == "stalled":
-                    log.info("camera delivers again")
+                # "ok" once a frame arrives, not at open: a camera that opens and then fails
+                # each read stays "lost" (one log line), instead of flapping.
+                if self.state.camera != "ok":
+                    was = self.state.camera
                     self._publish(camera="ok", camera_error=None)
-            except (SourceError, OSError) as exc:
+                    log.info("source %s delivers (was %s)", self.source.describe(), was)
+                    backoff = 1.0
+            except Exception as exc:
+                # Any failure of the camera, the driver or its library (SourceError, OSError,
+                # cv2.error, an ImportError on first use) is "camera lost": retried with
+                # backoff while the rest of the kit keeps serving. One log line per change.
                 opened = False
-                self._publish(camera="lost", camera_error=str(exc))
-                log.warning("camera lost (%s); retrying in %.0f s", exc, backoff)
+                why = str(exc) if isinstance(exc, SourceError) else f"{type(exc).__name__}: {exc}"
+                was = self.state
+                self._publish(camera="lost", camera_error=why)
+                if was.camera != "lost" or was.camera_error != why:
+                    log.warning("camera lost (%s); retrying with backoff", why,
+                                exc_info=not isinstance(exc, (SourceError, OSError)))
+                else:
+                    log.debug("camera still lost (%s); next try in %.0f s", why, backoff)
                 # Up without a camera is still up: the page says "camera lost" and uploads work;
                 # not being READY would have systemd kill and restart the kit in a loop.
                 self._mark_ready("camera lost, retrying")
@@ -200,9 +222,31 @@ class Pipeline:
             try:
                 if prep:
                     frame.small, frame.times, frame.quality = self._prepare(rgb)
-            except Exception:  # a malformed frame is dropped; the camera keeps going
+                bad_frames = 0
+            except Exception as exc:  # a malformed frame is dropped; the camera keeps going
                 self._publish(count=("errors",))
-                log.exception("could not prepare frame %d", next_id)
+                bad_frames += 1
+                now = time.monotonic()
+                if bad_frames == 1 or now - last_bad_log > 60:
+                    # The first with its traceback, then a line a minute, not one per frame.
+                    log.error("could not prepare frame %d (%d in a row): %s", next_id,
+                              bad_frames, exc, exc_info=bad_frames == 1)
+                    last_bad_log = now
+                next_id += 1
+                if bad_frames >= BAD_FRAMES_LIMIT:
+                    # A camera that only sends what cannot be used is a lost camera: reopen it
+                    # with backoff instead of spinning at camera rate.
+                    opened, bad_frames = False, 0
+                    why = f"{BAD_FRAMES_LIMIT} frames in a row could not be used: {exc}"
+                    self._publish(camera="lost", camera_error=why)
+                    log.warning("camera lost (%s); reopening with backoff", why)
+                    with self._source_lock:
+                        try:
+                            self.source.close()
+                        except Exception:
+                            log.debug("close after bad frames", exc_info=True)
+                    self._stop.wait(backoff)
+                    backoff = min(backoff * 2, 30.0)
                 continue
             with self._cond:
                 self._frame = frame

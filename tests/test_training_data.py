@@ -181,7 +181,23 @@ def test_model_card_target_table():
         {"accuracy": 0.80, "group_auc": 0.92, "max_int8_drop": 0.01, "min_agreement": 0.98,
          "max_int8_mb": 4.0}, ev)}
     assert rows["accuracy"] == (True, "0.810")
-    assert rows["group auc"] == (False, "0.900")
+    assert rows["group AUC"] == (False, "0.900")
     assert rows["int8 accuracy loss vs float"] == (False, "2.0 points")
     assert rows["int8/float agreement"][0] is True
     assert rows["int8 file size"] == (True, "3.00 MB")
+
+
+def test_model_card_targets_for_tta_and_per_class_recall():
+    from training.card import target_results
+
+    base = {"accuracy": 0.80, "balanced_accuracy": 0.70, "group_auc": 0.93,
+            "specificity_at_target": 0.78, "recall": {"mel": 0.65}, "file_size_bytes": 3e6,
+            "latency_ms_1_thread": 4.0}
+    tta = {**base, "accuracy": 0.86, "recall": {"mel": 0.72}}
+    ev = {"artifacts": {"int8": base}, "tta": {"int8": tta}}
+    targets = {"accuracy": 0.85, "recall_mel": 0.70, "max_latency_ms": 15}
+    plain = {n: (ok, got) for n, ok, _, got in target_results(targets, ev)}
+    with_tta = {n: (ok, got) for n, ok, _, got in target_results(targets, ev, "int8+tta")}
+    assert plain["accuracy"] == (False, "0.800") and with_tta["accuracy"] == (True, "0.860")
+    assert plain["mel recall"][0] is False and with_tta["mel recall"] == (True, "0.720")
+    assert with_tta["CPU invoke, 1 thread"] == (True, "4.0 ms")

@@ -15,9 +15,26 @@ def make_source(cfg) -> Source:
     if cfg.kind == "picamera2":
         from .picamera2_source import Picamera2Source
 
-        return Picamera2Source(cfg.width, cfg.height, (cfg.still_width, cfg.still_height))
+        return Picamera2Source(
+            cfg.width,
+            cfg.height,
+            (cfg.still_width, cfg.still_height),
+            fps=cfg.fps,
+            exposure_us=cfg.exposure_us,
+            gain=cfg.gain,
+            colour_gains=cfg.colour_gains,
+        )
     if cfg.kind == "v4l2":
         from .v4l2 import V4l2Source
 
-        return V4l2Source(cfg.path or "/dev/video0", cfg.width, cfg.height, cfg.fps)
+        return V4l2Source(
+            cfg.path or "/dev/video0",
+            cfg.width,
+            cfg.height,
+            cfg.fps,
+            still_size=(cfg.still_width, cfg.still_height),
+            exposure_us=cfg.exposure_us,
+            gain=cfg.gain,
+            white_balance_k=cfg.white_balance_k,
+        )
     raise ValueError(f"unknown source kind {cfg.kind!r}")

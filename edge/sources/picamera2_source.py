@@ -1,11 +1,15 @@
 """Raspberry Pi CSI cameras (the HQ camera on a microscope) through picamera2.
 
-A low-resolution stream feeds inference and the live view; a still uses the full sensor. On
-Raspberry Pi OS picamera2 comes from apt (python3-picamera2), not pip. Unverified here: no
-camera is attached to the machines that run the tests.
+A low-resolution stream feeds inference and the live view; a still uses the full sensor. The
+frame rate, and where asked the exposure, gain and white balance, are fixed through libcamera
+controls, so colour stays the same from field to field under a microscope lamp. On Raspberry Pi
+OS picamera2 comes from apt (python3-picamera2), not pip. What this module sends to picamera2 is
+checked by tests/test_cameras.py against a stand-in module; a real camera is unverified here.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import numpy as np
 
@@ -21,11 +25,36 @@ class Picamera2Source(Source):
         height: int = 480,
         still_size: tuple[int, int] = (0, 0),
         camera_num: int = 0,
+        fps: float = 0.0,
+        exposure_us: int = 0,
+        gain: float = 0.0,
+        colour_gains: tuple[float, float] | list[float] = (),
     ) -> None:
         self.size = (width, height)
         self.still_size = still_size
         self.camera_num = camera_num
+        self.fps = fps
+        self.exposure_us = exposure_us
+        self.gain = gain
+        self.colour_gains = tuple(colour_gains)
         self._cam = None
+
+    def controls(self) -> dict[str, Any]:
+        """The libcamera controls this configuration asks for (only what is set)."""
+        out: dict[str, Any] = {}
+        if self.fps > 0:
+            frame_us = int(round(1e6 / self.fps))
+            out["FrameDurationLimits"] = (frame_us, frame_us)
+        if self.exposure_us or self.gain:
+            out["AeEnable"] = False
+            if self.exposure_us:
+                out["ExposureTime"] = int(self.exposure_us)
+            if self.gain:
+                out["AnalogueGain"] = float(self.gain)
+        if self.colour_gains:
+            out["AwbEnable"] = False
+            out["ColourGains"] = (float(self.colour_gains[0]), float(self.colour_gains[1]))
+        return out
 
     def open(self) -> None:
         try:
@@ -47,6 +76,7 @@ class Picamera2Source(Source):
                 lores={"size": self.size, "format": "YUV420"},
                 display=None,
                 buffer_count=2,
+                controls=self.controls(),
             )
             cam.configure(config)
             cam.start()
