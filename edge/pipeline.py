@@ -497,6 +497,7 @@ class Pipeline:
                 "error": self.store.last_error,
                 "free_mb": round(self.store.free_mb(), 1),
                 "low_space": self.store.low_on_space(),
+                "clock_problem": self.store.clock_problem(),
                 "min_free_mb": self.store.min_free_mb,
             },
         }

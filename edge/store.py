@@ -69,6 +69,10 @@ class StorageError(FieldScopeError):
 # nothing else in the folder.
 SNAPSHOT_NAME = re.compile(r"^\d{4}/\d{2}/\d{2}/[0-9a-f]{32}\.jpg$")
 STEPS = ("snapshot-temp-written", "snapshot-renamed", "rows-inserted", "committed")
+# A Pi has no real-time clock unless one is fitted: until NTP (rarely reachable in the field)
+# or an RTC sets it, the clock starts where fake-hwclock saved it, or in 1970. Times before
+# this (2026-01-01) cannot be right on a kit running this software.
+EARLIEST_PLAUSIBLE = 1767225600.0
 
 
 def _fsync_dir(path: Path) -> None:
@@ -319,13 +323,32 @@ class Store:
         except OSError:
             return True
 
+    def clock_problem(self, now: float | None = None) -> str | None:
+        """Why the system clock cannot be trusted, or None: before this software existed, or
+        behind the newest stored result (it went back: a Pi without RTC after a power cut)."""
+        now = time.time() if now is None else now
+        if now < EARLIEST_PLAUSIBLE:
+            return "the clock is not set (it reads a date before 2026)"
+        with self._lock:
+            newest = self._db.execute("SELECT MAX(created) FROM results").fetchone()[0]
+        if newest is not None and now < newest - 3600:
+            return "the clock is behind the newest stored result (it went back)"
+        return None
+
     def enforce_retention(self, now: float | None = None) -> int:
         """Delete results older than ``retention_days`` (0 keeps everything), with their
-        snapshots; returns how many. Runs at start-up and periodically (see the daemon)."""
+        snapshots; returns how many. Runs at start-up and periodically (see the daemon).
+        Paused while the clock cannot be trusted: ages measured with a wrong clock would
+        delete the wrong results."""
         if self.retention_days <= 0:
             return 0
+        now = time.time() if now is None else now
+        problem = self.clock_problem(now)
+        if problem:
+            log.warning("retention paused: %s", problem)
+            return 0
         removed = 0
-        cutoff = (now if now is not None else time.time()) - self.retention_days * 86400
+        cutoff = now - self.retention_days * 86400
         while True:
             with self._lock:
                 rows = self._db.execute(

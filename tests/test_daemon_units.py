@@ -237,3 +237,21 @@ def test_retention_by_age(tmp_path):
     assert store.enforce_retention() == 1
     assert store.get(old) is None and store.get(new) is not None and not snap.exists()
     store.close()
+
+
+def test_retention_pauses_while_the_clock_cannot_be_trusted(tmp_path):
+    """A Pi without RTC may boot in 1970 or behind its newest result: ages measured then are
+    wrong, so nothing is deleted until the clock is right."""
+    import time as _time
+
+    store = Store(tmp_path, retention_days=1, min_free_mb=0)
+    old = store.save(RESULT, "capture", "S")
+    store._db.execute("UPDATE results SET created = created - 3 * 86400 WHERE id = ?", (old,))
+    assert store.clock_problem(now=86400.0) and store.enforce_retention(now=86400.0) == 0
+    newest = store.save(RESULT, "capture", "S")
+    back = _time.time() - 2 * 86400  # the clock went back two days
+    assert "behind" in store.clock_problem(now=back)
+    assert store.enforce_retention(now=back) == 0 and store.get(old) is not None
+    assert store.clock_problem() is None and store.enforce_retention() == 1
+    assert store.get(old) is None and store.get(newest) is not None
+    store.close()

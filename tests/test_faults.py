@@ -268,3 +268,53 @@ def test_a_failed_insert_leaves_no_snapshot_behind(tmp_path):
     store._db.execute("PRAGMA query_only = 0")
     assert store.save({"label": "x", "score": 1.0}, "upload", "S", jpeg=buf.getvalue()) > 0
     store.close()
+
+
+SQLITE_FULL = """
+import json, os, resource, signal, sys
+from edge.store import StorageError, Store
+
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # as the daemon does: an error, not a kill
+store = Store(sys.argv[1])
+row = {"label": "Benign", "score": 0.9, "probabilities": {"Benign": 0.9, "x": "y" * 2000}}
+first = store.save(row, "live")
+sizes = [os.path.getsize(os.path.join(sys.argv[1], f)) for f in os.listdir(sys.argv[1])
+         if f.startswith("fieldscope.db")]
+# Every file write past the current largest file now fails (EFBIG), SQLite's WAL included.
+resource.setrlimit(resource.RLIMIT_FSIZE, (max(sizes), resource.RLIM_INFINITY))
+errors = 0
+for _ in range(50):
+    try:
+        store.save(row, "live")
+    except StorageError as exc:
+        errors += 1
+        message = str(exc)
+resource.setrlimit(resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+after = store.save(row, "live", sample_code="S-1")
+print(json.dumps({"errors": errors, "message": message, "first": first, "after": after,
+                  "count": store.count(), "last_error": store.last_error}))
+store.close()
+"""
+
+
+def test_sqlite_itself_failing_to_write_is_a_storage_error_and_recovers(tmp_path):
+    """ENOSPC-like failure inside SQLite (no snapshot involved): StorageError, nothing
+    half-stored, and storing works again once space returns."""
+    import json as _json
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-c", SQLITE_FULL, str(tmp_path)],
+        capture_output=True, text=True, timeout=120,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+    assert proc.returncode == 0, proc.stderr
+    out = _json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["errors"] >= 1 and "could not store the result" in out["message"]
+    assert out["last_error"] is None  # cleared by the store that worked
+    db = sqlite3.connect(tmp_path / "fieldscope.db")
+    assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    ids = [r[0] for r in db.execute("SELECT id FROM results ORDER BY id")]
+    assert ids[0] == out["first"] and ids[-1] == out["after"] and len(ids) == out["count"]
+    assert db.execute("SELECT code FROM samples").fetchall() == [("S-1",)]

@@ -60,6 +60,7 @@ def health():
         "status": "ok" if ok else "degraded",
         "camera": {"ok": camera_ok, "state": pipe.state.camera},
         "storage": {"ok": storage_ok, "low_space": low_space},
+        "clock": {"ok": pipe.store.clock_problem() is None},
         "inference": {
             "ok": inference_ok,
             "heartbeat_age_s": round(age, 2),
