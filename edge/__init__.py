@@ -12,11 +12,11 @@ __all__ = ["Classifier", "Result", "__version__", "load_model"]
 
 def __getattr__(name: str):  # lazy: `import edge` stays cheap and numpy-free
     if name in ("Classifier", "Result"):
-        from . import classifier
+        from .inference import classifier
 
         return getattr(classifier, name)
     if name == "load_model":
-        from .bundle import load_model
+        from .inference.bundle import load_model
 
         return load_model
     raise AttributeError(name)

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from .errors import FieldScopeError
-from .runtime import usable_cores
+from .inference.runtime import usable_cores
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif"}
 log = logging.getLogger("edge")
@@ -52,8 +52,8 @@ def _format(result, top_k: int) -> str:
 def cmd_classify(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from .bundle import load_model
-    from .classifier import Classifier
+    from .inference.bundle import load_model
+    from .inference.classifier import Classifier
     from .paths import default_bundle
 
     model = args.model or default_bundle()

@@ -27,7 +27,7 @@ class Check:
 
 def check_runtime() -> Check:
     from .errors import RuntimeMissingError
-    from .runtime import resolve_runtime
+    from .inference.runtime import resolve_runtime
 
     try:
         rt = resolve_runtime()
@@ -38,7 +38,7 @@ def check_runtime() -> Check:
 
 
 def check_libedgetpu() -> Check:
-    from .backends.edgetpu import INSTALL_HINT, edgetpu_library, runtime_version
+    from .inference.backends.edgetpu import INSTALL_HINT, edgetpu_library, runtime_version
 
     lib = edgetpu_library()
     try:
@@ -149,8 +149,8 @@ def check_disk(path: Path) -> Check:
 
 
 def check_bundles(folder: Path) -> list[Check]:
-    from .bundle import load_bundle
     from .errors import FieldScopeError
+    from .inference.bundle import load_bundle
 
     if not folder.is_dir():
         return [

@@ -14,8 +14,8 @@ import signal
 import threading
 from typing import Any
 
-from . import notify
 from .config import Config
+from .daemon import notify
 from .errors import FieldScopeError
 
 log = logging.getLogger("edge.serve")
@@ -23,8 +23,8 @@ log = logging.getLogger("edge.serve")
 
 def open_classifier(cfg: Config):
     """The configured bundle, or the previous good one when it is refused."""
-    from .bundle import load_model
-    from .classifier import Classifier
+    from .inference.bundle import load_model
+    from .inference.classifier import Classifier
 
     m = cfg.model
     kwargs = dict(backend=m.backend, threads=m.threads, device=m.device or None)
@@ -46,9 +46,9 @@ def open_classifier(cfg: Config):
 
 
 def build(cfg: Config):
-    from .pipeline import Pipeline
-    from .sources import make_source
-    from .store import Store
+    from .capture import make_source
+    from .daemon.pipeline import Pipeline
+    from .daemon.store import Store
     from .web import create_app
 
     classifier = open_classifier(cfg)

@@ -26,11 +26,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from edge import hardware  # noqa: E402
-from edge.backends.edgetpu import runtime_version  # noqa: E402
-from edge.bundle import load_model  # noqa: E402
-from edge.classifier import Classifier  # noqa: E402
 from edge.errors import FieldScopeError  # noqa: E402
-from edge.runtime import resolve_runtime  # noqa: E402
+from edge.inference.backends.edgetpu import runtime_version  # noqa: E402
+from edge.inference.bundle import load_model  # noqa: E402
+from edge.inference.classifier import Classifier  # noqa: E402
+from edge.inference.runtime import resolve_runtime  # noqa: E402
 
 PUBLISHED = {  # clearly not ours: from Coral's published benchmarks
     "mobilenet_v2_1.0_224_quant": [

@@ -10,8 +10,9 @@ over a minute: each ratio is taken within its round and the report gives the med
   pipeline's own interpreter while the pipeline is held;
 - naive: what common examples do per frame: PIL open/convert/resize, set, invoke, read (its own
   interpreter, the pipeline held meanwhile);
-- pipeline: edge.pipeline.Pipeline (capture thread, quality gate, classifier, smoothing) with an
-  in-memory camera delivering 640×480 frames faster than the model can take them;
+- pipeline: edge.daemon.pipeline.Pipeline (capture thread, quality gate, classifier,
+  smoothing) with an in-memory camera delivering 640×480 frames faster than the model can take
+  them;
 - clients: the same pipeline, served by waitress, with two MJPEG viewers and an API poller
   attached for the slice.
 
@@ -41,10 +42,10 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from edge.bundle import load_model  # noqa: E402
-from edge.classifier import Classifier  # noqa: E402
+from edge.capture.base import Source  # noqa: E402
 from edge.config import load_config  # noqa: E402
-from edge.sources.base import Source  # noqa: E402
+from edge.inference.bundle import load_model  # noqa: E402
+from edge.inference.classifier import Classifier  # noqa: E402
 
 
 class MemorySource(Source):
@@ -117,7 +118,7 @@ class NaiveLoop:
     """Per frame: decode the JPEG with PIL, convert, resize, set, invoke, read."""
 
     def __init__(self, model_path: Path, threads: int, frames: list[np.ndarray]) -> None:
-        from edge.runtime import resolve_runtime
+        from edge.inference.runtime import resolve_runtime
 
         self.jpegs = []
         for f in frames:
@@ -194,9 +195,9 @@ def start_pipeline(model: str, threads: int, frames):
     """The daemon's pipeline on an in-memory camera, served (idle until clients attach)."""
     import tempfile
 
-    from edge.pipeline import Pipeline
+    from edge.daemon.pipeline import Pipeline
+    from edge.daemon.store import Store
     from edge.serve import make_server
-    from edge.store import Store
     from edge.web import create_app
 
     data = tempfile.mkdtemp(prefix="fieldscope-bench-")

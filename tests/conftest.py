@@ -54,8 +54,8 @@ def parrot(coral: Path) -> Path:
 @pytest.fixture(scope="session")
 def coral_bundle(coral: Path, tmp_path_factory) -> Path:
     """A bundle holding Coral's CPU int8 model and its Edge TPU twin."""
-    from edge.bundle import write_bundle
-    from edge.labels import read_labels
+    from edge.inference.bundle import write_bundle
+    from edge.inference.labels import read_labels
 
     out = tmp_path_factory.mktemp("bundles") / "coral-mobilenet"
     manifest = {

@@ -10,12 +10,12 @@ import time
 import numpy as np
 import pytest
 
-from edge.backends import open_backend
-from edge.backends.edgetpu import EdgeTpuBackend, explain_delegate_failure, parse_device
-from edge.bundle import Artifact, Bundle, load_bundle
-from edge.classifier import Classifier
 from edge.errors import EdgeTpuError, ModelError
-from edge.runtime import resolve_runtime
+from edge.inference.backends import open_backend
+from edge.inference.backends.edgetpu import EdgeTpuBackend, explain_delegate_failure, parse_device
+from edge.inference.bundle import Artifact, Bundle, load_bundle
+from edge.inference.classifier import Classifier
+from edge.inference.runtime import resolve_runtime
 
 
 def test_auto_on_tpu_less_machine_runs_on_cpu_and_says_why(coral_bundle, parrot, host_without_tpu):
@@ -50,7 +50,7 @@ def test_delegate_is_loaded_from_the_shared_library_and_applied(coral, parrot, f
     backend = EdgeTpuBackend(art, runtime, threads=1, device="usb:0")
     assert fake_tpu_lib.last_device == "usb:0"
     assert fake_tpu_lib.prepared == prepared + 1
-    from edge.preprocess import InputAdapter, open_image, resize
+    from edge.inference.preprocess import InputAdapter, open_image, resize
 
     spec = {"normalization": {"mean": [127.5] * 3, "std": [127.5] * 3}}
     adapter = InputAdapter.for_model(backend.input_detail, spec)
@@ -133,7 +133,7 @@ def test_tpu_failing_mid_run_with_edgetpu_policy_raises(
 
 
 def test_compiled_model_refused_on_cpu(coral):
-    from edge.backends.cpu import CpuBackend
+    from edge.inference.backends.cpu import CpuBackend
 
     art = Artifact("int8", coral / "mobilenet_v2_1.0_224_quant_edgetpu.tflite")
     with pytest.raises(ModelError, match="compiled for the Edge TPU"):
@@ -165,8 +165,8 @@ def test_threads_are_passed_to_the_interpreter(coral_bundle, parrot):
     starts (threads − 1) worker threads of the process (counted in /proc) when it is built."""
     code = f"""
 import os, sys
-from edge.bundle import load_bundle
-from edge.classifier import Classifier
+from edge.inference.bundle import load_bundle
+from edge.inference.classifier import Classifier
 before = len(os.listdir("/proc/self/task"))
 clf = Classifier(load_bundle({str(coral_bundle)!r}), backend="cpu", threads=int(sys.argv[1]))
 clf.classify({str(parrot)!r})
@@ -193,7 +193,7 @@ def test_tpu_that_fails_then_returns_is_used_again(
 ):
     """A USB reset: the TPU fails mid-run, the CPU stands in (degraded, with the reason), the
     TPU is tried again after its backoff, and once it opens inference is back on it."""
-    import edge.classifier as classifier_mod
+    import edge.inference.classifier as classifier_mod
 
     clf = Classifier(_bundle_running_on_fake_tpu(coral, coral_bundle))
     clf.reprobe_s = 0.2

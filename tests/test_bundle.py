@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from edge.bundle import bundle_from_tflite, load_bundle, load_model, validate_manifest
-from edge.classifier import Classifier
 from edge.errors import BundleError, ModelError
+from edge.inference.bundle import bundle_from_tflite, load_bundle, load_model, validate_manifest
+from edge.inference.classifier import Classifier
 
 
 @pytest.fixture

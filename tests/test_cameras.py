@@ -12,8 +12,8 @@ import types
 import numpy as np
 import pytest
 
+from edge.capture import make_source
 from edge.config import load_config
-from edge.sources import make_source
 
 
 class FakePicamera2:
@@ -184,7 +184,7 @@ def test_v4l2_still_uses_the_still_size_then_returns_to_live(cv2_capture):
 
 
 def test_v4l2_unplugged_is_a_source_error(cv2_capture):
-    from edge.sources import SourceError
+    from edge.capture import SourceError
 
     with pytest.raises(SourceError, match="cannot open /dev/video9"):
         _source(kind="v4l2", path="/dev/video9").open()
@@ -219,7 +219,7 @@ def test_a_camera_raising_something_unexpected_comes_back(blood_bundle, blood_sa
     frames = [np.asarray(Image.open(blood_samples[0]).convert("RGB"))]
     pipe, _ = _pipeline(blood_bundle, tmp_path, frames)
     pipe.source = Flaky(frames)
-    caplog.set_level(logging.WARNING, logger="edge.pipeline")
+    caplog.set_level(logging.WARNING, logger="edge.daemon.pipeline")
     pipe.start()
     try:
         seen_lost = False

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFilter
 
-from edge import notify
 from edge.config import ConfigError, load_config, parse_source
-from edge.quality import assess
-from edge.smoothing import Smoother
-from edge.store import StorageError, Store
+from edge.daemon import notify
+from edge.daemon.smoothing import Smoother
+from edge.daemon.store import StorageError, Store
+from edge.inference.quality import assess
 
 
 def test_config_file_and_overrides(tmp_path):
@@ -76,7 +76,7 @@ def test_quality_gate_blur_and_exposure(parrot):
 
 def test_quality_scores_agree_with_and_without_opencv(parrot, monkeypatch):
     """OpenCV is optional on the device: both paths must give the calibrated focus scale."""
-    import edge.quality as quality
+    import edge.inference.quality as quality
 
     rgb = np.asarray(Image.open(parrot).convert("RGB").resize((224, 224)))
     grey = quality._grey_small(rgb)

@@ -185,7 +185,7 @@ def test_refused_bundle_falls_back_to_the_previous_good_one(tmp_path, blood_bund
 KILLER = """
 import io, os, signal, sys
 from PIL import Image
-from edge.store import Store
+from edge.daemon.store import Store
 
 def jpeg(colour):
     buf = io.BytesIO()
@@ -215,7 +215,7 @@ def test_kill_9_at_each_step_of_a_store(tmp_path, step):
     import subprocess
     import sys
 
-    from edge.store import STEPS, Store
+    from edge.daemon.store import STEPS, Store
 
     assert step in STEPS
     data = tmp_path / "data"
@@ -256,7 +256,7 @@ def test_kill_9_at_each_step_of_a_store(tmp_path, step):
 def test_a_failed_insert_leaves_no_snapshot_behind(tmp_path):
     """SQLite itself refusing the row (here: the database made read-only under the store)
     fails the store with StorageError and removes the snapshot it had renamed into place."""
-    from edge.store import StorageError, Store
+    from edge.daemon.store import StorageError, Store
 
     store = Store(tmp_path)
     buf = io.BytesIO()
@@ -272,7 +272,7 @@ def test_a_failed_insert_leaves_no_snapshot_behind(tmp_path):
 
 SQLITE_FULL = """
 import json, os, resource, signal, sys
-from edge.store import StorageError, Store
+from edge.daemon.store import StorageError, Store
 
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # as the daemon does: an error, not a kill
 store = Store(sys.argv[1])

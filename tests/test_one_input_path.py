@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from edge.bundle import load_bundle
-from edge.classifier import Classifier
 from edge.config import load_config
-from edge.pipeline import Pipeline
-from edge.store import Store
+from edge.daemon.pipeline import Pipeline
+from edge.daemon.store import Store
+from edge.inference.bundle import load_bundle
+from edge.inference.classifier import Classifier
 from tests.test_pipeline import ListSource
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from edge import postprocess as pp
+from edge.inference import postprocess as pp
 
 
 def test_dequantize_uint8_and_int8():

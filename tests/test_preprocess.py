@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from edge.errors import ImageError
-from edge.preprocess import InputAdapter, open_image, resize, to_rgb
+from edge.inference.preprocess import InputAdapter, open_image, resize, to_rgb
 from tests.conftest import require_module
 
 
@@ -177,7 +177,7 @@ def test_empty_and_non_image_files(tmp_path):
 @pytest.mark.parametrize("shape", [(480, 640), (960, 1280), (100, 120)])
 def test_resize_array_matches_the_pillow_path(mode, shape, parrot):
     """The OpenCV fast path for camera frames gives the same picture as the Pillow path."""
-    from edge import preprocess
+    from edge.inference import preprocess
 
     if preprocess.opencv() is None:
         require_module("cv2", "resize_array is then the Pillow path itself")
@@ -190,7 +190,7 @@ def test_resize_array_matches_the_pillow_path(mode, shape, parrot):
 
 
 def test_resize_array_without_opencv_is_the_pillow_path(parrot, monkeypatch):
-    from edge import preprocess
+    from edge.inference import preprocess
 
     monkeypatch.setattr(preprocess, "_CV2", [None])
     rgb = np.asarray(Image.open(parrot).convert("RGB").resize((640, 480)))

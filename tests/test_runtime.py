@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from edge.runtime import tflite_runtime_numpy_problem
+from edge.inference.runtime import tflite_runtime_numpy_problem
 from tests.conftest import require_module
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -46,8 +46,8 @@ def test_edge_classifies_with_tensorflow_absent(parrot, coral):
     code = f"""
         import json, sys
         import edge
-        from edge.bundle import load_model
-        from edge.classifier import Classifier
+        from edge.inference.bundle import load_model
+        from edge.inference.classifier import Classifier
         clf = Classifier(load_model({str(coral / "mobilenet_v2_1.0_224_quant.tflite")!r},
                                     {str(coral / "imagenet_labels.txt")!r}))
         r = clf.classify({str(parrot)!r})
@@ -110,7 +110,7 @@ def test_tflite_runtime_is_refused_with_numpy2_and_used_with_numpy1(tmp_path, nu
     code = f"""
         import numpy
         numpy.__version__ = {numpy_version!r}
-        from edge.runtime import resolve_runtime
+        from edge.inference.runtime import resolve_runtime
         from edge.errors import RuntimeMissingError
         try:
             print("resolved", resolve_runtime().name)
@@ -138,8 +138,8 @@ def test_numpy_rule():
 def test_tensorflow_lite_is_the_last_resort(parrot, coral):
     require_module("tensorflow", "the training extra is installed in CI")
     code = f"""
-        from edge.bundle import load_model
-        from edge.classifier import Classifier
+        from edge.inference.bundle import load_model
+        from edge.inference.classifier import Classifier
         clf = Classifier(load_model({str(coral / "mobilenet_v2_1.0_224_quant.tflite")!r},
                                     {str(coral / "imagenet_labels.txt")!r}))
         print(clf.runtime.name, clf.classify({str(parrot)!r}).label)
@@ -151,7 +151,7 @@ def test_tensorflow_lite_is_the_last_resort(parrot, coral):
 
 def test_unknown_runtime_name_is_refused():
     code = """
-        from edge.runtime import resolve_runtime
+        from edge.inference.runtime import resolve_runtime
         from edge.errors import RuntimeMissingError
         try:
             resolve_runtime()

@@ -84,7 +84,7 @@ def test_activations_are_augmented_per_copy_and_reused_from_disk(mobilenet, imag
 def test_int8_activations_are_the_int8_bottoms_own(mobilenet, images, tmp_path):
     """Batched (with a padded last batch) they equal one image at a time through the int8
     bottom, they are the float bottom's up to int8 error, and augmented copies differ."""
-    from edge.runtime import resolve_runtime
+    from edge.inference.runtime import resolve_runtime
     from training.export import export_int8
 
     layer = "block_6_expand"

@@ -14,8 +14,8 @@ from tests.conftest import require_module
 
 require_module("tensorflow", "training needs the train extra (installed in CI)")
 
-from edge.bundle import load_bundle  # noqa: E402
-from edge.classifier import Classifier  # noqa: E402
+from edge.inference.bundle import load_bundle  # noqa: E402
+from edge.inference.classifier import Classifier  # noqa: E402
 from training.config import load_config  # noqa: E402
 from training.edgetpu import parse_compiler_log, preflight  # noqa: E402
 
@@ -218,8 +218,8 @@ def test_int8_export_agrees_with_float_on_a_decisive_model(shared, parrot, tmp_p
     model's top-1 on nearly every image where float is confident."""
     import keras
 
-    from edge.bundle import write_bundle
-    from edge.labels import read_labels
+    from edge.inference.bundle import write_bundle
+    from edge.inference.labels import read_labels
     from training.coral_weights import load_into_mobilenetv2
     from training.export import calibration_images, export_float, export_int8
     from training.model import CORAL_MOBILENET

@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from edge.bundle import load_bundle, validate_manifest
-from edge.classifier import Classifier
 from edge.config import load_config
+from edge.daemon.pipeline import Pipeline
+from edge.daemon.store import Store
 from edge.errors import BundleError
-from edge.pipeline import Pipeline
-from edge.preprocess import tta_views
-from edge.store import Store
+from edge.inference.bundle import load_bundle, validate_manifest
+from edge.inference.classifier import Classifier
+from edge.inference.preprocess import tta_views
 
 ROOT = Path(__file__).resolve().parent.parent
 VIEWS = ["identity", "flip_lr", "flip_ud", "rot180"]

@@ -10,12 +10,12 @@ import time
 
 import numpy as np
 
-from edge.bundle import load_bundle
-from edge.classifier import Classifier
+from edge.capture.base import Source
 from edge.config import load_config
-from edge.pipeline import Pipeline
-from edge.sources.base import Source
-from edge.store import Store
+from edge.daemon.pipeline import Pipeline
+from edge.daemon.store import Store
+from edge.inference.bundle import load_bundle
+from edge.inference.classifier import Classifier
 
 
 class HangingSource(Source):

@@ -95,7 +95,7 @@ def test_upload_is_classified_stored_and_listed(daemon, blood_samples):
 
 def _score_of(clf, image_bytes: bytes) -> dict:
     """The decision the kit gives these bytes, by the path uploads and stills take."""
-    from edge.preprocess import open_image
+    from edge.inference.preprocess import open_image
 
     rgb = np.asarray(open_image(image_bytes), dtype=np.uint8)
     small, times = clf.prepare(rgb)

@@ -90,7 +90,7 @@ def test_health_reveals_states_not_error_texts(daemon, tmp_path):  # noqa: F811
 
 
 def test_system_page_hashes_each_bundle_once(daemon):  # noqa: F811
-    from edge import tflite_file
+    from edge.inference import tflite_file
 
     _, app = daemon()
     c = app.test_client()

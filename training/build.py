@@ -8,7 +8,7 @@ import shutil
 from collections import Counter
 from pathlib import Path
 
-from edge.bundle import load_bundle, write_bundle
+from edge.inference.bundle import load_bundle, write_bundle
 
 from .config import Config
 from .datasets import read_split

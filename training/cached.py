@@ -127,7 +127,7 @@ def int8_activations(
     """
     import tensorflow as tf
 
-    from edge.runtime import resolve_runtime, usable_cores
+    from edge.inference.runtime import resolve_runtime, usable_cores
 
     digest = "|int8 " + hashlib.sha256(tflite.read_bytes()).hexdigest()[:16]
     interp = resolve_runtime().interpreter_cls(model_path=str(tflite), num_threads=usable_cores())

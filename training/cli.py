@@ -103,7 +103,7 @@ def cmd_teacher_prep(args) -> int:
 
 
 def cmd_compile(args) -> int:
-    from edge.bundle import load_bundle, write_bundle
+    from edge.inference.bundle import load_bundle, write_bundle
 
     from .edgetpu import CompilerMissing, compile_model, preflight, render_preflight
 

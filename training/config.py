@@ -233,7 +233,7 @@ def _check(cfg: Config, path: Path) -> None:
         raise ConfigError(f"{path} [train] int8_copies must be between 0 (off) and 32")
     if cfg.train.int8_copies and not cfg.train.cached_copies:
         raise ConfigError(f"{path} [train] int8_copies needs cached_copies > 0")
-    from edge.preprocess import TTA_VIEWS
+    from edge.inference.preprocess import TTA_VIEWS
 
     bad = [v for v in cfg.export.tta if v not in TTA_VIEWS]
     if bad or (cfg.export.tta and len(set(cfg.export.tta)) != len(cfg.export.tta)):

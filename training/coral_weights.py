@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edge.runtime import resolve_runtime
+from edge.inference.runtime import resolve_runtime
 
 CONV_OPS = ("CONV_2D", "DEPTHWISE_CONV_2D")
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from edge.bundle import Bundle, load_bundle
-from edge.classifier import Classifier
+from edge.inference.bundle import Bundle, load_bundle
+from edge.inference.classifier import Classifier
 
 from .datasets import Sample
 from .metrics import summarise, threshold_for_sensitivity
@@ -57,7 +57,7 @@ def choose_threshold(
 
 
 def latency_ms(path: Path, threads: int, runs: int = 30) -> float:
-    from edge.runtime import resolve_runtime
+    from edge.inference.runtime import resolve_runtime
 
     interp = resolve_runtime().interpreter_cls(model_path=str(path), num_threads=threads)
     interp.allocate_tensors()

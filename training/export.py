@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edge.runtime import resolve_runtime
+from edge.inference.runtime import resolve_runtime
 
 log = logging.getLogger(__name__)
 INT_TYPES = {np.dtype(np.int8), np.dtype(np.uint8), np.dtype(np.int32), np.dtype(np.int16)}

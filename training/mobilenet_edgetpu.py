@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edge.runtime import resolve_runtime
+from edge.inference.runtime import resolve_runtime
 
 from .coral_weights import _dequantize
 

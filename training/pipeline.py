@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from edge.preprocess import open_image, resize
+from edge.inference.preprocess import open_image, resize
 
 from .datasets import Sample
 

@@ -49,7 +49,7 @@ def _secret_key(data_dir: Path) -> bytes:
 
 
 def create_app(pipeline: Any, cfg: Any, doctor: Any = None) -> Flask:
-    """``pipeline``: a running :class:`edge.pipeline.Pipeline`; ``cfg``: its Config."""
+    """``pipeline``: a running :class:`edge.daemon.pipeline.Pipeline`; ``cfg``: its Config."""
     from . import api, auth, pages, stream
     from .metrics import metrics_view
 

@@ -19,9 +19,9 @@ from flask import (
 )
 from flask_wtf.csrf import generate_csrf
 
+from ..capture import SourceError
+from ..daemon.store import StorageError
 from ..errors import ImageError
-from ..sources import SourceError
-from ..store import StorageError
 
 bp = Blueprint("api", __name__)
 SAMPLE_CODE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")

@@ -101,8 +101,8 @@ def _meminfo() -> dict:
 @bp.get("/system")
 def system():
     pipe, cfg = _ctx()
-    from ..backends.edgetpu import runtime_version
     from ..doctor import run_checks
+    from ..inference.backends.edgetpu import runtime_version
 
     usage = shutil.disk_usage(cfg.data_dir)
     mem = _meminfo()

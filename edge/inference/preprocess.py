@@ -17,7 +17,7 @@ from typing import Any, BinaryIO
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .errors import ImageError, ImageTooLargeError
+from ..errors import ImageError, ImageTooLargeError
 
 DEFAULT_MAX_PIXELS = 50_000_000  # a 12 MP HQ camera frame is well below; a bomb is far above
 RESIZE_MODES = ("center-crop", "squash", "letterbox")

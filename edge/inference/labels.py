@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from .errors import ModelError
+from ..errors import ModelError
 
 _INDEXED = re.compile(r"^\s*(\d+)[\s:]+(.+?)\s*$")
 

@@ -6,7 +6,7 @@ import hashlib
 import os
 from pathlib import Path
 
-from .errors import ModelError
+from ..errors import ModelError
 
 EDGETPU_CUSTOM_OP = b"edgetpu-custom-op"
 _MAX_SCAN = 64 * 1024 * 1024

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ImageError
-from ..preprocess import open_image
+from ..inference.preprocess import open_image
 from .base import Source, SourceError
 
 log = logging.getLogger(__name__)

@@ -20,12 +20,13 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from . import notify, postprocess
-from .classifier import Classifier
-from .config import Config
-from .quality import Quality, assess
+from ..capture import Source, SourceError
+from ..config import Config
+from ..inference import postprocess
+from ..inference.classifier import Classifier
+from ..inference.quality import Quality, assess
+from . import notify
 from .smoothing import Smoother
-from .sources import Source, SourceError
 from .store import StorageError, Store
 
 log = logging.getLogger(__name__)
@@ -420,7 +421,7 @@ class Pipeline:
         (Classifier.prepare on the bytes: JPEG draft decoding, then the Pillow resize), so the
         same file gives the same model input however it enters. The snapshot is re-encoded
         from a full decode (which also drops the upload's metadata)."""
-        from .preprocess import open_image
+        from ..inference.preprocess import open_image
 
         p = self.cfg.pipeline
         if isinstance(image, np.ndarray):

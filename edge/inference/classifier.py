@@ -12,10 +12,10 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import BundleError, EdgeTpuError
 from . import postprocess
 from .backends import Backend, open_backend, open_cpu, open_edgetpu
 from .bundle import Bundle
-from .errors import BundleError, EdgeTpuError
 from .preprocess import (
     DEFAULT_MAX_PIXELS,
     ImageSource,

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import RuntimeMissingError
+from ..errors import RuntimeMissingError
 
 # Order of preference. FIELDSCOPE_RUNTIME=<name> restricts the search to one of them.
 CANDIDATES = ("ai_edge_litert", "tflite_runtime", "tensorflow")

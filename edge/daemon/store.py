@@ -28,7 +28,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from .errors import FieldScopeError
+from ..errors import FieldScopeError
 
 log = logging.getLogger(__name__)
 

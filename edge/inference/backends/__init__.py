@@ -5,9 +5,9 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+from ...errors import EdgeTpuError, ModelError
+from ...hardware import find_edgetpus
 from ..bundle import Bundle
-from ..errors import EdgeTpuError, ModelError
-from ..hardware import find_edgetpus
 from ..runtime import Runtime, resolve_runtime
 from . import cpu, edgetpu  # noqa: F401  (registers the backends)
 from .base import Backend

@@ -15,7 +15,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from .errors import BundleError
+from ..errors import BundleError
 from .labels import read_labels, write_labels
 from .tflite_file import is_edgetpu_compiled, read_model_bytes, sha256_file
 

@@ -7,8 +7,8 @@ from typing import Any
 
 import numpy as np
 
+from ...errors import ModelError
 from ..bundle import Artifact
-from ..errors import ModelError
 from ..runtime import Runtime
 
 

@@ -14,7 +14,7 @@ import re
 import subprocess
 from typing import Any
 
-from ..errors import EdgeTpuError
+from ...errors import EdgeTpuError
 from ..tflite_file import is_edgetpu_compiled, read_model_bytes
 from .base import Backend
 from .registry import register

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..errors import ModelError
+from ...errors import ModelError
 from ..tflite_file import is_edgetpu_compiled, read_model_bytes
 from .base import Backend
 from .registry import register
