@@ -217,8 +217,7 @@ def test_a_camera_raising_something_unexpected_comes_back(blood_bundle, blood_sa
             return super().read()
 
     frames = [np.asarray(Image.open(blood_samples[0]).convert("RGB"))]
-    pipe, _ = _pipeline(blood_bundle, tmp_path, frames)
-    pipe.source = Flaky(frames)
+    pipe, _ = _pipeline(blood_bundle, tmp_path, frames, source=Flaky(frames))
     caplog.set_level(logging.WARNING, logger="edge.daemon.pipeline")
     pipe.start()
     try:

@@ -100,7 +100,9 @@ def test_get_endpoints_never_5xx(client, query, code):
     assert client.get("/api/results", query_string=query).status_code in (200, 400)
     for url in (f"/api/samples/{code}", f"/api/samples/{code}/export.csv",
                 f"/samples/{code}", f"/samples/{code}/report"):
-        assert client.get(url).status_code in (200, 400, 404), url
+        # A control character can make the router redirect (308) to a normalised path: fine;
+        # what must never happen is a 5xx.
+        assert client.get(url).status_code in (200, 308, 400, 404), url
 
 
 def test_still_classifying_after_the_fuzzing(app_and_pipe):

@@ -34,7 +34,7 @@ class ListSource(Source):
         return self.frames[(self.i - 1) % len(self.frames)]
 
 
-def _pipeline(blood_bundle, tmp_path, frames):
+def _pipeline(blood_bundle, tmp_path, frames, source=None):
     cfg = load_config(
         None,
         {
@@ -46,7 +46,7 @@ def _pipeline(blood_bundle, tmp_path, frames):
         },
     )
     clf = Classifier(load_bundle(blood_bundle), backend="cpu", threads=1)
-    return Pipeline(cfg, clf, ListSource(frames), Store(tmp_path / "data")), clf
+    return Pipeline(cfg, clf, source or ListSource(frames), Store(tmp_path / "data")), clf
 
 
 def _run_until(pipe: Pipeline, classified: int, timeout: float = 20.0) -> None:
@@ -121,13 +121,18 @@ def test_live_state_is_one_frame_at_a_time(blood_bundle, tmp_path, blood_samples
                 problems.append(("status", status["frame_id"]))
 
     threads = [threading.Thread(target=reader) for _ in range(2)]
+    pipe.start()
     for t in threads:
         t.start()
     try:
-        _run_until(pipe, 40)
+        deadline = time.monotonic() + 30
+        while pipe.state.classified < 40 and time.monotonic() < deadline:
+            time.sleep(0.02)
     finally:
         stop.set()
         for t in threads:
             t.join()
+        pipe.stop()
+        pipe.store.close()
     assert len(set(seen)) >= 10, "the readers saw too few frames to mean anything"
     assert not problems, problems[:5]

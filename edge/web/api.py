@@ -47,29 +47,8 @@ def _sample_code(raw: object) -> str | None:
 @bp.get("/api/health")
 def health():
     pipe, _ = _ctx()
-    age = time.monotonic() - pipe.last_heartbeat
-    storage_ok = pipe.store.last_error is None
-    low_space = pipe.store.low_on_space()
-    camera_ok = pipe.state.camera == "ok"
-    inference_ok = age < 10
-    tpu_lost = pipe.classifier.degraded is not None
-    ok = storage_ok and camera_ok and inference_ok and not low_space and not tpu_lost
-    # Open to anyone who can reach the kit (monitors, load balancers): states only. The error
-    # texts (which name files and devices) are in /api/status, behind the login.
-    body = {
-        "status": "ok" if ok else "degraded",
-        "camera": {"ok": camera_ok, "state": pipe.state.camera},
-        "storage": {"ok": storage_ok, "low_space": low_space},
-        "clock": {"ok": pipe.store.clock_problem() is None},
-        "inference": {
-            "ok": inference_ok,
-            "heartbeat_age_s": round(age, 2),
-            "backend": pipe.classifier.backend.name,
-            # The Edge TPU failed and the CPU stands in (the reason is in /api/status).
-            "degraded": tpu_lost,
-        },
-    }
-    return jsonify(body), 200 if inference_ok else 503
+    body, alive = pipe.health()
+    return jsonify(body), 200 if alive else 503
 
 
 @bp.get("/api/session")
@@ -95,21 +74,21 @@ def results():
     except ValueError:
         return _error("limit and before must be integers", 400)
     sample = _sample_code(request.args.get("sample"))
-    return jsonify(results=pipe.store.list(limit, before, sample))
+    return jsonify(results=pipe.results.list(limit, before, sample))
 
 
 @bp.get("/api/results/<int:result_id>")
 def result(result_id: int):
     pipe, _ = _ctx()
-    row = pipe.store.get(result_id)
+    row = pipe.results.get(result_id)
     return jsonify(row) if row else _error(f"no result {result_id}", 404)
 
 
 @bp.get("/api/results/<int:result_id>/snapshot")
 def result_snapshot(result_id: int):
     pipe, _ = _ctx()
-    row = pipe.store.get(result_id)
-    path = pipe.store.snapshot_path(row["snapshot"]) if row and row["snapshot"] else None
+    row = pipe.results.get(result_id)
+    path = pipe.results.snapshot_path(row["snapshot"]) if row and row["snapshot"] else None
     if path is None:
         return _error(f"no snapshot for result {result_id}", 404)
     return send_file(path, mimetype="image/jpeg")
@@ -118,7 +97,7 @@ def result_snapshot(result_id: int):
 @bp.get("/snapshots/<path:name>")
 def snapshot_file(name: str):
     pipe, _ = _ctx()
-    path = pipe.store.snapshot_path(name)
+    path = pipe.results.snapshot_path(name)
     if path is None:
         return _error("no such snapshot", 404)
     return send_file(path, mimetype="image/jpeg")
@@ -167,23 +146,23 @@ def capture():
 @bp.get("/api/samples")
 def samples():
     pipe, _ = _ctx()
-    return jsonify(samples=pipe.store.samples())
+    return jsonify(samples=pipe.results.samples())
 
 
 @bp.get("/api/samples/<code>")
 def sample(code: str):
     pipe, _ = _ctx()
-    summary = pipe.store.sample_summary(_sample_code(code) or "")
+    summary = pipe.results.sample_summary(_sample_code(code) or "")
     return jsonify(summary) if summary else _error(f"no sample {code}", 404)
 
 
 @bp.get("/api/samples/<code>/export.csv")
 def sample_csv(code: str):
     pipe, _ = _ctx()
-    summary = pipe.store.sample_summary(_sample_code(code) or "")
+    summary = pipe.results.sample_summary(_sample_code(code) or "")
     if not summary:
         return _error(f"no sample {code}", 404)
-    labels = pipe.classifier.bundle.labels
+    labels = pipe.model.labels
     buf = io.StringIO()
     w = csv.writer(buf)
     w.writerow(

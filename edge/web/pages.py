@@ -23,7 +23,7 @@ def _ctx():
 @bp.get("/")
 def live():
     pipe, _ = _ctx()
-    b = pipe.classifier.bundle
+    b = pipe.model
     return render_template(
         "live.html", bundle=b, status=pipe.status(), names=b.manifest.get("label_names", {})
     )
@@ -32,11 +32,11 @@ def live():
 @bp.get("/samples")
 def samples():
     pipe, _ = _ctx()
-    return render_template("samples.html", samples=pipe.store.samples())
+    return render_template("samples.html", samples=pipe.results.samples())
 
 
 def _summary_or_404(pipe, code: str) -> dict:
-    summary = pipe.store.sample_summary(code) if SAMPLE_CODE.match(code) else None
+    summary = pipe.results.sample_summary(code) if SAMPLE_CODE.match(code) else None
     if not summary:
         abort(404)
     return summary
@@ -46,7 +46,7 @@ def _summary_or_404(pipe, code: str) -> dict:
 def sample(code: str):
     pipe, _ = _ctx()
     summary = _summary_or_404(pipe, code)
-    return render_template("sample.html", s=summary, bundle=pipe.classifier.bundle)
+    return render_template("sample.html", s=summary, bundle=pipe.model)
 
 
 @bp.get("/samples/<code>/report")
@@ -56,8 +56,8 @@ def report(code: str):
     return render_template(
         "report.html",
         s=summary,
-        bundle=pipe.classifier.bundle,
-        backend=pipe.classifier.describe(),
+        bundle=pipe.model,
+        backend=pipe.status()["backend"],
         printed=time.strftime("%Y-%m-%d %H:%M"),
     )
 
@@ -65,11 +65,11 @@ def report(code: str):
 @bp.get("/model")
 def model():
     pipe, _ = _ctx()
-    b = pipe.classifier.bundle
+    b = pipe.model
     card = b.file("card")
     card_text = card.read_text() if card and card.is_file() else None
     return render_template(
-        "model.html", bundle=b, backend=pipe.classifier.describe(), card=card_text
+        "model.html", bundle=b, backend=pipe.status()["backend"], card=card_text
     )
 
 
@@ -77,7 +77,7 @@ def model():
 def model_file(name: str):
     """The card's plots (PNG files at the bundle's top level only)."""
     pipe, _ = _ctx()
-    b = pipe.classifier.bundle
+    b = pipe.model
     if b.root is None or "/" in name or not name.endswith(".png"):
         abort(404)
     path = b.root / name
@@ -121,9 +121,9 @@ def system():
         "disk": f"{usage.free / 1e9:.1f} GB free of {usage.total / 1e9:.1f} GB",
         "memory": f"{mem.get('MemAvailable', 0)} MB available of {mem.get('MemTotal', 0)} MB",
         "rss": f"{rss} MB" if rss is not None else "?",
-        "runtime": pipe.classifier.runtime.label,
+        "runtime": pipe.status()["runtime"],
         "libedgetpu": runtime_version() or "not installed",
-        "results": pipe.store.count(),
+        "results": pipe.results.count(),
     }
     checks = run_checks(data_dir=str(cfg.data_dir))
     return render_template("system.html", info=info, checks=checks, status=pipe.status())
