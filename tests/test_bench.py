@@ -117,4 +117,12 @@ def test_bench_pipeline_json(blood_bundle):
         "clients_vs_bare_fps",
         "pipeline_vs_bare_cpu",
         "pipeline_vs_naive_fps",
+        "pipeline_vs_bare_cpu_at_camera_fps",
+        "frame_to_result_minus_invoke_ms",
     }
+    # The rate-limited comparison: the camera really ran at its rate (not faster), and the
+    # report says which CPU the figures came from.
+    at = doc["at_camera_fps"]
+    assert doc["camera_fps"] == 30.0 and 0 < at["pipeline_fps"] <= 33
+    assert at["pipeline_frame_to_result_ms"] > 0 and at["bare_invoke_ms"] > 0
+    assert doc["cpu"]["model"] and isinstance(doc["cpu"]["flags"], list)
