@@ -64,7 +64,13 @@ def test_results_arrive_and_status_reports_them(daemon):
     assert "fieldscope_frames_classified_total" in c.get("/metrics").get_data(as_text=True)
     model_page = c.get("/model").get_data(as_text=True)
     assert "Results on the held-out test split" in model_page and "CPU fallback" not in model_page
-    assert c.get("/model/files/roc.png").data[:4] == b"\x89PNG"
+    # The card is HTML (markdown-it-py): tables and plots, no raw Markdown left.
+    assert "<table>" in model_page and "<h2>Results on the held-out test split" in model_page
+    assert "![" not in model_page and "|---|" not in model_page
+    plots = re.findall(r'<img src="(/model/files/[^"]+\.png)"', model_page)
+    assert "/model/files/roc.png" in plots
+    for plot in plots:
+        assert c.get(plot).data[:4] == b"\x89PNG", plot
     for page in ("/", "/samples", "/model", "/system"):
         r = c.get(page)
         assert r.status_code == 200, page

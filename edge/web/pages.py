@@ -65,11 +65,11 @@ def report(code: str):
 @bp.get("/model")
 def model():
     pipe, _ = _ctx()
+    from .card import card_html
+
     b = pipe.model
-    card = b.file("card")
-    card_text = card.read_text() if card and card.is_file() else None
     return render_template(
-        "model.html", bundle=b, backend=pipe.status()["backend"], card=card_text
+        "model.html", bundle=b, backend=pipe.status()["backend"], card=card_html(b.file("card"))
     )
 
 
