@@ -255,3 +255,19 @@ def test_retention_pauses_while_the_clock_cannot_be_trusted(tmp_path):
     assert store.clock_problem() is None and store.enforce_retention() == 1
     assert store.get(old) is None and store.get(newest) is not None
     store.close()
+
+
+def test_fields_that_failed_the_quality_gate_are_not_flagged_or_scored(tmp_path):
+    store = Store(tmp_path)
+    flagged = {**RESULT, "decision": {"outcome": "refer", "positive": True, "score": 0.9}}
+    clean = {**RESULT, "decision": {"outcome": "ok", "positive": False, "score": 0.1}}
+    blurred = {**flagged, "assessable": False, "decision": {**flagged["decision"], "score": 0.99}}
+    for r in (flagged, clean, blurred):
+        store.save(r, "capture", "S-9")
+    s = store.sample_summary("S-9")
+    assert (s["fields"], s["flagged"], s["not_assessable"]) == (3, 1, 1)
+    assert s["mean_score"] == pytest.approx(0.5) and s["max_score"] == pytest.approx(0.9)
+    (row,) = store.samples()
+    assert (row["fields"], row["flagged"]) == (3, 1)
+    assert row["mean"] == pytest.approx(0.5) and row["max"] == pytest.approx(0.9)
+    store.close()

@@ -280,8 +280,10 @@ class Store:
         with self._lock:
             rows = self._db.execute(
                 "SELECT s.code, s.created, COUNT(r.id) AS fields, "
-                "SUM(COALESCE(r.decision_positive, 0)) AS flagged, AVG(r.group_score) AS mean, "
-                "MAX(r.group_score) AS max FROM samples s LEFT JOIN results r "
+                "SUM(CASE WHEN r.assessable THEN COALESCE(r.decision_positive, 0) ELSE 0 END) "
+                "AS flagged, AVG(CASE WHEN r.assessable THEN r.group_score END) AS mean, "
+                "MAX(CASE WHEN r.assessable THEN r.group_score END) AS max "
+                "FROM samples s LEFT JOIN results r "
                 "ON r.sample_code = s.code GROUP BY s.code ORDER BY s.created DESC"
             ).fetchall()
         return [dict(r) for r in rows]
@@ -290,11 +292,14 @@ class Store:
         fields = self.list(limit=500, sample_code=code)
         if not fields:
             return None
-        scores = [f["group_score"] for f in fields if f["group_score"] is not None]
+        # A field that failed the quality gate (blurred, over-exposed) says nothing about the
+        # sample: it is counted as not assessable, never as flagged or in the scores.
+        usable = [f for f in fields if f["assessable"]]
+        scores = [f["group_score"] for f in usable if f["group_score"] is not None]
         return {
             "code": code,
             "fields": len(fields),
-            "flagged": sum(1 for f in fields if f["decision_positive"]),
+            "flagged": sum(1 for f in usable if f["decision_positive"]),
             "not_assessable": sum(1 for f in fields if not f["assessable"]),
             "mean_score": sum(scores) / len(scores) if scores else None,
             "max_score": max(scores) if scores else None,

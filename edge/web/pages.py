@@ -22,10 +22,14 @@ def _ctx():
 
 @bp.get("/")
 def live():
-    pipe, _ = _ctx()
+    pipe, cfg = _ctx()
     b = pipe.model
     return render_template(
-        "live.html", bundle=b, status=pipe.status(), names=b.manifest.get("label_names", {})
+        "live.html",
+        bundle=b,
+        status=pipe.status(),
+        names=b.manifest.get("label_names", {}),
+        min_focus=cfg.pipeline.min_focus,
     )
 
 

@@ -30,7 +30,10 @@
       });
     }
     if (data.quality) {
-      const f = Math.min(1, data.quality.focus / 500);
+      // Scaled so the kit's minimum focus sits in the middle of the bar.
+      const meter = $("#focus-meter");
+      const minFocus = meter ? parseFloat(meter.dataset.minFocus) || 1 : 1;
+      const f = Math.min(1, data.quality.focus / (2 * minFocus));
       $("#focus-fill").style.width = pct(f);
       $("#focus-value").textContent = data.quality.focus.toFixed(0);
     }
@@ -65,11 +68,15 @@
         if (down) reconnectStream(0);
         down = false;
       } else {
-        down = true;
+        down = true; // 401 (logged out) or an error: what is shown is no longer current
       }
     } catch (e) {
       down = true; // the kit restarts or the Wi-Fi dropped: try again
     }
+    const stale = $("#stale");
+    if (stale) stale.hidden = !down;
+    const box = $("#decision");
+    if (box) box.classList.toggle("stale", down);
     setTimeout(poll, 1000);
   }
 
