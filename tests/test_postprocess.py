@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from edge.inference import postprocess as pp
 
@@ -52,3 +53,32 @@ def test_groups_and_decision_text():
 
 def test_top_k_order():
     assert pp.top_k(np.array([0.1, 0.6, 0.3]), ["a", "b", "c"], 2) == [("b", 0.6), ("c", 0.3)]
+
+
+def test_class_bias_is_added_to_the_logits_before_the_softmax():
+    logits = np.array([2.0, 1.0, 0.0], np.float32)
+    plain = pp.to_probabilities(logits, "logits")
+    biased = pp.to_probabilities(logits, "logits", np.array([0.0, 0.0, 3.0]))
+    np.testing.assert_allclose(biased, pp.softmax(np.array([2.0, 1.0, 3.0])), rtol=1e-6)
+    assert plain.argmax() == 0 and biased.argmax() == 2
+
+
+def test_manifest_checks_class_bias(tmp_path):
+    import json
+    from pathlib import Path
+
+    from edge.errors import BundleError
+    from edge.inference.bundle import validate_manifest
+
+    root = Path(__file__).resolve().parent.parent / "models" / "skin-lesion"
+    m = json.loads((root / "manifest.json").read_text())
+    m["output"] = "logits"
+    m["class_bias"] = [0.0] * len(m["labels"])
+    validate_manifest(m)
+    m["class_bias"] = [0.0, 1.0]
+    with pytest.raises(BundleError, match="class_bias"):
+        validate_manifest(m)
+    m["class_bias"] = [0.0] * len(m["labels"])
+    m["output"] = "probabilities"
+    with pytest.raises(BundleError, match="logits"):
+        validate_manifest(m)

@@ -201,3 +201,28 @@ def test_model_card_targets_for_tta_and_per_class_recall():
     assert plain["accuracy"] == (False, "0.800") and with_tta["accuracy"] == (True, "0.860")
     assert plain["mel recall"][0] is False and with_tta["mel recall"] == (True, "0.720")
     assert with_tta["CPU invoke, 1 thread"] == (True, "4.0 ms")
+
+
+def test_logit_adjustment_is_tuned_for_accuracy_and_balanced_accuracy():
+    """A model that under-predicts a rare class: the tuned bias gives it its share back, and
+    applying that bias is what the edge does (class_bias added to the logits)."""
+    import numpy as np
+
+    from edge.inference import postprocess as pp
+    from training.metrics import adjust, balanced_accuracy, tune_logit_adjustment
+
+    rng = np.random.default_rng(0)
+    y = np.array([0] * 900 + [1] * 100)
+    logits = rng.normal(0, 1, (1000, 2))
+    logits[:, 0] += 2.5  # every image leans to the common class
+    logits[y == 1, 1] += 3.0  # the rare class is separable, but its scores are too low
+    probs = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    tau, bias, table = tune_logit_adjustment(probs, y, np.array([0.9, 0.1]))
+    assert tau > 0 and bias[1] > bias[0]
+    before = balanced_accuracy(y, probs.argmax(1))
+    after = balanced_accuracy(y, adjust(probs, bias).argmax(1))
+    assert after > before + 0.02
+    best = max(table, key=lambda r: r["score"])
+    assert best["tau"] == tau
+    edge = np.array([pp.to_probabilities(row, "logits", bias) for row in np.log(probs)])
+    np.testing.assert_allclose(edge, adjust(probs, bias), atol=1e-5)

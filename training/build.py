@@ -55,6 +55,24 @@ def base_manifest(cfg: Config, threshold: float, tta_threshold: float | None = N
     return manifest
 
 
+def _tune_class_bias(cfg: Config, bundle, parts: dict, kind: str) -> dict:
+    """Logit adjustment chosen on the validation split through the edge's own code."""
+    import numpy as np
+
+    from .evaluate import predict
+    from .metrics import tune_logit_adjustment
+
+    labels = cfg.dataset.labels
+    counts = Counter(s.label for s in parts["train"])
+    prior = np.array([counts[lab] for lab in labels], dtype=np.float64)
+    prior /= prior.sum()
+    probs, _ = predict(bundle, kind, parts["val"], desc="class bias on validation")
+    y = np.array([labels.index(s.label) for s in parts["val"]])
+    tau, bias, table = tune_logit_adjustment(probs, y, prior)
+    log.info("logit adjustment: tau %.2f on validation (%s)", tau, table)
+    return {"tau": tau, "bias": [round(float(b), 4) for b in bias], "validation": table}
+
+
 def export_artifacts(cfg: Config, run_dir: Path) -> dict[str, Path]:
     import keras
 
@@ -123,6 +141,11 @@ def build_bundle(
     write_bundle(staging, manifest, files)
     cpu_kind = "int8" if "int8" in files else "float"
     staged = load_bundle(staging)
+    adjustment = None
+    if cfg.export.class_bias == "tuned":
+        adjustment = _tune_class_bias(cfg, staged, parts, cpu_kind)
+        write_bundle(staging, {**manifest, "class_bias": adjustment["bias"]}, files)
+        staged = load_bundle(staging)
     threshold = choose_threshold(staged, parts["val"], cfg.decision.target_sensitivity, cpu_kind)
     tta_threshold = (
         choose_threshold(
@@ -132,6 +155,8 @@ def build_bundle(
         else None
     )
     manifest = base_manifest(cfg, threshold, tta_threshold)
+    if adjustment:
+        manifest["class_bias"] = adjustment["bias"]
     write_bundle(staging, manifest, files)
     ev = evaluate_bundle(staging, parts["test"])
     for kind, metrics in ev["artifacts"].items():
@@ -149,6 +174,8 @@ def build_bundle(
         manifest["evaluation"]["tta"] = {
             kind: {k: v for k, v in m.items() if k != "confusion"} for kind, m in ev["tta"].items()
         }
+    if adjustment:
+        manifest["evaluation"]["class_bias"] = {k: v for k, v in adjustment.items() if k != "bias"}
     extra: dict = {
         "split_counts": "/".join(str(len(parts[p])) for p in ("train", "val", "test")),
         "group_by": "lesion_id" if cfg.dataset.layout == "ham10000" else "image",

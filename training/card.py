@@ -302,6 +302,21 @@ def write_card(out: Path, manifest: dict, ev: dict, history: Path | None, cfg, e
     ]
     if cfg.train.soft_labels:
         lines.append(_teacher_line(cfg))
+    adj = manifest.get("evaluation", {}).get("class_bias")
+    if adj:
+        table = {row["tau"]: row for row in adj["validation"]}
+        at0, best = table.get(0.0), table[adj["tau"]]
+        lines.append(
+            f"- Logit adjustment: the edge adds −τ·log(class share in training) to the logits "
+            f"before the softmax (manifest `class_bias`), τ = {adj['tau']:.1f} chosen on the "
+            "validation split for the mean of accuracy and balanced accuracy"
+            + (
+                f" (validation accuracy {at0['accuracy']:.3f} → {best['accuracy']:.3f}, "
+                f"balanced {at0['balanced_accuracy']:.3f} → {best['balanced_accuracy']:.3f})."
+                if at0
+                else "."
+            )
+        )
     if cfg.train.cached_copies:
         lines.append(
             f"- The frozen bottom ran once on {cfg.train.cached_copies} augmented copies of "

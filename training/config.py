@@ -122,6 +122,10 @@ class ExportConfig:
     # Test-time views the bundle offers (manifest "tta"): uploads, captures and classify --tta
     # average the model over them; the live stream does not. [] = none.
     tta: list[str] = field(default_factory=list)
+    # "tuned": add a per-class bias to the logits (logit adjustment, −τ·log class prior) with τ
+    # chosen on validation for the mean of accuracy and balanced accuracy (needs output =
+    # "logits"): the rare classes are then predicted as often as they should be. "none": off.
+    class_bias: str = "none"
     # Earlier runs for the card's table of what was tried: each a table with the keys
     # run, backbone, input, schedule, balancing, tta, and the figures it gave.
     runs: list[dict] = field(default_factory=list)
@@ -234,6 +238,11 @@ def _check(cfg: Config, path: Path) -> None:
     if cfg.train.int8_copies and not cfg.train.cached_copies:
         raise ConfigError(f"{path} [train] int8_copies needs cached_copies > 0")
     from edge.inference.preprocess import TTA_VIEWS
+
+    if cfg.export.class_bias not in ("none", "tuned"):
+        raise ConfigError(f"{path} [export] class_bias must be none or tuned")
+    if cfg.export.class_bias == "tuned" and cfg.export.output != "logits":
+        raise ConfigError(f"{path} [export] class_bias = 'tuned' needs output = 'logits'")
 
     bad = [v for v in cfg.export.tta if v not in TTA_VIEWS]
     if bad or (cfg.export.tta and len(set(cfg.export.tta)) != len(cfg.export.tta)):

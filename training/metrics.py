@@ -118,3 +118,32 @@ def summarise(
         "specificity_at_target": specificity_at_sensitivity(is_pos, gscore, target_sensitivity),
         "group_ece": reliability(is_pos, gscore)[3],
     }
+
+
+def adjust(probs: np.ndarray, bias: np.ndarray) -> np.ndarray:
+    """Probabilities with ``bias`` added to their logits (what the edge does with class_bias)."""
+    logits = np.log(np.clip(probs.astype(np.float64), 1e-12, None)) + bias
+    logits -= logits.max(axis=1, keepdims=True)
+    e = np.exp(logits)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def tune_logit_adjustment(
+    probs: np.ndarray, y: np.ndarray, prior: np.ndarray, taus=None
+) -> tuple[float, np.ndarray, list[dict]]:
+    """Logit adjustment (bias = −τ·log prior): the τ whose adjusted predictions give the best
+    mean of accuracy and balanced accuracy on these (validation) data. Returns τ, the bias
+    (centred) and the table of what each τ gave."""
+    taus = np.round(np.arange(0, 1.01, 0.1), 2) if taus is None else taus
+    log_prior = np.log(np.clip(prior, 1e-6, None))
+    table = []
+    for tau in taus:
+        p = adjust(probs, -tau * log_prior)
+        pred = p.argmax(axis=1)
+        acc = float((pred == y).mean())
+        bal = balanced_accuracy(y, pred)
+        table.append({"tau": float(tau), "accuracy": acc, "balanced_accuracy": bal,
+                      "score": (acc + bal) / 2})
+    best = max(table, key=lambda r: (r["score"], -r["tau"]))
+    bias = -best["tau"] * log_prior
+    return best["tau"], bias - bias.mean(), table

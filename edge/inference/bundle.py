@@ -81,6 +81,16 @@ class Bundle:
         return list(self.manifest.get("tta") or [])
 
     @property
+    def class_bias(self):
+        """Per-class offsets added to the logits before the softmax (None: none)."""
+        bias = self.manifest.get("class_bias")
+        if not bias:
+            return None
+        import numpy as np
+
+        return np.asarray(bias, dtype=np.float64)
+
+    @property
     def output_kind(self) -> str:
         return self.manifest.get("output", "auto")
 
@@ -124,6 +134,12 @@ def _cross_errors(manifest: dict[str, Any]) -> list[str]:
         ambiguous = sorted(duplicates.intersection(members))
         if ambiguous:
             errors.append(f"label_groups/{group}: labels {ambiguous} occur more than once")
+    bias = manifest.get("class_bias")
+    if bias is not None:
+        if len(bias) != len(labels):
+            errors.append(f"class_bias: {len(bias)} values for {len(labels)} labels")
+        if manifest.get("output") != "logits":
+            errors.append('class_bias: needs "output": "logits" (it is added to the logits)')
     tta = manifest.get("tta") or []
     size = manifest["input"]["size"]
     turns = sorted({"rot90", "rot270"}.intersection(tta))

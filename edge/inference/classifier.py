@@ -125,6 +125,7 @@ class Classifier:
                 "use the labels file that belongs to this model",
             )
         self.spec = spec
+        self._bias = self.bundle.class_bias
         self.adapter = InputAdapter.for_model(backend.input_detail, spec)
         self.backend = backend
 
@@ -256,9 +257,10 @@ class Classifier:
                 outputs.append((raw, self.backend.output_detail))
             t1 = time.perf_counter()
             backend_name = self.backend.name
-        kind = self.bundle.output_kind
+        kind, bias = self.bundle.output_kind, self._bias
         each = [
-            postprocess.to_probabilities(postprocess.dequantize(r, d), kind) for r, d in outputs
+            postprocess.to_probabilities(postprocess.dequantize(r, d), kind, bias)
+            for r, d in outputs
         ]
         probs = each[0] if len(each) == 1 else np.mean(each, axis=0, dtype=np.float32)
         labels = self.bundle.labels

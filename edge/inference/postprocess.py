@@ -29,10 +29,16 @@ def softmax(values: np.ndarray) -> np.ndarray:
     return e / e.sum()
 
 
-def to_probabilities(values: np.ndarray, kind: str = "auto") -> np.ndarray:
-    """Apply softmax only when the model emits logits (``kind`` or, if auto, by inspection)."""
+def to_probabilities(
+    values: np.ndarray, kind: str = "auto", bias: np.ndarray | None = None
+) -> np.ndarray:
+    """Apply softmax only when the model emits logits (``kind`` or, if auto, by inspection).
+    ``bias`` (the manifest's ``class_bias``, for logits) is added to the logits first."""
     if kind == "logits" or (kind == "auto" and not looks_like_probabilities(values)):
-        return softmax(values.astype(np.float64)).astype(np.float32)
+        logits = values.astype(np.float64)
+        if bias is not None:
+            logits = logits + bias
+        return softmax(logits).astype(np.float32)
     probs = np.maximum(values, 0.0)  # the ufunc: np.clip costs several times more per frame
     total = probs.sum()
     return probs / total if total > 0 else probs
