@@ -80,6 +80,9 @@ class WebSection:
     stream_fps: float = 5.0
     # Live views (MJPEG) at once; one more is answered 503 with Retry-After.
     max_streams: int = 24
+    # Tokens for programs (Authorization: Bearer TOKEN): plain, or "sha256:<hex>" of the token.
+    # Also from the environment variable FIELDSCOPE_API_TOKEN (comma-separated).
+    api_tokens: list = field(default_factory=list)
     # Reverse proxies in front of the kit whose X-Forwarded-For is trusted (0: none; the
     # client address is the connection's). Needed for a per-client login rate limit behind one.
     trusted_proxies: int = 0
@@ -254,6 +257,14 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"[web].port: {w.port} is not a TCP port")
     if not 2 <= w.threads <= 64:
         raise ConfigError("[web].threads must be between 2 and 64")
+    for token in w.api_tokens:
+        if not isinstance(token, str) or (
+            not token.startswith("sha256:") and len(token.strip()) < 16
+        ):
+            raise ConfigError(
+                "[web].api_tokens: each token must be at least 16 characters (or sha256:<hex>)",
+                'make one with: python -c "import secrets; print(secrets.token_urlsafe(32))"',
+            )
     if not 0 <= w.trusted_proxies <= 5:
         raise ConfigError("[web].trusted_proxies must be between 0 and 5")
     if not 0 <= w.max_streams <= 200:
@@ -273,3 +284,5 @@ def password_from_env(cfg: Config) -> None:
     env = os.environ.get("FIELDSCOPE_PASSWORD")
     if env and not cfg.web.password:
         cfg.web.password = env
+    tokens = os.environ.get("FIELDSCOPE_API_TOKEN", "")
+    cfg.web.api_tokens = list(cfg.web.api_tokens) + [t for t in tokens.split(",") if t.strip()]

@@ -99,3 +99,49 @@ def test_system_page_hashes_each_bundle_once(daemon):  # noqa: F811
     for _ in range(3):
         assert c.get("/system").status_code == 200
     assert tflite_file.HASHED["files"] == before
+
+
+TOKEN = "a-long-random-token-for-scripts-0123456789"
+
+
+def test_api_token_lets_a_script_post_without_cookies_or_csrf(daemon, blood_samples):  # noqa: F811
+    import hashlib
+    import io
+
+    digest = "sha256:" + hashlib.sha256(TOKEN.encode()).hexdigest()
+    _, app = daemon(**{"web.password": "pw", "web.api_tokens": [digest]})
+    c = app.test_client()
+    image = blood_samples[0].read_bytes()
+
+    def upload(headers):
+        return c.post("/api/classify", headers=headers,
+                      data={"image": (io.BytesIO(image), "f.jpg"), "sample_code": "T-1"})
+
+    good = upload({"Authorization": f"Bearer {TOKEN}"})
+    assert good.status_code == 201 and good.get_json()["sample_code"] == "T-1"
+    assert c.get("/api/status", headers={"Authorization": f"Bearer {TOKEN}"}).status_code == 200
+    bad = upload({"Authorization": "Bearer not-the-token-at-all-000000"})
+    assert bad.status_code == 401 and "invalid API token" in bad.get_json()["error"]
+    assert upload({}).status_code == 401  # no token, no session: login required
+    # A cookie session still needs its CSRF token for every POST.
+    token = csrf_of(c)
+    assert c.post("/login", data={"password": "pw", "csrf_token": token}).status_code == 302
+    assert upload({}).status_code == 400  # logged in, but no CSRF token
+    assert upload({"X-CSRFToken": csrf_of(c)}).status_code == 201  # the new session's token
+
+
+def test_api_token_from_the_environment_is_kept_hashed(monkeypatch):
+    from edge.config import load_config
+    from edge.web.auth import token_digest
+
+    monkeypatch.setenv("FIELDSCOPE_API_TOKEN", TOKEN)
+    cfg = load_config(None, {"source.path": "x"})
+    assert cfg.web.api_tokens == [TOKEN]
+    assert token_digest(TOKEN) != TOKEN and len(token_digest(TOKEN)) == 64
+
+
+def test_short_api_tokens_are_refused():
+    from edge.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="16 characters"):
+        load_config(None, {"source.path": "x", "web.api_tokens": ["short"]})

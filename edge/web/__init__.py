@@ -75,7 +75,7 @@ def create_app(pipeline: Any, cfg: Any, doctor: Any = None) -> Flask:
         "version": __version__,
     }
     csrf.init_app(app)
-    auth.init(app, cfg)
+    auth.init(app, cfg, csrf)
     app.register_blueprint(auth.bp)
     app.register_blueprint(api.bp)
     app.register_blueprint(pages.bp)

@@ -13,6 +13,7 @@ from collections import defaultdict, deque
 from flask import (
     Blueprint,
     current_app,
+    g,
     jsonify,
     redirect,
     render_template,
@@ -74,15 +75,60 @@ def _hash(password: str) -> str:
     return generate_password_hash(password)
 
 
-def init(app, cfg) -> None:
+def token_digest(token: str) -> str:
+    """What the kit keeps of an API token: its SHA-256 (a token is long and random, so a plain
+    digest is enough; the configured "sha256:<hex>" form is kept as given)."""
+    import hashlib
+
+    if token.startswith("sha256:"):
+        return token.removeprefix("sha256:").lower()
+    return hashlib.sha256(token.strip().encode()).hexdigest()
+
+
+def _token_ok(presented: str, digests: list[str]) -> bool:
+    import hashlib
+
+    mine = hashlib.sha256(presented.strip().encode()).hexdigest()
+    ok = False
+    for d in digests:  # every digest compared, in constant time: no early exit
+        ok |= hmac.compare_digest(mine, d)
+    return ok
+
+
+def init(app, cfg, csrf) -> None:
     state = {
         "hash": _hash(cfg.web.password) if cfg.web.password else None,
         "limiter": LoginLimiter(),
+        "tokens": [token_digest(t) for t in cfg.web.api_tokens],
     }
     app.extensions["fieldscope_auth"] = state
+    # CSRF is checked here rather than by default: a request with a valid bearer token is
+    # exempt (a browser cannot send an Authorization header to another site on its own), a
+    # cookie session never is.
+    app.config["WTF_CSRF_CHECK_DEFAULT"] = False
+
+    @app.before_request
+    def bearer_token():
+        g.via_token = False
+        header = request.headers.get("Authorization", "")
+        if header.startswith("Bearer "):
+            if not _token_ok(header[7:], state["tokens"]):
+                return jsonify(error="invalid API token"), 401
+            g.via_token = True
+        return None
 
     @app.before_request
     def require_login():
+        if g.get("via_token"):
+            return None
+        denied = _login_needed()
+        if denied is not None:
+            return denied
+        if request.method in ("POST", "PUT", "PATCH", "DELETE"):
+            csrf.protect()  # after the login check: a stranger hears "log in", not "CSRF"
+        return None
+
+    def _login_needed():
         if state["hash"] is None or request.endpoint in OPEN_ENDPOINTS:
             return None
         if session.get("user") == "operator":
