@@ -59,6 +59,13 @@ def session_info():
     return jsonify(csrf_token=generate_csrf(), login_required=login_required_enabled())
 
 
+@bp.get("/api/openapi.json")
+def openapi():
+    from .openapi import document
+
+    return jsonify(document())
+
+
 @bp.get("/api/status")
 def status():
     pipe, _ = _ctx()

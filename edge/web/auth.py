@@ -24,7 +24,14 @@ from flask import (
 from werkzeug.security import check_password_hash, generate_password_hash
 
 bp = Blueprint("auth", __name__)
-OPEN_ENDPOINTS = {"auth.login", "auth.logout", "api.health", "api.session_info", "static"}
+OPEN_ENDPOINTS = {
+    "auth.login",
+    "auth.logout",
+    "api.health",
+    "api.session_info",
+    "api.openapi",
+    "static",
+}
 MAX_FAILURES = 5
 WINDOW_S = 300.0
 
