@@ -82,3 +82,78 @@ def test_live_page_login_upload_and_sample(browser, tmp_path, blood_bundle, bloo
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=10)
+
+
+def test_shipped_demo_in_a_phone_sized_browser(browser, tmp_path):
+    """The demo as the README runs it (its config, relative paths, the checkout as working
+    directory), in Chromium at 390x844: every page, a captured sample and its report, with no
+    4xx/5xx answer and no broken image. FIELDSCOPE_SCREENSHOTS=DIR saves each page there (the
+    README's screenshots come from this walk)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tests.daemon_helpers import free_port
+
+    root = Path(__file__).resolve().parent.parent
+    work = tmp_path / "checkout"
+    (work / "scripts").mkdir(parents=True)
+    shutil.copy(root / "scripts" / "demo.toml", work / "scripts" / "demo.toml")
+    shutil.copytree(root / "models", work / "models")
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    env.pop("NOTIFY_SOCKET", None)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "edge", "serve", "--config", "scripts/demo.toml", "--port",
+         str(port)],
+        cwd=work, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    base = f"http://127.0.0.1:{port}"
+    shots = os.environ.get("FIELDSCOPE_SCREENSHOTS")
+    try:
+        wait_http(base + "/api/health")
+        ctx = browser.new_context(viewport={"width": 390, "height": 844}, device_scale_factor=1)
+        page = ctx.new_page()
+        bad: list[str] = []
+        page.on("response", lambda r: bad.append(f"{r.status} {r.url}") if r.status >= 400
+                else None)
+        page.goto(base + "/")
+        page.wait_for_selector("#decision:not(:has-text('waiting'))", timeout=30000)
+        page.fill("#sample-code", "DEMO-7")
+        for _ in range(2):
+            page.click("#capture-form button")
+            page.wait_for_selector("#action-result:has-text('Stored #')", timeout=30000)
+            page.evaluate("document.querySelector('#action-result').textContent = ''")
+
+        def visit(path: str, name: str) -> None:
+            page.goto(base + path)
+            page.wait_for_load_state("networkidle") if path != "/" else page.wait_for_timeout(
+                1500
+            )
+            # Lazy images load when seen: bring each into view, then wait for them.
+            page.evaluate("Array.from(document.images).forEach(i => i.scrollIntoView())")
+            page.wait_for_timeout(300)
+            page.wait_for_function(
+                "Array.from(document.images).every(i => i.src.endsWith('.mjpg') || i.complete)",
+                timeout=15000,
+            )
+            page.evaluate("window.scrollTo(0, 0)")
+            broken = page.evaluate(
+                "Array.from(document.images).filter(i => !i.src.endsWith('.mjpg') && "
+                "(!i.complete || i.naturalWidth === 0)).map(i => i.src)"
+            )
+            assert not broken, (path, broken)
+            if shots:
+                Path(shots).mkdir(parents=True, exist_ok=True)
+                page.screenshot(path=str(Path(shots) / f"{name}.png"), full_page=False)
+
+        for path, name in (("/", "live"), ("/samples", "samples"), ("/samples/DEMO-7", "sample"),
+                           ("/samples/DEMO-7/report", "report"), ("/model", "model"),
+                           ("/system", "system")):
+            visit(path, name)
+        assert "DEMO-7" in page.goto(base + "/samples").text()
+        assert not bad, bad
+        ctx.close()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
