@@ -102,6 +102,16 @@ def cmd_teacher_prep(args) -> int:
     return 0
 
 
+def cmd_probe(args) -> int:
+    from .probe import probe
+
+    cfg = _cfg(args)
+    rows = probe(cfg, Path(args.run_dir or f"runs/{cfg.name}"), args.backbones.split(","))
+    for r in rows:
+        print(f"{r['backbone']}: {r['params_m']} M parameters; val {r['val']}; test {r['test']}")
+    return 0
+
+
 def cmd_compile(args) -> int:
     from edge.inference.bundle import load_bundle, write_bundle
 
@@ -171,6 +181,12 @@ def main(argv: list[str] | None = None) -> int:
     tp.add_argument("--out", required=True)
     tp.add_argument("--set", action="append")
     tp.set_defaults(func=cmd_teacher_prep)
+    pr = sub.add_parser("probe", help="compare backbones: a linear head on frozen features")
+    pr.add_argument("--config", required=True)
+    pr.add_argument("--run-dir")
+    pr.add_argument("--backbones", default="mobilenetv2,mobilenet_edgetpu")
+    pr.add_argument("--set", action="append")
+    pr.set_defaults(func=cmd_probe)
     c = sub.add_parser("compile", help="compile a bundle's int8 model for the Edge TPU")
     c.add_argument("--model", required=True)
     c.add_argument("--runtime-version", type=int, default=14)
