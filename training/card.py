@@ -268,15 +268,22 @@ def write_card(out: Path, manifest: dict, ev: dict, history: Path | None, cfg, e
     columns = list(arts) + [f"{k}+tta" for k in ev.get("tta", {})]
     lines += [
         "",
-        "Per-class recall:",
+        f"Per class: recall of the top-1 label, and the share referred by the decision rule "
+        f"({rule['group']} score at its threshold):",
         "",
-        "| class | " + " | ".join(c.replace("+tta", " + TTA") for c in columns) + " |",
-        "|---|" + "---|" * len(columns),
+        "| class | "
+        + " | ".join(f"recall {c.replace('+tta', ' + TTA')}" for c in columns)
+        + " | "
+        + " | ".join(f"referred {c.replace('+tta', ' + TTA')}" for c in columns)
+        + " |",
+        "|---|" + "---|" * (2 * len(columns)),
     ]
     names = manifest.get("label_names", {})
     for lab in labels:
-        cells = " | ".join(_pct(_metrics_of(ev, c)["recall"][lab]) for c in columns)
-        lines.append(f"| {lab} ({names.get(lab, lab)}) | {cells} |")
+        cells = [_pct(_metrics_of(ev, c)["recall"][lab]) for c in columns]
+        cells += [_pct(_metrics_of(ev, c).get("referred", {}).get(lab, float("nan")))
+                  for c in columns]
+        lines.append(f"| {lab} ({names.get(lab, lab)}) | {' | '.join(cells)} |")
     lines += ["", *[f"![{p}]({p})" for p in plots], ""]
     h, w = cfg.model.hw
     which = (

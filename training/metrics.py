@@ -103,7 +103,14 @@ def summarise(
     is_pos = np.isin(y_true, group_idx)
     gscore = probs[:, group_idx].sum(axis=1)
     flagged = gscore >= threshold
+    # What the decision does for each diagnosis: the share of its images that are referred
+    # (for a melanoma that matters more than whether its top-1 label is "mel").
+    referred = {
+        labels[i]: float(flagged[y_true == i].mean()) if (y_true == i).any() else float("nan")
+        for i in range(n)
+    }
     return {
+        "referred": referred,
         "n": int(len(y_true)),
         "accuracy": float((pred == y_true).mean()),
         "balanced_accuracy": float(np.nanmean(list(recall.values()))),
