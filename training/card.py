@@ -105,6 +105,27 @@ def _metrics_of(ev: dict, kind: str) -> dict:
     return ev["artifacts"][kind]
 
 
+def _machine() -> str:
+    """The CPU the card is written on (normally the one that trained), with the vector
+    extensions that decide training and int8 speed."""
+    import os
+
+    model, flags = "an unknown CPU", set()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and model == "an unknown CPU":
+                    model = value.strip()
+                elif key.strip() == "flags" and not flags:
+                    flags = set(value.split())
+    except OSError:
+        pass
+    ext = [n for f, n in (("avx2", "AVX2"), ("avx512f", "AVX-512"), ("avx512_vnni", "VNNI"),
+                          ("amx_bf16", "AMX")) if f in flags]
+    return f"{model}, {os.cpu_count()} cores" + (f" ({', '.join(ext)})" if ext else "")
+
+
 def _pct(x: float) -> str:
     return f"{100 * x:.1f} %"
 
@@ -304,7 +325,9 @@ def write_card(out: Path, manifest: dict, ev: dict, history: Path | None, cfg, e
         f"{w}×{h} px (width × height); head on cached features {cfg.train.head_epochs} "
         f"epochs, then fine-tuning of {which} for up to {cfg.train.finetune_epochs} epochs "
         f"at learning rate {cfg.train.finetune_lr:g} with cosine decay "
-        f"(BatchNorm frozen; {drawn}; early stopping on the mean of validation "
+        f"(BatchNorm frozen; {drawn}"
+        + ("; images turned by any angle" if cfg.train.rotate else "")
+        + "; early stopping on the mean of validation "
         f"{rule['group']} AUC, accuracy and balanced accuracy).",
     ]
     if cfg.train.soft_labels:
@@ -342,7 +365,8 @@ def write_card(out: Path, manifest: dict, ev: dict, history: Path | None, cfg, e
         )
     lines += [
         f"- Command: `python -m training train --config {cfg.source}`",
-        f"- Time: {extra.get('train_minutes', '?')} min training on a 2-core x86-64 CPU, no GPU.",
+        f"- Time: {extra.get('train_minutes', '?')} min training on this machine: "
+        f"{_machine()}, no GPU.",
         "",
     ]
     if cfg.export.runs:

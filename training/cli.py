@@ -88,6 +88,14 @@ def cmd_evaluate(args) -> int:
                 f"sensitivity {m['sensitivity']:.4f}, specificity {m['specificity']:.4f} "
                 f"at {m['threshold']:.3f} (n={m['n']})"
             )
+            recall = ", ".join(f"{lab} {r:.2f}" for lab, r in m["recall"].items())
+            print(f"  per-class recall: {recall}")
+        for kind, m in ev.get("tta", {}).items():
+            print(
+                f"{kind} + TTA ({len(m['views'])} views): accuracy {m['accuracy']:.4f}, balanced "
+                f"{m['balanced_accuracy']:.4f}, group AUC {m['group_auc']:.4f}, sensitivity "
+                f"{m['sensitivity']:.4f}, specificity {m['specificity']:.4f}"
+            )
         if "int8_float_agreement" in ev:
             print(f"int8/float agreement {ev['int8_float_agreement']:.4f}")
     return 0
