@@ -84,19 +84,10 @@ class MemorySource(Source):
 
 def cpu_description() -> dict:
     """The CPU model and the vector extensions that decide int8 speed."""
-    model, flags = "?", set()
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                key, _, value = line.partition(":")
-                if key.strip() == "model name" and model == "?":
-                    model = value.strip()
-                elif key.strip() in ("flags", "Features") and not flags:
-                    flags = set(value.split())
-    except OSError:
-        pass
-    wanted = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "asimddp", "neon")
-    return {"model": model, "flags": [f for f in wanted if f in flags], "cores": os.cpu_count()}
+    from edge import hardware
+
+    return {"model": hardware.cpu_model(), "flags": hardware.cpu_extensions(),
+            "cores": os.cpu_count()}
 
 
 def rss_mb() -> float:

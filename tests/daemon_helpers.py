@@ -18,6 +18,30 @@ def stop_limit_s() -> float:
     raise AssertionError("TimeoutStopSec is missing from the unit")
 
 
+def start_demo(tmp_path: Path):
+    """The shipped demo as the README runs it: a copy of the checkout's config and models, the
+    daemon started there with ``--config scripts/demo.toml`` (relative paths, that working
+    directory). Returns (process, base URL, the copy's folder)."""
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    work = tmp_path / "checkout"
+    (work / "scripts").mkdir(parents=True)
+    shutil.copy(root / "scripts" / "demo.toml", work / "scripts" / "demo.toml")
+    shutil.copytree(root / "models", work / "models")
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    env.pop("NOTIFY_SOCKET", None)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "edge", "serve", "--config", "scripts/demo.toml", "--port",
+         str(port)],
+        cwd=work, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    return proc, f"http://127.0.0.1:{port}", work
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

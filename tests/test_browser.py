@@ -89,26 +89,11 @@ def test_shipped_demo_in_a_phone_sized_browser(browser, tmp_path):
     directory), in Chromium at 390x844: every page, a captured sample and its report, with no
     4xx/5xx answer and no broken image. FIELDSCOPE_SCREENSHOTS=DIR saves each page there (the
     README's screenshots come from this walk)."""
-    import subprocess
-    import sys
     from pathlib import Path
 
-    from tests.daemon_helpers import free_port
+    from tests.daemon_helpers import start_demo
 
-    root = Path(__file__).resolve().parent.parent
-    work = tmp_path / "checkout"
-    (work / "scripts").mkdir(parents=True)
-    shutil.copy(root / "scripts" / "demo.toml", work / "scripts" / "demo.toml")
-    shutil.copytree(root / "models", work / "models")
-    port = free_port()
-    env = {**os.environ, "PYTHONPATH": str(root)}
-    env.pop("NOTIFY_SOCKET", None)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "edge", "serve", "--config", "scripts/demo.toml", "--port",
-         str(port)],
-        cwd=work, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    base = f"http://127.0.0.1:{port}"
+    proc, base, _ = start_demo(tmp_path)
     shots = os.environ.get("FIELDSCOPE_SCREENSHOTS")
     try:
         wait_http(base + "/api/health")

@@ -5,17 +5,13 @@ a captured sample, its page and its report answer, and every image on them loads
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 import signal
-import subprocess
-import sys
 import urllib.error
 import urllib.request
 from pathlib import Path
 
-from tests.daemon_helpers import Client, free_port
+from tests.daemon_helpers import Client, start_demo
 from tests.test_serve_e2e import wait_http
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -40,20 +36,7 @@ def _get(url: str) -> tuple[int, bytes, str]:
 
 
 def test_shipped_demo_has_no_broken_page_or_image(tmp_path):
-    # A copy of the checkout's layout (config, models), so the demo's data/ lands in tmp.
-    work = tmp_path / "checkout"
-    (work / "scripts").mkdir(parents=True)
-    shutil.copy(ROOT / "scripts" / "demo.toml", work / "scripts" / "demo.toml")
-    shutil.copytree(ROOT / "models", work / "models")
-    port = free_port()
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    env.pop("NOTIFY_SOCKET", None)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "edge", "serve", "--config", "scripts/demo.toml",
-         "--port", str(port)],
-        cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )
-    base = f"http://127.0.0.1:{port}"
+    proc, base, work = start_demo(tmp_path)
     try:
         wait_http(base + "/api/health")
         client = Client(base)

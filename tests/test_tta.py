@@ -12,9 +12,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from edge.config import load_config
-from edge.daemon.pipeline import Pipeline
-from edge.daemon.store import Store
 from edge.errors import BundleError
 from edge.inference.bundle import load_bundle, validate_manifest
 from edge.inference.classifier import Classifier
@@ -114,21 +111,10 @@ def test_square_input_may_turn_by_quarters(tmp_path, blood_samples):
 
 
 def test_daemon_uses_tta_for_uploads_not_for_the_live_stream(skin_tta, tmp_path):
-    from tests.test_pipeline import ListSource
+    from tests.test_pipeline import _pipeline
 
-    cfg = load_config(
-        None,
-        {
-            "model.bundle": str(skin_tta),
-            "source.path": "x",
-            "storage.data_dir": str(tmp_path / "data"),
-            "pipeline.min_focus": 0.0,
-            "pipeline.max_clipped": 1.0,
-        },
-    )
-    clf = Classifier(load_bundle(skin_tta), backend="cpu", threads=1)
     frame = np.asarray(Image.open(_sample(skin_tta)).convert("RGB"))
-    pipe = Pipeline(cfg, clf, ListSource([frame]), Store(tmp_path / "data"))
+    pipe, _ = _pipeline(skin_tta, tmp_path, [frame])
     pipe.start()
     try:
         deadline = time.monotonic() + 20

@@ -110,20 +110,12 @@ def _machine() -> str:
     extensions that decide training and int8 speed."""
     import os
 
-    model, flags = "an unknown CPU", set()
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                key, _, value = line.partition(":")
-                if key.strip() == "model name" and model == "an unknown CPU":
-                    model = value.strip()
-                elif key.strip() == "flags" and not flags:
-                    flags = set(value.split())
-    except OSError:
-        pass
-    ext = [n for f, n in (("avx2", "AVX2"), ("avx512f", "AVX-512"), ("avx512_vnni", "VNNI"),
-                          ("amx_bf16", "AMX")) if f in flags]
-    return f"{model}, {os.cpu_count()} cores" + (f" ({', '.join(ext)})" if ext else "")
+    from edge import hardware
+
+    ext = hardware.cpu_extensions()
+    return f"{hardware.cpu_model()}, {os.cpu_count()} cores" + (
+        f" ({', '.join(ext)})" if ext else ""
+    )
 
 
 def _pct(x: float) -> str:
