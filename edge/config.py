@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import ipaddress
 import os
-import re
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -228,12 +227,16 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"[model].backend: {m.backend!r} is not auto, cpu or edgetpu")
     if not 1 <= m.threads <= 64:
         raise ConfigError("[model].threads must be between 1 and 64")
-    if m.device and not re.fullmatch(r"(usb|pci)?(:\d+)?", m.device):
-        # A typo here would silently mean "CPU" under backend = "auto".
-        raise ConfigError(
-            f"[model].device: {m.device!r} is not an Edge TPU device",
-            'use "" (the first found), usb, usb:0, pci, pci:0 or :0',
-        )
+    if m.device:
+        # A typo here would silently mean "CPU" under backend = "auto": the backend's own check,
+        # at load time.
+        from .errors import EdgeTpuError
+        from .inference.backends.edgetpu import parse_device
+
+        try:
+            parse_device(m.device)
+        except EdgeTpuError as exc:
+            raise ConfigError(f"[model].device: {exc.message}", exc.hint) from exc
     if s.kind not in ("replay", "picamera2", "v4l2"):
         raise ConfigError(f"[source].kind: {s.kind!r} is not replay, picamera2 or v4l2")
     if s.kind == "replay" and not s.path:

@@ -9,8 +9,8 @@
 - :class:`~edge.daemon.live.LiveBoard`: the live state, one immutable snapshot under a lock.
 
 ``Pipeline`` wires them and is what the web layer gets: a narrow set of methods (``status``,
-``health``, ``model``, ``preview_jpeg``, ``capture``, ``upload``, ``results``), never the parts'
-internals. See docs/architecture.md.
+``health``, ``model``, ``backend``, ``preview_jpeg``, ``capture``, ``classify_and_store``,
+``results``), never the parts' internals. See docs/architecture.md.
 """
 
 from __future__ import annotations
@@ -108,6 +108,11 @@ class Pipeline:
         """The bundle in use (its manifest, labels, card and plots)."""
         return self.classifier.bundle
 
+    def backend(self) -> dict[str, Any]:
+        """Which backend runs the model, why, and on which runtime (no storage or camera
+        queries, unlike status())."""
+        return self.classifier.describe()
+
     @property
     def last_heartbeat(self) -> float:
         return self.worker.last_heartbeat
@@ -168,7 +173,7 @@ class Pipeline:
                 "error": st.camera_error,
                 "source": self.source.describe(),
             },
-            "backend": self.classifier.describe(),
+            "backend": self.backend(),
             "runtime": self.classifier.runtime.label,
             "model": {"name": self.model.name, "version": self.model.version},
             "fps": round(self.fps(), 2),

@@ -226,11 +226,6 @@ class Classifier:
             name = source
         return self.infer(rgb, times, top_k, name, tta=tta)
 
-    @property
-    def tta_views(self) -> list[str]:
-        """The views ``tta=True`` averages (the bundle's ``tta``; [] when it offers none)."""
-        return self.bundle.tta
-
     def infer(
         self,
         rgb: np.ndarray,

@@ -61,7 +61,7 @@ def report(code: str):
         "report.html",
         s=summary,
         bundle=pipe.model,
-        backend=pipe.status()["backend"],
+        backend=pipe.backend(),
         printed=time.strftime("%Y-%m-%d %H:%M"),
     )
 
@@ -73,7 +73,7 @@ def model():
 
     b = pipe.model
     return render_template(
-        "model.html", bundle=b, backend=pipe.status()["backend"], card=card_html(b.file("card"))
+        "model.html", bundle=b, backend=pipe.backend(), card=card_html(b.file("card"))
     )
 
 
@@ -116,6 +116,7 @@ def system():
     except OSError:
         rss = None
     flags = hardware.pi_throttled()
+    status = pipe.status()
     info = {
         "uptime": time.strftime("%H:%M:%S", time.gmtime(time.time() - pipe.started)),
         "host": platform.node(),
@@ -125,9 +126,9 @@ def system():
         "disk": f"{usage.free / 1e9:.1f} GB free of {usage.total / 1e9:.1f} GB",
         "memory": f"{mem.get('MemAvailable', 0)} MB available of {mem.get('MemTotal', 0)} MB",
         "rss": f"{rss} MB" if rss is not None else "?",
-        "runtime": pipe.status()["runtime"],
+        "runtime": status["runtime"],
         "libedgetpu": runtime_version() or "not installed",
         "results": pipe.results.count(),
     }
     checks = run_checks(data_dir=str(cfg.data_dir))
-    return render_template("system.html", info=info, checks=checks, status=pipe.status())
+    return render_template("system.html", info=info, checks=checks, status=status)
