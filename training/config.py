@@ -74,7 +74,7 @@ class TrainConfig:
     unfreeze_from: str = "block_13_expand"
     patience: int = 3
     augment: bool = True
-    # Also turn training images by any angle (sampled phase 2 only; for subjects with no 'up').
+    # Also turn training images by any angle in phase 2 on images (for subjects with no 'up').
     rotate: bool = False
     class_weight: str = "balanced"  # balanced | sqrt | none
     # How phase 2 draws training images: "none" as they come; "balanced" every class equally

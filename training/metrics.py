@@ -46,6 +46,18 @@ def balanced_accuracy(y_true: np.ndarray, y_pred: np.ndarray) -> float:
     return float(np.mean([(y_pred[y_true == c] == c).mean() for c in np.unique(y_true)]))
 
 
+def headline(y_true: np.ndarray, probs: np.ndarray, group_idx: list[int]) -> dict[str, float]:
+    """Accuracy, balanced accuracy and the decision group's ROC AUC: what early stopping, the
+    backbone probe and the logit-adjustment tuning compare."""
+    y_true = np.asarray(y_true)
+    pred = probs.argmax(axis=1)
+    return {
+        "accuracy": float((pred == y_true).mean()),
+        "balanced_accuracy": balanced_accuracy(y_true, pred),
+        "group_auc": roc_auc(np.isin(y_true, group_idx), probs[:, group_idx].sum(axis=1)),
+    }
+
+
 def threshold_for_sensitivity(y_true: np.ndarray, score: np.ndarray, target: float) -> float:
     """The highest threshold whose sensitivity reaches ``target`` (most specific such rule)."""
     y = np.asarray(y_true).astype(bool)
@@ -145,8 +157,7 @@ def tune_logit_adjustment(
     log_prior = np.log(np.clip(prior, 1e-6, None))
     table = []
     for tau in taus:
-        p = adjust(probs, -tau * log_prior)
-        pred = p.argmax(axis=1)
+        pred = adjust(probs, -tau * log_prior).argmax(axis=1)
         acc = float((pred == y).mean())
         bal = balanced_accuracy(y, pred)
         table.append({"tau": float(tau), "accuracy": acc, "balanced_accuracy": bal,

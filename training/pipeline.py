@@ -28,13 +28,13 @@ def load_model_input(path: Path, hw: tuple[int, int], mode: str) -> np.ndarray:
 
 def cache_images(
     samples: list[Sample],
-    hw: tuple[int, int] | int,
+    hw: tuple[int, int],
     mode: str,
     cache_dir: Path,
     desc: str = "images",
 ) -> np.ndarray:
     """(N, H, W, 3) uint8, built once and reused while the file list is unchanged."""
-    h, w = (hw, hw) if isinstance(hw, int) else hw
+    h, w = hw
     size = str(h) if h == w else f"{h}x{w}"
     key = hashlib.sha256(
         "\n".join([size, mode] + [str(s.path) for s in samples]).encode()
@@ -172,6 +172,7 @@ def make_dataset(
     train: bool,
     seed: int = 0,
     shuffle: bool | None = None,
+    rotate: bool = False,
 ):
     """Batches normalised (or, for ``train``, augmented) images; ``shuffle`` defaults to
     ``train`` (off where outputs must stay in input order)."""
@@ -180,7 +181,7 @@ def make_dataset(
     ds = tf.data.Dataset.from_tensor_slices((images, labels) if labels is not None else images)
     if train if shuffle is None else shuffle:
         ds = ds.shuffle(len(images), seed=seed, reshuffle_each_iteration=True)
-    fn = augment if train else normalise
+    fn = (lambda x: augment(x, rotate)) if train else normalise
     if labels is not None:
         ds = ds.map(lambda x, y: (fn(x), y), num_parallel_calls=tf.data.AUTOTUNE)
     else:

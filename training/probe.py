@@ -17,7 +17,7 @@ import numpy as np
 
 from .config import Config
 from .datasets import class_weights
-from .metrics import balanced_accuracy, roc_auc
+from .metrics import headline
 
 log = logging.getLogger(__name__)
 
@@ -55,13 +55,8 @@ def probe(cfg: Config, run_dir: Path, backbones: list[str], epochs: int = 60) ->
         row = {"backbone": name, "params_m": round(backbone.count_params() / 1e6, 2),
                "minutes": round((time.time() - t0) / 60, 1)}
         for part in ("val", "test"):
-            probs = head.predict(feats[part], verbose=0)
-            y = data[f"y_{part}"]
-            row[part] = {
-                "accuracy": round(float((probs.argmax(1) == y).mean()), 4),
-                "balanced_accuracy": round(balanced_accuracy(y, probs.argmax(1)), 4),
-                "group_auc": round(roc_auc(np.isin(y, group), probs[:, group].sum(1)), 4),
-            }
+            m = headline(data[f"y_{part}"], head.predict(feats[part], verbose=0), group)
+            row[part] = {k: round(v, 4) for k, v in m.items()}
         log.info("probe %s: %s", name, row)
         rows.append(row)
     out = run_dir / "probe.json"

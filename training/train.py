@@ -18,7 +18,7 @@ import numpy as np
 from .cached import activations, copies_dataset, split_at
 from .config import Config
 from .datasets import check_samples, class_weights, load_samples, split_samples, write_split
-from .metrics import balanced_accuracy, roc_auc
+from .metrics import headline
 from .pipeline import cache_images, make_dataset, sampled_dataset
 
 log = logging.getLogger(__name__)
@@ -70,12 +70,10 @@ def _callbacks(cfg: Config, run_dir: Path, val, group_idx: list[int], phase: str
 
         def on_epoch_end(self, epoch, logs=None):
             probs = self.model.predict(val[0], verbose=0, batch_size=64)
-            y = np.isin(val[1], group_idx)
+            m = headline(val[1], probs, group_idx)
+            acc, bal = m["accuracy"], m["balanced_accuracy"]
             logs = logs if logs is not None else {}
-            logs["val_group_auc"] = roc_auc(y, probs[:, group_idx].sum(axis=1))
-            pred = probs.argmax(axis=1)
-            acc = float((pred == val[1]).mean())
-            bal = balanced_accuracy(val[1], pred)
+            logs["val_group_auc"] = m["group_auc"]
             logs["val_balanced_accuracy"] = bal
             logs["val_score"] = (logs["val_group_auc"] + acc + bal) / 3
             log.info(
@@ -198,7 +196,8 @@ def _finetune_images(cfg: Config, run_dir: Path, model, data, weights, group_idx
         log.info("phase 2 draws classes %s", cfg.train.sampling)
     else:
         train_ds = make_dataset(
-            data["x_train"], y_train, bs, train=cfg.train.augment, seed=cfg.dataset.seed
+            data["x_train"], y_train, bs, train=cfg.train.augment, seed=cfg.dataset.seed,
+            rotate=cfg.train.rotate,
         )
         fit_kw = {"class_weight": weights}
     _compile(
