@@ -76,7 +76,7 @@ def load_into_mobilenetv2(model, tflite_path: Path) -> np.ndarray:
         if k.shape != expected:
             raise ValueError(f"{layer.name}: TFLite kernel {k.shape} does not fit {expected}")
         layer.set_weights([k])
-        bn = _following_batchnorm(layer, by_name)
+        bn = following_batchnorm(layer, by_name)
         eps = bn.epsilon
         n = bias.shape[0]
         bn.set_weights(
@@ -91,7 +91,7 @@ def load_into_mobilenetv2(model, tflite_path: Path) -> np.ndarray:
     return np.transpose(head_kernel[:, 0, 0, :]), head_bias
 
 
-def _following_batchnorm(layer, by_name):
+def following_batchnorm(layer, by_name):
     # Keras names them pairwise: Conv1/bn_Conv1, block_N_expand/block_N_expand_BN,
     # expanded_conv_depthwise/expanded_conv_depthwise_BN, Conv_1/Conv_1_bn.
     for candidate in (f"{layer.name}_BN", f"bn_{layer.name}", f"{layer.name}_bn"):

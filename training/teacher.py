@@ -25,6 +25,7 @@ def prepare(cfg: Config, run_dir: Path, out: Path) -> Path:
     convolution kernels and BatchNorm parameters in graph order)."""
     import keras
 
+    from .coral_weights import following_batchnorm
     from .model import build_backbone
 
     parts = read_split(run_dir / "split.csv")
@@ -49,12 +50,7 @@ def prepare(cfg: Config, run_dir: Path, out: Path) -> Path:
     by_name = {lay.name: lay for lay in base.layers}
     for i, conv in enumerate(convs):
         arrays[f"conv_{i}"] = conv.get_weights()[0]
-        bn = next(
-            by_name[n]
-            for n in (f"{conv.name}_BN", f"bn_{conv.name}", f"{conv.name}_bn")
-            if n in by_name
-        )
-        arrays[f"bn_{i}"] = np.stack(bn.get_weights())
+        arrays[f"bn_{i}"] = np.stack(following_batchnorm(conv, by_name).get_weights())
     np.savez(out / "init.npz", **arrays)
     return out
 
