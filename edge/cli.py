@@ -144,7 +144,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             kind, path = parse_source(args.source)
             overrides["source.kind"], overrides["source.path"] = kind, path
         cfg = load_config(args.config, overrides)
-        return serve(cfg)
+        return serve(cfg, args.profile)
     except FieldScopeError as exc:
         if args.error_page or running_as_service():
             # The page shows only the error text; it binds where the kit was asked to (the
@@ -205,6 +205,10 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", help="run the daemon: capture, classify, store, web page")
     s.add_argument("--config", help="TOML config (see docs/fieldscope.example.toml)")
     s.add_argument("--model", help="bundle folder or .tflite")
+    s.add_argument(
+        "--profile",
+        help="start on this profile of the config's [profiles] (default: the last one chosen)",
+    )
     s.add_argument("--source", help="picamera2, v4l2:/dev/video0 or replay:DIR")
     s.add_argument("--host", help="address to bind (default 127.0.0.1)")
     s.add_argument("--port", type=int)

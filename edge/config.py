@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import tomllib
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -87,6 +88,28 @@ class WebSection:
     trusted_proxies: int = 0
 
 
+PROFILE_ID = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
+IMPLICIT_PROFILE = "default"
+
+
+@dataclass
+class Profile:
+    """A named use of the kit: a bundle with the source and pipeline settings that go with it
+    (for example "Blood smear — microscope", "Skin — dermatoscope"). The daemon switches between
+    profiles without a restart (see docs/profiles.md)."""
+
+    id: str
+    name: str = ""  # shown on the page; empty: the bundle's own name
+    bundle: str = ""
+    labels: str = ""
+    fallback_bundle: str = ""
+    source: SourceSection = field(default_factory=SourceSection)
+    pipeline: PipelineSection = field(default_factory=PipelineSection)
+
+
+PROFILE_KEYS = {"name", "bundle", "labels", "fallback_bundle", "source", "pipeline"}
+
+
 @dataclass
 class Config:
     model: ModelSection = field(default_factory=ModelSection)
@@ -95,6 +118,39 @@ class Config:
     storage: StorageSection = field(default_factory=StorageSection)
     web: WebSection = field(default_factory=WebSection)
     path: str = ""
+    # [profiles.<id>] tables; empty: one implicit profile made of [model] and [source].
+    profiles: dict[str, Profile] = field(default_factory=dict)
+    default_profile: str = ""  # [profiles] default: the profile of a kit's very first start
+    profile: str = ""  # the profile this configuration is resolved for (see for_profile)
+
+    def all_profiles(self) -> dict[str, Profile]:
+        """The configured profiles, or the implicit one a config without [profiles] has."""
+        if self.profiles:
+            return self.profiles
+        m = self.model
+        return {
+            IMPLICIT_PROFILE: Profile(
+                IMPLICIT_PROFILE, "", m.bundle, m.labels, m.fallback_bundle, self.source,
+                self.pipeline,
+            )
+        }
+
+    def first_profile(self) -> str:
+        return self.default_profile or next(iter(self.all_profiles()))
+
+    def for_profile(self, profile_id: str) -> Config:
+        """This configuration with the profile's bundle, source and pipeline settings in
+        [model], [source] and [pipeline]: what the running parts read."""
+        profiles = self.all_profiles()
+        if profile_id not in profiles:
+            raise ConfigError(
+                f"no profile {profile_id!r}", f"profiles: {', '.join(profiles) or 'none'}"
+            )
+        p = profiles[profile_id]
+        model = replace(self.model, bundle=p.bundle, labels=p.labels,
+                        fallback_bundle=p.fallback_bundle)
+        return replace(self, model=model, source=p.source, pipeline=p.pipeline,
+                       profile=profile_id)
 
     @property
     def bundle_path(self) -> Path:
@@ -119,6 +175,8 @@ SECTIONS = {
     "storage": StorageSection,
     "web": WebSection,
 }
+# Chosen per profile (with [profiles], these belong in each profile, not in [model]/[source]).
+PROFILE_OVERRIDES = ("model.bundle", "model.labels", "model.fallback_bundle")
 
 
 def check_table(cls, raw: Any, where: str) -> None:
@@ -187,8 +245,64 @@ def _absolute_paths(raw: dict[str, Any], base: Path) -> None:
             table[key] = os.path.normpath(p if p.is_absolute() else (base / p))
 
 
+def _profiles(raw: Any, top: dict[str, Any], base: Path | None) -> tuple[dict[str, Profile], str]:
+    """Parse ``[profiles]``: ``default = ID`` and one ``[profiles.ID]`` table per profile. A
+    profile's [source] and [pipeline] options are laid over the top-level ones."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"[profiles]: expected a table, got {type(raw).__name__}")
+    default = raw.get("default", "")
+    if not isinstance(default, str):
+        raise ConfigError(f"[profiles].default: expected a profile id, got {default!r}")
+    profiles: dict[str, Profile] = {}
+    for pid, table in raw.items():
+        if pid == "default":
+            continue
+        where = f"[profiles.{pid}]"
+        if not isinstance(table, dict):
+            raise ConfigError(f"{where}: expected a table, got {type(table).__name__}")
+        if not PROFILE_ID.match(pid):
+            raise ConfigError(f"{where}: a profile id is 1–32 lower-case letters, digits, - or _")
+        unknown = sorted(set(table) - PROFILE_KEYS)
+        if unknown:
+            raise ConfigError(f"{where}: unknown option(s) {', '.join(unknown)}",
+                              f"known options: {', '.join(sorted(PROFILE_KEYS))}")
+        for key in ("name", "bundle", "labels", "fallback_bundle"):
+            if not isinstance(table.get(key, ""), str):
+                raise ConfigError(f"{where}.{key}: expected a string, got {table[key]!r}")
+        if not table.get("bundle"):
+            raise ConfigError(f"{where}.bundle: each profile names its model bundle")
+        own = {
+            "model": {k: table[k] for k in ("bundle", "labels", "fallback_bundle") if k in table},
+            "source": dict(table.get("source", {})) if isinstance(table.get("source"), dict)
+            else table.get("source", {}),
+        }
+        if base is not None:
+            _absolute_paths(own, base)
+        source = {**top.get("source", {}), **own["source"]} if isinstance(own["source"], dict) \
+            else own["source"]
+        pipeline = table.get("pipeline", {})
+        if isinstance(pipeline, dict):
+            pipeline = {**top.get("pipeline", {}), **pipeline}
+        profiles[pid] = Profile(
+            id=pid,
+            name=table.get("name", ""),
+            bundle=own["model"]["bundle"],
+            labels=own["model"].get("labels", ""),
+            fallback_bundle=own["model"].get("fallback_bundle", ""),
+            source=_section(SourceSection, source, f"{where}.source"),
+            pipeline=_section(PipelineSection, pipeline, f"{where}.pipeline"),
+        )
+    if not profiles:
+        raise ConfigError("[profiles]: no profile defined", "add a [profiles.<id>] table")
+    if default and default not in profiles:
+        raise ConfigError(f"[profiles].default: no profile {default!r}",
+                          f"profiles: {', '.join(profiles)}")
+    return profiles, default
+
+
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
     raw: dict[str, Any] = read_toml(path) if path else {}
+    profiles_raw = raw.pop("profiles", None)
     unknown = sorted(set(raw) - set(SECTIONS))
     if unknown:
         raise ConfigError(
@@ -204,6 +318,12 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     for dotted, value in (overrides or {}).items():
         if value is None:
             continue
+        if profiles_raw is not None and (dotted in PROFILE_OVERRIDES
+                                         or dotted.startswith("source.")):
+            raise ConfigError(
+                f"{path} defines [profiles]: the model and source are chosen per profile",
+                "pick one with --profile ID instead of --model/--source",
+            )
         section, key = dotted.split(".", 1)
         given.setdefault(section, {})[key] = value
     _absolute_paths(given, Path.cwd())
@@ -216,8 +336,24 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         },
         path=str(path or ""),
     )
+    if profiles_raw is not None:
+        if cfg.model.bundle or cfg.model.labels or cfg.model.fallback_bundle:
+            raise ConfigError(
+                "[model] bundle, labels and fallback_bundle belong in each [profiles.<id>] "
+                "table when the config has profiles"
+            )
+        top = {k: dict(raw.get(k, {})) for k in ("source", "pipeline")}
+        cfg.profiles, cfg.default_profile = _profiles(
+            profiles_raw, top, Path(path).resolve().parent if path else None
+        )
     password_from_env(cfg)
-    validate(cfg)
+    for pid in cfg.all_profiles():
+        try:
+            validate(cfg.for_profile(pid))
+        except ConfigError as exc:
+            if not cfg.profiles:
+                raise
+            raise ConfigError(f"profile {pid!r}: {exc.message}", exc.hint) from exc
     return cfg
 
 

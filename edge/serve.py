@@ -22,39 +22,37 @@ log = logging.getLogger("edge.serve")
 
 
 def open_classifier(cfg: Config):
-    """The configured bundle, or the previous good one when it is refused."""
-    from .inference.bundle import load_model
-    from .inference.classifier import Classifier
+    """The configured bundle, or the previous good one (imported late: the error page must
+    start even where the model runtime cannot be imported)."""
+    from .daemon.profiles import open_classifier as opener
 
-    m = cfg.model
-    kwargs = dict(backend=m.backend, threads=m.threads, device=m.device or None)
-    try:
-        bundle = load_model(cfg.bundle_path, m.labels or None)
-        return Classifier(bundle, **kwargs)
-    except FieldScopeError as exc:
-        if not m.fallback_bundle:
-            raise
-        log.error(
-            "model %s refused (%s); using the previous bundle %s",
-            cfg.bundle_path,
-            exc,
-            m.fallback_bundle,
-        )
-        clf = Classifier(load_model(m.fallback_bundle), **kwargs)
-        clf.backend_reason += f" · configured bundle refused: {exc.message}"
-        return clf
+    return opener(cfg)
 
 
-def build(cfg: Config):
-    from .capture import make_source
+def build(cfg: Config, profile: str | None = None):
+    """The store, the pipeline on its starting profile, and the web app.
+
+    The starting profile: ``profile`` (the command line's --profile), else the one last chosen
+    on the page (kept in the store), else the config's ``[profiles] default``, else the first."""
     from .daemon.pipeline import Pipeline
+    from .daemon.profiles import open_profile
     from .daemon.store import Store
     from .web import create_app
 
-    classifier = open_classifier(cfg)
     store = Store(cfg.data_dir, cfg.storage.retention_days, cfg.storage.min_free_mb)
-    store.enforce_retention()
-    pipeline = Pipeline(cfg, classifier, make_source(cfg.source), store)
+    try:
+        known = cfg.all_profiles()
+        if profile is not None and profile not in known:
+            cfg.for_profile(profile)  # raises the ConfigError naming the profiles
+        remembered = store.setting("profile")
+        start = profile or (remembered if remembered in known else cfg.first_profile())
+        store.enforce_retention()
+        run_cfg = cfg.for_profile(start)
+        classifier, source = open_profile(run_cfg)
+    except BaseException:
+        store.close()
+        raise
+    pipeline = Pipeline(run_cfg, classifier, source, store, opener=open_profile)
     app = create_app(pipeline, cfg)
     return pipeline, app, store
 
@@ -125,11 +123,11 @@ def error_page_app(message: str):
     return app
 
 
-def serve(cfg: Config) -> int:
+def serve(cfg: Config, profile: str | None = None) -> int:
     # A write limit (RLIMIT_FSIZE) must be an error we handle, not a fatal signal.
     if hasattr(signal, "SIGXFSZ"):
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    pipeline, app, store = build(cfg)
+    pipeline, app, store = build(cfg, profile)
     pipeline.start()
     try:
         # Live views hold a thread each for their whole life: they get their own, on top of

@@ -89,6 +89,22 @@ class Client:
         with self.opener.open(self.base + path, timeout=10) as r:
             return r.status, json.loads(r.read())
 
+    def post_json(self, path: str, doc: dict, timeout: float = 30):
+        """POST a JSON body with the session's CSRF token; returns (status, json)."""
+        import json
+        import urllib.error
+        import urllib.request
+
+        req = urllib.request.Request(
+            self.base + path, data=json.dumps(doc).encode(), method="POST",
+            headers={"Content-Type": "application/json", "X-CSRFToken": self.token},
+        )
+        try:
+            with self.opener.open(req, timeout=timeout) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.loads(exc.read() or b"{}")
+
     def upload(self, data: bytes, sample_code: str | None = None, timeout: float = 30):
         """POST /api/classify; returns (status, json)."""
         import json

@@ -137,8 +137,51 @@ def test_shipped_demo_in_a_phone_sized_browser(browser, tmp_path):
                            ("/system", "system")):
             visit(path, name)
         assert "DEMO-7" in page.goto(base + "/samples").text()
+        # The demo's other use, one tap away: the skin profile on its own bundled samples.
+        page.goto(base + "/")
+        page.click("#profiles button:has-text('Skin')")
+        page.wait_for_selector("#model-name:has-text('skin-lesion')", timeout=2000)
+        page.wait_for_selector("#decision:not(:has-text('waiting'))", timeout=30000)
+        page.fill("#sample-code", "DEMO-8")
+        page.click("#capture-form button")
+        page.wait_for_selector("#action-result:has-text('Stored #')", timeout=30000)
+        for path, name in (("/", "live-skin"), ("/samples/DEMO-8", "sample-skin"),
+                           ("/samples/DEMO-8/report", "report-skin"), ("/model", "model-skin")):
+            visit(path, name)
+        assert "skin-lesion" in page.goto(base + "/model").text()
+        listing = page.goto(base + "/samples").text()
+        assert "Skin — dermatoscope" in listing and "Blood smear — microscope" in listing
         assert not bad, bad
         ctx.close()
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=30)
+
+
+def test_profile_switch_in_one_tap_reaches_every_browser(browser, tmp_path):
+    """One tap on one phone switches the kit; that page and another browser's Live page show
+    the new model within 2 s, and the sample code typed before the tap is still there."""
+    from tests.test_profiles import start, stop, write_config
+
+    proc, base = start(tmp_path, write_config(tmp_path))
+    try:
+        pages = []
+        for _ in range(2):
+            ctx = browser.new_context(viewport={"width": 390, "height": 844})
+            page = ctx.new_page()
+            page.goto(base + "/")
+            page.wait_for_selector("#model-name:has-text('blood-smear')")
+            pages.append(page)
+        tapper, other = pages
+        tapper.fill("#sample-code", "P-17")
+        tapper.click("#profiles button:has-text('Skin')")
+        for page in pages:
+            page.wait_for_selector("#model-name:has-text('skin-lesion')", timeout=2000)
+            page.wait_for_selector("#profiles button.active:has-text('Skin')", timeout=2000)
+            page.wait_for_selector("#decision:not(:has-text('waiting'))", timeout=10000)
+        assert tapper.input_value("#sample-code") == "P-17"
+        # The bars are the skin model's classes now.
+        labels = other.eval_on_selector_all(".bar", "bs => bs.map(b => b.dataset.label)")
+        assert "mel" in labels and "Benign" not in labels
+    finally:
+        stop(proc)

@@ -22,8 +22,10 @@ def test_demo_config_paths_are_relative_to_the_config_file(tmp_path, monkeypatch
 
     monkeypatch.chdir(tmp_path)  # anywhere but the checkout
     cfg = load_config(ROOT / "scripts" / "demo.toml", {"storage.data_dir": "mine"})
-    assert cfg.bundle_path == ROOT / "models" / "blood-smear"
-    assert Path(cfg.source.path) == ROOT / "models" / "blood-smear" / "samples"
+    for pid, model in (("blood-smear", "blood-smear"), ("skin", "skin-lesion")):
+        run = cfg.for_profile(pid)
+        assert run.bundle_path == ROOT / "models" / model
+        assert Path(run.source.path) == ROOT / "models" / model / "samples"
     assert cfg.data_dir == tmp_path / "mine"  # a command-line path: the working directory
 
 

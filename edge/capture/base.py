@@ -33,5 +33,9 @@ class Source(ABC):
     def close(self) -> None:  # noqa: B027  (optional for sources holding nothing)
         """Release the device."""
 
+    def interrupt(self) -> None:  # noqa: B027  (optional: real cameras block one frame at most)
+        """Called from another thread when the kit stops or switches profile: a read that
+        waits on its own pacing (a slow replay) should return now."""
+
     def describe(self) -> str:
         return self.name

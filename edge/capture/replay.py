@@ -7,6 +7,7 @@ so one corrupt image never stops the loop.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from pathlib import Path
 
@@ -34,8 +35,10 @@ class ReplaySource(Source):
         self._video = None
         self._last: np.ndarray | None = None
         self.current: Path | None = None
+        self._interrupted = threading.Event()
 
     def open(self) -> None:
+        self._interrupted.clear()
         if not self.path.exists():
             raise SourceError(f"replay source {self.path} does not exist")
         if self.path.is_file() and self.path.suffix.lower() in VIDEO_SUFFIXES:
@@ -64,7 +67,8 @@ class ReplaySource(Source):
     def _pace(self) -> None:
         now = time.monotonic()
         if self._next_at > now:
-            time.sleep(self._next_at - now)
+            # A demo replays at 0.5 fps: waiting here must not hold up a stop or a switch.
+            self._interrupted.wait(self._next_at - now)
         self._next_at = max(now, self._next_at) + self.interval
 
     def _next_video_frame(self) -> np.ndarray:
@@ -100,6 +104,9 @@ class ReplaySource(Source):
         if self._last is None:
             return self.read()
         return self._last
+
+    def interrupt(self) -> None:
+        self._interrupted.set()
 
     def close(self) -> None:
         if self._video is not None:

@@ -35,6 +35,7 @@ class CaptureLoop:
         board: LiveBoard,
         stop: threading.Event,
         on_camera_lost: Callable[[], None],
+        first_id: int = 1,
     ) -> None:
         self.cfg = cfg
         self.classifier = classifier
@@ -42,6 +43,8 @@ class CaptureLoop:
         self.board = board
         self._stop = stop
         self._on_camera_lost = on_camera_lost  # READY even without a camera (see below)
+        # Frame ids carry on across a profile switch, so a viewer never sees an id again.
+        self.next_id = first_id
         self._frame: Frame | None = None  # the newest frame (live view)
         self._prepped: Frame | None = None  # prepared here, not yet taken by the worker
         self._refresh = 0.005
@@ -62,7 +65,7 @@ class CaptureLoop:
     def run(self) -> None:
         backoff = 1.0
         opened = False
-        next_id = 1
+        next_id = self.next_id
         bad_frames = 0  # consecutive frames that could not be prepared
         last_bad_log = 0.0
         while not self._stop.is_set():
@@ -121,6 +124,7 @@ class CaptureLoop:
                               bad_frames, exc, exc_info=bad_frames == 1)
                     last_bad_log = now
                 next_id += 1
+                self.next_id = next_id
                 if bad_frames >= BAD_FRAMES_LIMIT:
                     # A camera that only sends what cannot be used is a lost camera: reopen it
                     # with backoff instead of spinning at camera rate.
@@ -137,6 +141,7 @@ class CaptureLoop:
                 if prep:
                     self._prepped = frame
                 next_id += 1
+                self.next_id = next_id
                 self._cond.notify_all()
                 # Do not outrun the classifier: read the next frame once the worker has taken
                 # the prepared one, or after a short refresh so the live view stays current.
@@ -163,6 +168,12 @@ class CaptureLoop:
             return frame
 
     def wake(self) -> None:
+        """Wake both threads for a stop: the worker waiting for a frame, and the camera
+        waiting on its own pacing."""
+        try:
+            self.source.interrupt()
+        except Exception:
+            log.debug("interrupting the source", exc_info=True)
         with self._cond:
             self._cond.notify_all()
 

@@ -18,6 +18,7 @@ import numpy as np
 
 @dataclass(frozen=True)
 class LiveState:
+    profile: str = ""  # the profile whose model made ``result`` and ``smoothed``
     frame_id: int = 0
     at: float = 0.0
     result: dict[str, Any] | None = None

@@ -8,9 +8,14 @@
   results, retention) and every read of stored results.
 - :class:`~edge.daemon.live.LiveBoard`: the live state, one immutable snapshot under a lock.
 
+The model, the camera and the two threads belong to the running *profile* (:class:`Active`);
+``switch_profile`` replaces them without a restart while the store, the live board and the web
+server stay (see docs/profiles.md).
+
 ``Pipeline`` wires them and is what the web layer gets: a narrow set of methods (``status``,
 ``health``, ``model``, ``backend``, ``preview_jpeg``, ``capture``, ``classify_and_store``,
-``results``), never the parts' internals. See docs/architecture.md.
+``results``, ``profiles``, ``switch_profile``), never the parts' internals. See
+docs/architecture.md.
 """
 
 from __future__ import annotations
@@ -18,69 +23,216 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Any
 
 from ..capture import Source
-from ..config import Config
-from ..inference.bundle import Bundle
+from ..config import Config, Profile
+from ..errors import FieldScopeError
+from ..inference.bundle import Bundle, load_model
 from ..inference.classifier import Classifier
 from . import notify
 from .capture_loop import CaptureLoop
 from .frames import Frame, encode_jpeg  # noqa: F401  (re-exported for scripts and tests)
+from .gate import Gate
 from .live import LiveBoard, LiveState
 from .results import ResultsService
 from .store import Store
 from .worker import InferenceWorker
 
 log = logging.getLogger(__name__)
-__all__ = ["Pipeline", "LiveState", "Frame"]
+__all__ = ["Pipeline", "LiveState", "Frame", "Active", "ProfileError"]
+Opener = Callable[[Config], tuple[Classifier, Source]]
+
+
+class ProfileError(FieldScopeError):
+    """A profile could not be switched to (unknown, or its model or camera would not open);
+    the kit stays on (or returns to) the profile it was on."""
+
+
+@dataclass
+class Active:
+    """The running profile: its resolved configuration, its model and camera, the capture and
+    inference threads and the event that stops just them."""
+
+    profile: Profile
+    cfg: Config
+    classifier: Classifier
+    capture: CaptureLoop
+    worker: InferenceWorker
+    stop: threading.Event
+    threads: list[threading.Thread] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return self.profile.name or self.classifier.bundle.name
+
+    def describe(self) -> dict[str, Any]:
+        b = self.classifier.bundle
+        return {"id": self.profile.id, "name": self.name, "model": b.name, "version": b.version}
 
 
 class Pipeline:
-    def __init__(self, cfg: Config, classifier: Classifier, source: Source, store: Store) -> None:
-        self.cfg = cfg
-        self.classifier = classifier
+    def __init__(
+        self,
+        cfg: Config,
+        classifier: Classifier,
+        source: Source,
+        store: Store,
+        opener: Opener | None = None,
+    ) -> None:
+        """``cfg`` is resolved for the starting profile (or has no profiles); ``opener`` opens
+        another profile's model and source for ``switch_profile`` (the daemon's is
+        :func:`edge.daemon.profiles.open_profile`; tests pass stand-in cameras)."""
+        if not cfg.profile:
+            cfg = cfg.for_profile(cfg.first_profile())
+        self.base_cfg = cfg
         self.store = store
         self.board = LiveBoard()
         self._stop = threading.Event()
         self._ready_sent = False
         self._ready_lock = threading.Lock()
-        self._threads: list[threading.Thread] = []
+        self._switch_lock = threading.Lock()
+        self._gate = Gate()
+        self._opener = opener
+        self._bundles: dict[str, Bundle] = {}
+        self._housekeeping: threading.Thread | None = None
         self.started = time.time()
-        self.capture_loop = CaptureLoop(
-            cfg, classifier, source, self.board, self._stop,
+        self.results = ResultsService(store, self._use)
+        self._next_frame_id = 1
+        self._run = self._make_run(cfg, classifier, source)
+        self.board.publish(profile=self._run.profile.id)
+
+    def _make_run(self, cfg: Config, classifier: Classifier, source: Source) -> Active:
+        stop = threading.Event()
+        capture = CaptureLoop(
+            cfg, classifier, source, self.board, stop,
             on_camera_lost=lambda: self._mark_ready("camera lost, retrying"),
+            first_id=self._next_frame_id,
         )
-        self.results = ResultsService(
-            cfg, classifier, store, self.capture_loop.take_still, source.describe
-        )
-        self.worker = InferenceWorker(
-            cfg, classifier, self.capture_loop, self.board, self.results, self._stop,
+        worker = InferenceWorker(
+            cfg, classifier, capture, self.board, self.results, stop,
             mark_ready=self._mark_ready,
         )
+        profile = cfg.all_profiles()[cfg.profile]
+        return Active(profile, cfg, classifier, capture, worker, stop)
+
+    @contextmanager
+    def _use(self) -> Iterator[Active]:
+        """The running profile, kept running while the caller is inside (a switch waits)."""
+        with self._gate.enter():
+            yield self._run
 
     # -- lifecycle ---------------------------------------------------------------------------
-    def start(self) -> None:
-        for target, name in (
-            (self.capture_loop.run, "capture"),
-            (self.worker.run, "inference"),
-            (lambda: self.results.housekeeping(self._stop), "housekeeping"),
-        ):
+    def _start_run(self, run: Active) -> None:
+        for target, name in ((run.capture.run, "capture"), (run.worker.run, "inference")):
             t = threading.Thread(target=target, name=name, daemon=True)
             t.start()
-            self._threads.append(t)
+            run.threads.append(t)
 
-    def stop(self, timeout: float = 1.5) -> None:
-        """Stop within a few seconds even when the camera is wedged inside read(): the capture
-        thread is joined first, so the camera is normally closed with nobody inside read()."""
-        self._stop.set()
-        self.capture_loop.wake()
-        for t in self._threads:
+    def _halt(self, run: Active, timeout: float) -> None:
+        """Stop a profile's threads within a few seconds even when the camera is wedged inside
+        read(): the capture thread is joined first, so the camera is normally closed with
+        nobody inside read()."""
+        run.stop.set()
+        run.capture.wake()
+        for t in run.threads:
             if t.name == "capture":
                 t.join(timeout)
-        self.capture_loop.close_source(timeout)
-        for t in self._threads:
+        run.capture.close_source(timeout)
+        for t in run.threads:
             t.join(timeout)
+        self._next_frame_id = run.capture.next_id
+
+    def start(self) -> None:
+        self._start_run(self._run)
+        self._housekeeping = threading.Thread(
+            target=lambda: self.results.housekeeping(self._stop), name="housekeeping",
+            daemon=True,
+        )
+        self._housekeeping.start()
+
+    def stop(self, timeout: float = 1.5) -> None:
+        self._stop.set()
+        with self._switch_lock:
+            self._halt(self._run, timeout)
+        if self._housekeeping is not None:
+            self._housekeeping.join(timeout)
+
+    # -- profiles ------------------------------------------------------------------------------
+    @property
+    def profile(self) -> Active:
+        return self._run
+
+    def profiles(self) -> list[dict[str, Any]]:
+        """Every configured profile, the running one marked."""
+        out = []
+        for pid, p in self.base_cfg.all_profiles().items():
+            active = pid == self._run.profile.id
+            out.append({"id": pid, "name": self._run.name if active else (p.name or pid),
+                        "active": active})
+        return out
+
+    def switch_profile(self, profile_id: str) -> dict[str, Any]:
+        """Swap model and camera for another profile's, without a restart.
+
+        Uploads and captures in progress finish on the old profile; those that arrive during
+        the switch wait and run on the new one; stored results are untouched. If the new
+        profile's model or camera cannot be opened, the old profile is opened again and
+        ProfileError says why. The choice is remembered across restarts."""
+        if self._opener is None:
+            raise ProfileError("this pipeline cannot switch profiles (no opener)")
+        with self._switch_lock:
+            if self._stop.is_set():
+                raise ProfileError("the kit is stopping")
+            old = self._run
+            if profile_id == old.profile.id:
+                return old.describe()
+            try:
+                cfg = self.base_cfg.for_profile(profile_id)
+            except FieldScopeError as exc:
+                raise ProfileError(exc.message, exc.hint) from exc
+            t0 = time.monotonic()
+            with self._gate.closed():
+                self._halt(old, timeout=1.5)
+                old.classifier.close()  # an Edge TPU is free for the next model
+                try:
+                    classifier, source = self._opener(cfg)
+                except Exception as exc:
+                    log.error("profile %s would not open (%s); back to %s", profile_id, exc,
+                              old.profile.id)
+                    classifier, source = self._opener(old.cfg)
+                    self._run = self._make_run(old.cfg, classifier, source)
+                    self._start_run(self._run)
+                    raise ProfileError(
+                        f"profile {profile_id!r} could not start: {exc}",
+                        f"the kit is back on {old.profile.id!r}; see its log",
+                    ) from exc
+                self._run = self._make_run(cfg, classifier, source)
+                # The live view starts over for the new model; the counters carry on.
+                self.board.publish(profile=profile_id, result=None, quality=None,
+                                   smoothed=None, camera="starting", camera_error=None)
+                self._start_run(self._run)
+            self.store.set_setting("profile", profile_id)
+            log.info("profile %s → %s in %.0f ms (%s)", old.profile.id, profile_id,
+                     (time.monotonic() - t0) * 1e3, self._run.classifier.bundle.name)
+            return self._run.describe()
+
+    def profile_bundle(self, profile_id: str | None) -> Bundle | None:
+        """The bundle of a profile (the running one's, or read from its folder), for pages
+        about results it made; None for a profile no longer configured."""
+        run = self._run
+        if not profile_id or profile_id == run.profile.id:
+            return run.classifier.bundle
+        if profile_id not in self._bundles:
+            try:
+                cfg = self.base_cfg.for_profile(profile_id)
+                self._bundles[profile_id] = load_model(cfg.bundle_path, cfg.model.labels or None)
+            except FieldScopeError:
+                return None
+        return self._bundles[profile_id]
 
     @property
     def running(self) -> bool:
@@ -100,13 +252,30 @@ class Pipeline:
         return self.board.state
 
     @property
+    def cfg(self) -> Config:
+        """The configuration resolved for the running profile."""
+        return self._run.cfg
+
+    @property
+    def classifier(self) -> Classifier:
+        return self._run.classifier
+
+    @property
+    def capture_loop(self) -> CaptureLoop:
+        return self._run.capture
+
+    @property
+    def worker(self) -> InferenceWorker:
+        return self._run.worker
+
+    @property
     def source(self) -> Source:
-        return self.capture_loop.source
+        return self._run.capture.source
 
     @property
     def model(self) -> Bundle:
         """The bundle in use (its manifest, labels, card and plots)."""
-        return self.classifier.bundle
+        return self._run.classifier.bundle
 
     def backend(self) -> dict[str, Any]:
         """Which backend runs the model, why, and on which runtime (no storage or camera
@@ -141,12 +310,12 @@ class Pipeline:
     def health(self) -> tuple[dict[str, Any], bool]:
         """What the open health endpoint says (states only, no error texts), and whether
         inference is alive."""
-        st = self.state
-        age = time.monotonic() - self.last_heartbeat
+        st, run = self.state, self._run
+        age = time.monotonic() - run.worker.last_heartbeat
         storage = self.results.storage_status()
         camera_ok = st.camera == "ok"
         inference_ok = age < 10
-        tpu_lost = self.classifier.degraded is not None
+        tpu_lost = run.classifier.degraded is not None
         ok = (storage["ok"] and camera_ok and inference_ok and not storage["low_space"]
               and not tpu_lost)
         body = {
@@ -157,7 +326,7 @@ class Pipeline:
             "inference": {
                 "ok": inference_ok,
                 "heartbeat_age_s": round(age, 2),
-                "backend": self.classifier.backend.name,
+                "backend": run.classifier.backend.name,
                 # The Edge TPU failed and the CPU stands in (the reason is in status()).
                 "degraded": tpu_lost,
             },
@@ -165,17 +334,19 @@ class Pipeline:
         return body, inference_ok
 
     def status(self) -> dict[str, Any]:
-        st = self.state  # one snapshot for the whole answer
+        st, run = self.state, self._run  # one snapshot, one profile for the whole answer
+        bundle = run.classifier.bundle
         return {
             "uptime_s": round(time.time() - self.started, 1),
+            "profile": run.describe(),
             "camera": {
                 "state": st.camera,
                 "error": st.camera_error,
-                "source": self.source.describe(),
+                "source": run.capture.source.describe(),
             },
-            "backend": self.backend(),
-            "runtime": self.classifier.runtime.label,
-            "model": {"name": self.model.name, "version": self.model.version},
+            "backend": run.classifier.describe(),
+            "runtime": run.classifier.runtime.label,
+            "model": {"name": bundle.name, "version": bundle.version},
             "fps": round(self.fps(), 2),
             "latency_ms": self.latency_ms(),
             "frame_id": st.frame_id,

@@ -4,6 +4,10 @@ It owns the store: on-demand classifications (uploads, camera stills) with their
 samples, the live results stored now and then, the periodic retention, and every read the web
 layer makes. Uploads never touch the camera; stills come through the capture loop's
 ``take_still``, which holds the camera for just that frame.
+
+Each on-demand classification runs inside ``use()``: the running profile (model, camera,
+settings) stays the same from the first step to the stored row, and a profile switch waits.
+A result is stored with the profile that made it; a sample belongs to one profile.
 """
 
 from __future__ import annotations
@@ -12,83 +16,105 @@ import contextlib
 import logging
 import threading
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..config import Config
-from ..inference.classifier import Classifier
+from ..errors import FieldScopeError
 from ..inference.preprocess import open_image
 from ..inference.quality import assess
 from .frames import encode_jpeg, prepare_frame
 from .store import StorageError, Store
 
+if TYPE_CHECKING:
+    from .pipeline import Active
+
 log = logging.getLogger(__name__)
 
 
+class SampleProfileError(FieldScopeError):
+    """A sample's fields all come from one profile: mixing models would make its counts and
+    mean score meaningless."""
+
+    status = 409
+
+
 class ResultsService:
-    def __init__(
-        self,
-        cfg: Config,
-        classifier: Classifier,
-        store: Store,
-        take_still: Callable[[], np.ndarray],
-        source_name: Callable[[], str],
-    ) -> None:
-        self.cfg = cfg
-        self.classifier = classifier
+    def __init__(self, store: Store, use: Callable[[], AbstractContextManager[Active]]) -> None:
         self.store = store
-        self._take_still = take_still
-        self._source_name = source_name
+        self._use = use
         self.housekeeping_s = 3600.0
 
     # -- storing -------------------------------------------------------------------------------
     def capture(self, sample_code: str | None) -> dict[str, Any]:
         """Full-quality still → classify → store with snapshot; returns the stored result."""
-        return self.classify_and_store(self._take_still(), "capture", sample_code)
+        with self._use() as run:
+            self._check_sample(run, sample_code)
+            return self._classify_and_store(run, run.capture.take_still(), "capture",
+                                            sample_code)
 
     def classify_and_store(self, image: Any, mode: str, sample_code: str | None) -> dict[str, Any]:
-        """Classify an RGB array (a camera still) or an encoded image (an upload) and store it
-        with its snapshot; raises ImageError or StorageError.
+        """Classify an RGB array (a camera still) or an encoded image (an upload) with the
+        running profile and store it with its snapshot; raises ImageError, StorageError or
+        SampleProfileError."""
+        with self._use() as run:
+            self._check_sample(run, sample_code)
+            return self._classify_and_store(run, image, mode, sample_code)
+
+    def _check_sample(self, run: Active, sample_code: str | None) -> None:
+        if not sample_code:
+            return
+        made_by = self.store.sample_profile(sample_code)
+        if made_by is not None and made_by != run.profile.id:
+            raise SampleProfileError(
+                f"sample {sample_code} was made with profile {made_by!r}, the kit is on "
+                f"{run.profile.id!r}",
+                f"switch back to {made_by!r} to add fields, or use a new sample code",
+            )
+
+    def _classify_and_store(
+        self, run: Active, image: Any, mode: str, sample_code: str | None
+    ) -> dict[str, Any]:
+        """
 
         An encoded image takes exactly the path of ``classify`` and of training's evaluation
         (Classifier.prepare on the bytes: JPEG draft decoding, then the Pillow resize), so the
         same file gives the same model input however it enters. The snapshot is re-encoded
         from a full decode (which also drops the upload's metadata)."""
-        p = self.cfg.pipeline
+        p, clf = run.cfg.pipeline, run.classifier
         if isinstance(image, np.ndarray):
             rgb = image
-            small, times, quality = prepare_frame(self.classifier, rgb, p.min_focus,
-                                                  p.max_clipped)
+            small, times, quality = prepare_frame(clf, rgb, p.min_focus, p.max_clipped)
         else:
-            small, times = self.classifier.prepare(image)
+            small, times = clf.prepare(image)
             quality = assess(small, p.min_focus, p.max_clipped)
-            rgb = np.asarray(
-                open_image(image, max_pixels=self.classifier.max_pixels), dtype=np.uint8
-            )
+            rgb = np.asarray(open_image(image, max_pixels=clf.max_pixels), dtype=np.uint8)
         # On demand a few more invokes cost nothing a user notices: average the bundle's
         # test-time views (the live stream never does).
-        result = self.classifier.infer(small, times, top_k=p.top_k, name=mode, tta=True)
+        result = clf.infer(small, times, top_k=p.top_k, name=mode, tta=True)
         doc = result.to_dict()
         doc["quality"] = quality.to_dict()
         doc["assessable"] = quality.assessable
-        jpeg = encode_jpeg(rgb, self.cfg.storage.snapshot_quality)
+        jpeg = encode_jpeg(rgb, run.cfg.storage.snapshot_quality)
         doc["id"] = self.store.save(
             doc,
             mode,
             sample_code=sample_code,
             jpeg=jpeg,
-            source=self._source_name() if mode == "capture" else mode,
+            source=run.capture.source.describe() if mode == "capture" else mode,
+            profile=run.profile.id,
         )
         doc["sample_code"] = sample_code
+        doc["profile"] = run.profile.id
         return doc
 
-    def store_live(self, doc: dict[str, Any]) -> None:
+    def store_live(self, doc: dict[str, Any], profile: str, source: str) -> None:
         """A live result, stored now and then (not acknowledged to anyone: a failure is
         reported through health, not raised)."""
         with contextlib.suppress(StorageError):
-            self.store.save(doc, "live", source=self._source_name())
+            self.store.save(doc, "live", source=source, profile=profile)
 
     def housekeeping(self, stop: threading.Event) -> None:
         """Retention while the kit runs, not only at start-up: a kit left on for months must

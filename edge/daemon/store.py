@@ -58,7 +58,14 @@ CREATE TABLE IF NOT EXISTS samples (
     code TEXT PRIMARY KEY,
     created REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS settings (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
 """
+# Columns added after the first release: (table, column, type). A kit's existing database gets
+# them at start-up; older rows read NULL.
+ADDED_COLUMNS = (("results", "profile", "TEXT"), ("samples", "profile", "TEXT"))
 
 
 class StorageError(FieldScopeError):
@@ -73,6 +80,7 @@ STEPS = ("snapshot-temp-written", "snapshot-renamed", "rows-inserted", "committe
 # or an RTC sets it, the clock starts where fake-hwclock saved it, or in 1970. Times before
 # this (2026-01-01) cannot be right on a kit running this software.
 EARLIEST_PLAUSIBLE = 1767225600.0
+MAX_ID = 2**63 - 1  # SQLite's largest integer
 
 
 def _fsync_dir(path: Path) -> None:
@@ -100,10 +108,17 @@ class Store:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(SCHEMA)
+        self._migrate()
         # Tests set this to stop the process between two steps of a store (see STEPS).
         self.step_hook = None
         self._closed = False
         self.reconciled = self.reconcile()
+
+    def _migrate(self) -> None:
+        for table, column, kind in ADDED_COLUMNS:
+            have = {r[1] for r in self._db.execute(f"PRAGMA table_info({table})")}
+            if column not in have:
+                self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
 
     def _step(self, name: str) -> None:
         if self.step_hook is not None:
@@ -180,8 +195,10 @@ class Store:
         sample_code: str | None = None,
         jpeg: bytes | None = None,
         source: str = "",
+        profile: str | None = None,
     ) -> int:
-        """Store one result (and its snapshot); returns the durable id or raises StorageError."""
+        """Store one result (and its snapshot); returns the durable id or raises StorageError.
+        A new sample remembers the profile that made its first result."""
         decision = result.get("decision") or {}
         snapshot = None
         try:
@@ -196,8 +213,8 @@ class Store:
                     cur = self._db.execute(
                         "INSERT INTO results (created, mode, sample_code, label, score, "
                         "assessable, decision_outcome, decision_positive, group_score, "
-                        "probabilities, quality, timings, backend, model, snapshot, source) "
-                        "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                        "probabilities, quality, timings, backend, model, snapshot, source, "
+                        "profile) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                         (
                             now,
                             mode,
@@ -215,12 +232,14 @@ class Store:
                             result.get("model"),
                             snapshot,
                             source,
+                            profile,
                         ),
                     )
                     if sample_code:
                         self._db.execute(
-                            "INSERT OR IGNORE INTO samples (code, created) VALUES (?,?)",
-                            (sample_code, now),
+                            "INSERT OR IGNORE INTO samples (code, created, profile) "
+                            "VALUES (?,?,?)",
+                            (sample_code, now, profile),
                         )
                     self._step("rows-inserted")
                     self._db.execute("COMMIT")
@@ -256,6 +275,8 @@ class Store:
         return out
 
     def get(self, result_id: int) -> dict[str, Any] | None:
+        if not 0 <= result_id <= MAX_ID:  # SQLite cannot even compare a larger integer
+            return None
         with self._lock:
             row = self._db.execute("SELECT * FROM results WHERE id=?", (result_id,)).fetchone()
         return self._row(row) if row else None
@@ -264,6 +285,8 @@ class Store:
         self, limit: int = 50, before: int | None = None, sample_code: str | None = None
     ) -> list[dict[str, Any]]:
         sql, args = "SELECT * FROM results WHERE 1=1", []
+        if before is not None:
+            before = max(-MAX_ID, min(before, MAX_ID))
         if before:
             sql += " AND id < ?"
             args.append(before)
@@ -279,7 +302,7 @@ class Store:
     def samples(self) -> list[dict[str, Any]]:
         with self._lock:
             rows = self._db.execute(
-                "SELECT s.code, s.created, COUNT(r.id) AS fields, "
+                "SELECT s.code, s.created, s.profile, COUNT(r.id) AS fields, "
                 "SUM(CASE WHEN r.assessable THEN COALESCE(r.decision_positive, 0) ELSE 0 END) "
                 "AS flagged, AVG(CASE WHEN r.assessable THEN r.group_score END) AS mean, "
                 "MAX(CASE WHEN r.assessable THEN r.group_score END) AS max "
@@ -298,6 +321,7 @@ class Store:
         scores = [f["group_score"] for f in usable if f["group_score"] is not None]
         return {
             "code": code,
+            "profile": self.sample_profile(code),
             "fields": len(fields),
             "flagged": sum(1 for f in usable if f["decision_positive"]),
             "not_assessable": sum(1 for f in fields if not f["assessable"]),
@@ -305,6 +329,27 @@ class Store:
             "max_score": max(scores) if scores else None,
             "results": fields,
         }
+
+    def sample_profile(self, code: str) -> str | None:
+        """The profile that made the sample's first result (None: unknown sample, or one stored
+        before profiles existed)."""
+        with self._lock:
+            row = self._db.execute("SELECT profile FROM samples WHERE code=?", (code,)).fetchone()
+        return row[0] if row else None
+
+    def setting(self, key: str) -> str | None:
+        with self._lock:
+            row = self._db.execute("SELECT value FROM settings WHERE key=?", (key,)).fetchone()
+        return row[0] if row else None
+
+    def set_setting(self, key: str, value: str) -> None:
+        """Kept across restarts (the profile chosen on the page, for example)."""
+        with self._lock:
+            self._db.execute(
+                "INSERT INTO settings (key, value) VALUES (?, ?) "
+                "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                (key, value),
+            )
 
     def count(self) -> int:
         with self._lock:

@@ -137,4 +137,4 @@ class InferenceWorker:
         self._mark_ready()
         if p.store_every_s > 0 and time.time() - self._last_store >= p.store_every_s:
             self._last_store = time.time()
-            self.results.store_live(doc)
+            self.results.store_live(doc, self.cfg.profile, self.capture.source.describe())

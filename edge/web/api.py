@@ -20,6 +20,8 @@ from flask import (
 from flask_wtf.csrf import generate_csrf
 
 from ..capture import SourceError
+from ..daemon.pipeline import ProfileError
+from ..daemon.results import SampleProfileError
 from ..daemon.store import StorageError
 from ..errors import ImageError
 
@@ -72,6 +74,33 @@ def status():
     return jsonify(pipe.status())
 
 
+@bp.get("/api/profiles")
+def profiles():
+    pipe, _ = _ctx()
+    return jsonify(profiles=pipe.profiles(), active=pipe.status()["profile"])
+
+
+def switch_to(profile_id: object):
+    """Switch profiles (shared by the API and the page's one-tap form); (answer, status)."""
+    pipe, _ = _ctx()
+    if not isinstance(profile_id, str) or not profile_id:
+        return {"error": 'send {"profile": ID}; GET /api/profiles lists them'}, 400
+    if profile_id not in {p["id"] for p in pipe.profiles()}:
+        return {"error": f"no profile {profile_id!r}"}, 404
+    try:
+        return {"active": pipe.switch_profile(profile_id)}, 200
+    except ProfileError as exc:
+        return {"error": str(exc)}, 503
+
+
+@bp.post("/api/profile")
+def switch_profile():
+    body = request.get_json(silent=True)
+    profile_id = body.get("profile") if isinstance(body, dict) else request.form.get("profile")
+    answer, code = switch_to(profile_id)
+    return jsonify(answer), code
+
+
 @bp.get("/api/results")
 def results():
     pipe, _ = _ctx()
@@ -113,7 +142,7 @@ def snapshot_file(name: str):
 def _stored(fn, *args):
     try:
         doc = fn(*args)
-    except ImageError as exc:
+    except (ImageError, SampleProfileError) as exc:
         return _error(str(exc), exc.status)
     except StorageError as exc:
         return _error(f"{exc}; the result was not stored", 507)
@@ -169,7 +198,8 @@ def sample_csv(code: str):
     summary = pipe.results.sample_summary(_sample_code(code) or "")
     if not summary:
         return _error(f"no sample {code}", 404)
-    labels = pipe.model.labels
+    # The labels of the model that made the sample (its profile's), not of the running one.
+    labels = list(dict.fromkeys(k for r in summary["results"] for k in r["probabilities"]))
     buf = io.StringIO()
     w = csv.writer(buf)
     w.writerow(
@@ -185,6 +215,7 @@ def sample_csv(code: str):
             *[f"p_{lab}" for lab in labels],
             "model",
             "backend",
+            "profile",
         ]
     )
     for r in reversed(summary["results"]):
@@ -202,6 +233,7 @@ def sample_csv(code: str):
                 *[f"{r['probabilities'].get(lab, 0):.4f}" for lab in labels],
                 r["model"],
                 r["backend"],
+                r["profile"] or "",
             ]
         )
     return Response(

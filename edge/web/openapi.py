@@ -42,7 +42,8 @@ def document() -> dict[str, Any]:
     stored = {"201": {"description": "classified and stored (durable: it has an id)",
                       "content": {"application/json": {"schema": {"type": "object",
                                                                   "required": ["id", "label"]}}}},
-              "400": _ERROR, "401": _ERROR, "413": _ERROR, "503": _ERROR, "507": _ERROR}
+              "400": _ERROR, "401": _ERROR, "409": _ERROR, "413": _ERROR, "503": _ERROR,
+              "507": _ERROR}
     return {
         "openapi": "3.1.0",
         "info": {
@@ -67,6 +68,15 @@ def document() -> dict[str, Any]:
             "/api/openapi.json": {"get": _op("This document", errors=(), security=[])},
             "/api/status": {"get": _op("Live result, smoothed state, backend, counters",
                                        errors=(401,))},
+            "/api/profiles": {"get": _op("The use profiles and the running one", errors=(401,))},
+            "/api/profile": {"post": {
+                "summary": "Switch to another profile (model, source, settings) without a restart",
+                "requestBody": {"required": True, "content": {"application/json": {
+                    "schema": {"type": "object", "required": ["profile"], "properties": {
+                        "profile": {"type": "string"}}}}}},
+                "responses": {"200": _JSON, "400": _ERROR, "401": _ERROR, "404": _ERROR,
+                              "503": _ERROR},
+            }},
             "/api/results": {"get": _op(
                 "Stored results, newest first", errors=(400, 401),
                 parameters=[

@@ -7,10 +7,20 @@ import platform
 import shutil
 import time
 
-from flask import Blueprint, abort, current_app, render_template, send_file
+from flask import (
+    Blueprint,
+    abort,
+    current_app,
+    flash,
+    redirect,
+    render_template,
+    request,
+    send_file,
+)
 
 from .. import hardware
-from .api import SAMPLE_CODE
+from .api import SAMPLE_CODE, switch_to
+from .auth import safe_next
 
 bp = Blueprint("pages", __name__)
 
@@ -22,21 +32,33 @@ def _ctx():
 
 @bp.get("/")
 def live():
-    pipe, cfg = _ctx()
+    pipe, _ = _ctx()
+    status = pipe.status()
     b = pipe.model
     return render_template(
         "live.html",
         bundle=b,
-        status=pipe.status(),
+        status=status,
         names=b.manifest.get("label_names", {}),
-        min_focus=cfg.pipeline.min_focus,
+        min_focus=pipe.cfg.pipeline.min_focus,
+        profiles=pipe.profiles(),
     )
+
+
+@bp.post("/profile")
+def profile():
+    """The page's one-tap profile switch (a plain form: it works without JavaScript)."""
+    answer, code = switch_to(request.form.get("profile"))
+    if code != 200:
+        flash(answer["error"])
+    return redirect(safe_next(request.form.get("next", "/")))
 
 
 @bp.get("/samples")
 def samples():
     pipe, _ = _ctx()
-    return render_template("samples.html", samples=pipe.results.samples())
+    names = {p["id"]: p["name"] for p in pipe.profiles()}
+    return render_template("samples.html", samples=pipe.results.samples(), names=names)
 
 
 def _summary_or_404(pipe, code: str) -> dict:
@@ -50,18 +72,27 @@ def _summary_or_404(pipe, code: str) -> dict:
 def sample(code: str):
     pipe, _ = _ctx()
     summary = _summary_or_404(pipe, code)
-    return render_template("sample.html", s=summary, bundle=pipe.model)
+    return render_template("sample.html", s=summary, profile=_profile_name(pipe, summary))
+
+
+def _profile_name(pipe, summary: dict) -> str | None:
+    names = {p["id"]: p["name"] for p in pipe.profiles()}
+    pid = summary.get("profile")
+    return names.get(pid, pid) if pid else None
 
 
 @bp.get("/samples/<code>/report")
 def report(code: str):
     pipe, _ = _ctx()
     summary = _summary_or_404(pipe, code)
+    # The model and rule of the profile that made the sample, which may not be the running one.
     return render_template(
         "report.html",
         s=summary,
-        bundle=pipe.model,
-        backend=pipe.backend(),
+        bundle=pipe.profile_bundle(summary.get("profile")),
+        profile=_profile_name(pipe, summary),
+        models=sorted({r["model"] for r in summary["results"] if r["model"]}),
+        backends=sorted({r["backend"] for r in summary["results"] if r["backend"]}),
         printed=time.strftime("%Y-%m-%d %H:%M"),
     )
 

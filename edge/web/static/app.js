@@ -5,7 +5,15 @@
   const csrf = () => document.querySelector('meta[name="csrf-token"]').content;
   const pct = (x) => (100 * x).toFixed(0) + "%";
 
+  // The page was drawn for one profile (its model's labels, its focus minimum): when the kit
+  // runs another (switched here or from another browser), draw it again.
+  const drawnFor = $("#profiles") ? $("#profiles").dataset.active : null;
+
   function show(data) {
+    if (drawnFor !== null && data.profile && data.profile.id !== drawnFor) {
+      location.reload();
+      return;
+    }
     const lost = $("#camera-lost");
     if (lost) lost.hidden = data.camera.state === "ok";
     const r = data.last_result;
@@ -98,6 +106,13 @@
   function describe(d) {
     return "#" + d.id + ": " + d.label + " " + d.score.toFixed(2) +
       (d.decision ? " — " + d.decision.text : "") + (d.sample_code ? " (sample " + d.sample_code + ")" : "");
+  }
+
+  // The sample code survives the page being drawn again (a profile switch reloads it).
+  const codeInput = $("#sample-code");
+  if (codeInput) {
+    codeInput.value = sessionStorage.getItem("fieldscope-sample") || "";
+    codeInput.addEventListener("input", () => sessionStorage.setItem("fieldscope-sample", codeInput.value));
   }
 
   const cap = $("#capture-form");

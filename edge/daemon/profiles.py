@@ -1,0 +1,43 @@
+"""Opening a profile: its model (with the previous good bundle as fallback) and its camera.
+
+The daemon opens one profile at start-up and another whenever the page switches profiles; both
+go through :func:`open_profile`, so a switch builds exactly what a fresh start would.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from ..capture import Source, make_source
+from ..config import Config
+from ..errors import FieldScopeError
+from ..inference.bundle import load_model
+from ..inference.classifier import Classifier
+
+log = logging.getLogger(__name__)
+
+
+def open_classifier(cfg: Config) -> Classifier:
+    """The configured bundle, or the previous good one when it is refused."""
+    m = cfg.model
+    kwargs = dict(backend=m.backend, threads=m.threads, device=m.device or None)
+    try:
+        bundle = load_model(cfg.bundle_path, m.labels or None)
+        return Classifier(bundle, **kwargs)
+    except FieldScopeError as exc:
+        if not m.fallback_bundle:
+            raise
+        log.error(
+            "model %s refused (%s); using the previous bundle %s",
+            cfg.bundle_path,
+            exc,
+            m.fallback_bundle,
+        )
+        clf = Classifier(load_model(m.fallback_bundle), **kwargs)
+        clf.backend_reason += f" · configured bundle refused: {exc.message}"
+        return clf
+
+
+def open_profile(cfg: Config) -> tuple[Classifier, Source]:
+    """The model and the (not yet opened) source of ``cfg``'s profile."""
+    return open_classifier(cfg), make_source(cfg.source)
