@@ -11,7 +11,7 @@ export FIELDSCOPE_SHARED ?= $(abspath ../shared)
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[edge,train,dev]'
+	$(PY) -m pip install --quiet -e '.[edge,clinic,train,dev]'
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -154,6 +154,47 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    """A sample as DICOM files (image + report per field) or a FHIR bundle, read beside a
+    running daemon without disturbing it."""
+    from .config import load_config
+    from .daemon.profiles import profile_bundle
+    from .daemon.store import Store
+    from .outbound.messages import Gone
+
+    cfg = load_config(args.config, {"storage.data_dir": args.data_dir})
+    store = Store(cfg.data_dir, read_only=True)
+    cache: dict = {}
+
+    def bundle_for(pid):
+        if pid not in cache:
+            cache[pid] = profile_bundle(cfg, pid)
+        return cache[pid]
+
+    try:
+        if args.format == "dicom":
+            from .outbound.dicom import export_sample
+
+            files = export_sample(store, args.sample, Path(args.out), cfg.kit_id,
+                                  cfg.dicom.institution, bundle_for)
+            print(f"{len(files)} DICOM files in {args.out}")
+        else:
+            from .outbound.fhir import sample_bundle
+
+            doc = sample_bundle(store, args.sample, cfg.kit_id, bundle_for)
+            text = json.dumps(doc, indent=2)
+            if args.out == "-":
+                print(text)
+            else:
+                Path(args.out).write_text(text + "\n")
+                print(f"FHIR bundle of sample {args.sample} in {args.out}", file=sys.stderr)
+    except Gone as exc:
+        raise FieldScopeError(str(exc), "list samples with GET /api/samples") from exc
+    finally:
+        store.close()
+    return 0
+
+
 def _where_to_serve(args: argparse.Namespace, cfg) -> tuple[str, int]:
     if cfg is not None:
         return cfg.web.host, cfg.web.port
@@ -221,6 +262,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="on a start-up error, serve a page saying why (default under systemd)",
     )
     s.set_defaults(func=cmd_serve)
+
+    e = sub.add_parser("export", help="a stored sample as DICOM files or a FHIR bundle")
+    e.add_argument("format", choices=("dicom", "fhir"))
+    e.add_argument("--sample", required=True, help="the sample code")
+    e.add_argument("--out", required=True,
+                   help="dicom: a folder (a USB stick); fhir: a file, or - for standard output")
+    e.add_argument("--config", help="the kit's config (its data folder, kit id, profiles)")
+    e.add_argument("--data-dir", help="the kit's data folder (instead of the config's)")
+    e.set_defaults(func=cmd_export)
     return parser
 
 

@@ -5,9 +5,11 @@ See ``docs/fieldscope.example.toml`` for every option with a comment.
 
 from __future__ import annotations
 
+import importlib.util
 import ipaddress
 import os
 import re
+import socket
 import tomllib
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -88,6 +90,42 @@ class WebSection:
     trusted_proxies: int = 0
 
 
+@dataclass
+class KitSection:
+    id: str = ""  # this kit's name in messages and exports (default: the host name)
+
+
+@dataclass
+class OutboxSection:
+    # Undelivered messages older than this, or past the count, are dropped (and counted).
+    max_age_days: int = 30
+    max_messages: int = 100000
+    retry_max_s: float = 300.0  # the longest wait between two tries of a destination
+
+
+@dataclass
+class MqttSection:
+    url: str = ""  # mqtt://host:1883 or mqtts://host:8883; empty: off
+    topic_prefix: str = ""  # default: fieldscope/<kit id>
+    username: str = ""
+    password: str = ""
+    ca_file: str = ""  # mqtts: the broker's CA (default: the system's)
+    cert_file: str = ""  # mqtts: a client certificate and its key
+    key_file: str = ""
+    keepalive_s: int = 30
+    timeout_s: float = 10.0  # to connect, and for each message's acknowledgement
+
+
+@dataclass
+class DicomSection:
+    stow_url: str = ""  # DICOMweb root, e.g. http://pacs:8042/dicom-web; empty: off
+    username: str = ""
+    password: str = ""
+    ca_file: str = ""  # https: the server's CA (default: the system's)
+    institution: str = ""  # InstitutionName in every object
+    timeout_s: float = 30.0
+
+
 PROFILE_ID = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
 IMPLICIT_PROFILE = "default"
 
@@ -117,6 +155,10 @@ class Config:
     pipeline: PipelineSection = field(default_factory=PipelineSection)
     storage: StorageSection = field(default_factory=StorageSection)
     web: WebSection = field(default_factory=WebSection)
+    kit: KitSection = field(default_factory=KitSection)
+    outbox: OutboxSection = field(default_factory=OutboxSection)
+    mqtt: MqttSection = field(default_factory=MqttSection)
+    dicom: DicomSection = field(default_factory=DicomSection)
     path: str = ""
     # [profiles.<id>] tables; empty: one implicit profile made of [model] and [source].
     profiles: dict[str, Profile] = field(default_factory=dict)
@@ -161,6 +203,16 @@ class Config:
         return Path(self.storage.data_dir)
 
     @property
+    def kit_id(self) -> str:
+        return self.kit.id or socket.gethostname()
+
+    @property
+    def destinations(self) -> tuple[str, ...]:
+        """Where results are delivered (each through the outbox)."""
+        return tuple(name for name, on in (("mqtt", self.mqtt.url), ("dicom", self.dicom.stow_url))
+                     if on)
+
+    @property
     def network_bound(self) -> bool:
         try:
             return not ipaddress.ip_address(self.web.host).is_loopback
@@ -174,6 +226,10 @@ SECTIONS = {
     "pipeline": PipelineSection,
     "storage": StorageSection,
     "web": WebSection,
+    "kit": KitSection,
+    "outbox": OutboxSection,
+    "mqtt": MqttSection,
+    "dicom": DicomSection,
 }
 # Chosen per profile (with [profiles], these belong in each profile, not in [model]/[source]).
 PROFILE_OVERRIDES = ("model.bundle", "model.labels", "model.fallback_bundle")
@@ -228,7 +284,8 @@ def read_toml(path: str | Path) -> dict[str, Any]:
 
 
 PATH_KEYS = (("model", "bundle"), ("model", "labels"), ("model", "fallback_bundle"),
-             ("storage", "data_dir"))
+             ("storage", "data_dir"), ("mqtt", "ca_file"), ("mqtt", "cert_file"),
+             ("mqtt", "key_file"), ("dicom", "ca_file"))
 
 
 def _absolute_paths(raw: dict[str, Any], base: Path) -> None:
@@ -417,6 +474,49 @@ def validate(cfg: Config) -> None:
         )
     if not 10 <= st.snapshot_quality <= 100:
         raise ConfigError("[storage].snapshot_quality must be between 10 and 100")
+    validate_delivery(cfg)
+
+
+def validate_delivery(cfg: Config) -> None:
+    """[kit], [outbox], [mqtt], [dicom]."""
+    from urllib.parse import urlsplit
+
+    o, mq, dc = cfg.outbox, cfg.mqtt, cfg.dicom
+    if cfg.kit.id and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", cfg.kit.id):
+        raise ConfigError("[kit].id: 1–64 letters, digits, '.', '_' or '-'")
+    if o.max_age_days < 1 or o.max_messages < 100 or o.retry_max_s < 1:
+        raise ConfigError("[outbox]: max_age_days ≥ 1, max_messages ≥ 100, retry_max_s ≥ 1")
+    for on, module, extra in ((mq.url, "paho.mqtt", "edge"),
+                              (dc.stow_url, "dicomweb_client", "clinic"),
+                              (dc.stow_url, "highdicom", "clinic")):
+        if on and importlib.util.find_spec(module.split(".")[0]) is None:
+            raise ConfigError(f"[{'mqtt' if module == 'paho.mqtt' else 'dicom'}] is set but "
+                              f"{module} is not installed",
+                              f"pip install 'fieldscope[{extra}]' (or make install)")
+    if mq.url:
+        u = urlsplit(mq.url)
+        if u.scheme not in ("mqtt", "mqtts") or not u.hostname:
+            raise ConfigError(f"[mqtt].url: {mq.url!r} is not mqtt://HOST[:PORT] or "
+                              "mqtts://HOST[:PORT]")
+        if any(c in mq.topic_prefix for c in "+#") or mq.topic_prefix.endswith("/"):
+            raise ConfigError("[mqtt].topic_prefix: no '+', '#' or trailing '/'")
+        if bool(mq.cert_file) != bool(mq.key_file):
+            raise ConfigError("[mqtt]: a client certificate needs both cert_file and key_file")
+        if (mq.ca_file or mq.cert_file) and u.scheme != "mqtts":
+            raise ConfigError("[mqtt]: ca_file and cert_file need an mqtts:// url")
+        if mq.keepalive_s < 5 or mq.timeout_s <= 0:
+            raise ConfigError("[mqtt]: keepalive_s ≥ 5 and timeout_s > 0")
+    if dc.stow_url:
+        u = urlsplit(dc.stow_url)
+        if u.scheme not in ("http", "https") or not u.hostname:
+            raise ConfigError(f"[dicom].stow_url: {dc.stow_url!r} is not an http(s) URL")
+        if dc.timeout_s <= 0:
+            raise ConfigError("[dicom].timeout_s must be positive")
+    for section, key in (("mqtt", "ca_file"), ("mqtt", "cert_file"), ("mqtt", "key_file"),
+                         ("dicom", "ca_file")):
+        value = getattr(getattr(cfg, section), key)
+        if value and not Path(value).is_file():
+            raise ConfigError(f"[{section}].{key}: no file {value}")
 
 
 def password_from_env(cfg: Config) -> None:

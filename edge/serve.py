@@ -37,9 +37,12 @@ def build(cfg: Config, profile: str | None = None):
     from .daemon.pipeline import Pipeline
     from .daemon.profiles import open_profile
     from .daemon.store import Store
+    from .outbound import Delivery
     from .web import create_app
 
-    store = Store(cfg.data_dir, cfg.storage.retention_days, cfg.storage.min_free_mb)
+    store = Store(cfg.data_dir, cfg.storage.retention_days, cfg.storage.min_free_mb,
+                  destinations=cfg.destinations, outbox_max_age_days=cfg.outbox.max_age_days,
+                  outbox_max_messages=cfg.outbox.max_messages)
     try:
         known = cfg.all_profiles()
         if profile is not None and profile not in known:
@@ -53,6 +56,7 @@ def build(cfg: Config, profile: str | None = None):
         store.close()
         raise
     pipeline = Pipeline(run_cfg, classifier, source, store, opener=open_profile)
+    pipeline.delivery = Delivery(cfg, store, pipeline.profile_bundle)
     app = create_app(pipeline, cfg)
     return pipeline, app, store
 

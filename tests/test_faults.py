@@ -193,7 +193,7 @@ def jpeg(colour):
     return buf.getvalue()
 
 result = {"label": "Benign", "score": 0.9, "probabilities": {"Benign": 0.9}}
-store = Store(sys.argv[1])
+store = Store(sys.argv[1], destinations=("mqtt", "dicom"))
 print(store.save(result, "capture", "S-1", jpeg=jpeg("red")), flush=True)
 
 def hook(step):
@@ -210,8 +210,9 @@ print(store.save(result, "capture", "S-2", jpeg=jpeg("blue")), flush=True)
 def test_kill_9_at_each_step_of_a_store(tmp_path, step):
     """A child process storing a result is killed with SIGKILL at one step of the protocol.
     On disk the final snapshot name never holds a partial write; after start-up no temp file,
-    no unreferenced snapshot and no result without its sample (one transaction) remain, and a
-    committed result survives."""
+    no unreferenced snapshot and no result without its sample (one transaction) remain, a
+    committed result survives, and the outbox holds exactly the messages of the stored results
+    (queued in the same transaction: none for a result that was lost, none missing)."""
     import subprocess
     import sys
 
@@ -251,6 +252,17 @@ def test_kill_9_at_each_step_of_a_store(tmp_path, step):
     assert {s["code"] for s in store.samples()} == {r["sample_code"] for r in rows}
     store.close()
     check_store(data, [first])
+    import sqlite3
+
+    with sqlite3.connect(data / "fieldscope.db") as db:
+        queued = db.execute(
+            "SELECT destination, kind, result_id, sample_code FROM outbox").fetchall()
+    expected = set()
+    for r in rows:
+        code = r["sample_code"]
+        expected |= {("mqtt", "result", r["id"], code), ("mqtt", "sample", None, code),
+                     ("dicom", "field", r["id"], code)}
+    assert sorted(queued, key=str) == sorted(expected, key=str)
 
 
 def test_a_failed_insert_leaves_no_snapshot_behind(tmp_path):

@@ -25,6 +25,7 @@ def base_manifest(cfg: Config, threshold: float, tta_threshold: float | None = N
         "name": cfg.name,
         "version": cfg.version,
         "description": cfg.description,
+        "imaging": ds.imaging or ("dermoscopy" if ds.layout == "ham10000" else "microscopy"),
         "labels": ds.labels,
         "label_names": ds.label_names,
         "label_groups": cfg.decision.groups,

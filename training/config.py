@@ -28,6 +28,9 @@ class DatasetConfig:
     citation: str = ""
     license: str = ""
     source: str = ""
+    # What the images are (the bundle's "imaging": the DICOM object results are exported as):
+    # microscopy, dermoscopy or photography; empty: dermoscopy for ham10000, else microscopy.
+    imaging: str = ""
 
     @property
     def root_path(self) -> Path:

@@ -31,7 +31,7 @@ from typing import Any
 from ..capture import Source
 from ..config import Config, Profile
 from ..errors import FieldScopeError
-from ..inference.bundle import Bundle, load_model
+from ..inference.bundle import Bundle
 from ..inference.classifier import Classifier
 from . import notify
 from .capture_loop import CaptureLoop
@@ -82,10 +82,13 @@ class Pipeline:
         source: Source,
         store: Store,
         opener: Opener | None = None,
+        delivery: Any = None,
     ) -> None:
         """``cfg`` is resolved for the starting profile (or has no profiles); ``opener`` opens
         another profile's model and source for ``switch_profile`` (the daemon's is
-        :func:`edge.daemon.profiles.open_profile`; tests pass stand-in cameras)."""
+        :func:`edge.daemon.profiles.open_profile`; tests pass stand-in cameras); ``delivery``:
+        the senders of results to MQTT and a PACS (:class:`edge.outbound.Delivery`), started
+        and stopped with the pipeline."""
         if not cfg.profile:
             cfg = cfg.for_profile(cfg.first_profile())
         self.base_cfg = cfg
@@ -97,6 +100,7 @@ class Pipeline:
         self._switch_lock = threading.Lock()
         self._gate = Gate()
         self._opener = opener
+        self.delivery = delivery
         self._bundles: dict[str, Bundle] = {}
         self._housekeeping: threading.Thread | None = None
         self.started = time.time()
@@ -153,11 +157,15 @@ class Pipeline:
             daemon=True,
         )
         self._housekeeping.start()
+        if self.delivery is not None:
+            self.delivery.start()
 
     def stop(self, timeout: float = 1.5) -> None:
         self._stop.set()
         with self._switch_lock:
             self._halt(self._run, timeout)
+        if self.delivery is not None:
+            self.delivery.stop(timeout)
         if self._housekeeping is not None:
             self._housekeeping.join(timeout)
 
@@ -227,11 +235,12 @@ class Pipeline:
         if not profile_id or profile_id == run.profile.id:
             return run.classifier.bundle
         if profile_id not in self._bundles:
-            try:
-                cfg = self.base_cfg.for_profile(profile_id)
-                self._bundles[profile_id] = load_model(cfg.bundle_path, cfg.model.labels or None)
-            except FieldScopeError:
+            from .profiles import profile_bundle
+
+            bundle = profile_bundle(self.base_cfg, profile_id)
+            if bundle is None:
                 return None
+            self._bundles[profile_id] = bundle
         return self._bundles[profile_id]
 
     @property
@@ -357,4 +366,15 @@ class Pipeline:
             "smoothed": st.smoothed,
             "quality": st.quality,
             "storage": self.results.storage_status(),
+            "outbox": self.outbox_status(),
         }
+
+    def sample_fhir(self, code: str) -> dict[str, Any]:
+        """A stored sample as a FHIR R4 Bundle (raises outbound.messages.Gone)."""
+        from ..outbound.fhir import sample_bundle
+
+        return sample_bundle(self.store, code, self.base_cfg.kit_id, self.profile_bundle)
+
+    def outbox_status(self) -> dict[str, Any]:
+        """Per destination: queued, delivered, failed, dropped, oldest waiting, connected."""
+        return self.delivery.status() if self.delivery is not None else {}

@@ -11,7 +11,7 @@ import logging
 from ..capture import Source, make_source
 from ..config import Config
 from ..errors import FieldScopeError
-from ..inference.bundle import load_model
+from ..inference.bundle import Bundle, load_model
 from ..inference.classifier import Classifier
 
 log = logging.getLogger(__name__)
@@ -41,3 +41,13 @@ def open_classifier(cfg: Config) -> Classifier:
 def open_profile(cfg: Config) -> tuple[Classifier, Source]:
     """The model and the (not yet opened) source of ``cfg``'s profile."""
     return open_classifier(cfg), make_source(cfg.source)
+
+
+def profile_bundle(cfg: Config, profile_id: str | None) -> Bundle | None:
+    """The bundle a profile names (read from its folder), for exports and pages about results
+    it made; None for a profile no longer configured or a bundle that cannot be read."""
+    try:
+        run = cfg.for_profile(profile_id or cfg.first_profile())
+        return load_model(run.bundle_path, run.model.labels or None)
+    except FieldScopeError:
+        return None

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import FieldScopeError
+from . import outbox
 
 log = logging.getLogger(__name__)
 
@@ -92,26 +93,51 @@ def _fsync_dir(path: Path) -> None:
 
 
 class Store:
-    def __init__(self, data_dir: Path, retention_days: int = 90, min_free_mb: int = 500) -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        retention_days: int = 90,
+        min_free_mb: int = 500,
+        destinations: tuple[str, ...] = (),
+        outbox_max_age_days: int = 30,
+        outbox_max_messages: int = 100000,
+        read_only: bool = False,
+    ) -> None:
+        """``destinations``: where each stored result is also queued for delivery (the
+        outbox, in the same transaction; see :mod:`edge.daemon.outbox`). ``read_only``: for a
+        command that reads beside a running daemon (an export): nothing is created, migrated
+        or reconciled (reconciling then could remove a snapshot whose row is being written)."""
         self.root = Path(data_dir)
         self.snapshots = self.root / "snapshots"
-        self.snapshots.mkdir(parents=True, exist_ok=True)
+        if read_only and not (self.root / "fieldscope.db").is_file():
+            raise StorageError(f"no kit database in {self.root}",
+                               "give the kit's data folder (--data-dir or --config)")
+        if not read_only:
+            self.snapshots.mkdir(parents=True, exist_ok=True)
         self.retention_days = retention_days
         self.min_free_mb = min_free_mb
         self._lock = threading.Lock()
         self.last_error: str | None = None
         self.last_error_at: float | None = None
+        db = self.root / "fieldscope.db"
         self._db = sqlite3.connect(
-            self.root / "fieldscope.db", check_same_thread=False, timeout=10, isolation_level=None
+            f"file:{db}?mode=ro" if read_only else db, uri=read_only,
+            check_same_thread=False, timeout=10, isolation_level=None,
         )
         self._db.row_factory = sqlite3.Row
+        self.destinations = tuple(destinations)
+        self.outbox = outbox.Outbox(self, outbox_max_age_days, outbox_max_messages)
+        # Tests set this to stop the process between two steps of a store (see STEPS).
+        self.step_hook = None
+        self._closed = read_only  # nothing is ever saved through a read-only store
+        self.reconciled = {"temp_files": 0, "orphan_snapshots": 0}
+        if read_only:
+            return
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(SCHEMA)
+        self._db.executescript(outbox.SCHEMA)
         self._migrate()
-        # Tests set this to stop the process between two steps of a store (see STEPS).
-        self.step_hook = None
-        self._closed = False
         self.reconciled = self.reconcile()
 
     def _migrate(self) -> None:
@@ -241,6 +267,9 @@ class Store:
                             "VALUES (?,?,?)",
                             (sample_code, now, profile),
                         )
+                    # Its messages to the kit's destinations, in the same transaction.
+                    outbox.enqueue(self._db, self.destinations, int(cur.lastrowid), sample_code,
+                                   snapshot is not None, now)
                     self._step("rows-inserted")
                     self._db.execute("COMMIT")
                 except BaseException:
@@ -261,6 +290,8 @@ class Store:
         if self.last_error:
             log.info("storage works again")
         self.last_error = None
+        if self.destinations:
+            self.outbox.notify()
         return int(cur.lastrowid)
 
     # -- reading ---------------------------------------------------------------------------
@@ -330,6 +361,11 @@ class Store:
             "results": fields,
         }
 
+    def sample_created(self, code: str) -> float | None:
+        with self._lock:
+            row = self._db.execute("SELECT created FROM samples WHERE code=?", (code,)).fetchone()
+        return row[0] if row else None
+
     def sample_profile(self, code: str) -> str | None:
         """The profile that made the sample's first result (None: unknown sample, or one stored
         before profiles existed)."""
@@ -377,10 +413,14 @@ class Store:
         """Why the system clock cannot be trusted, or None: before this software existed, or
         behind the newest stored result (it went back: a Pi without RTC after a power cut)."""
         now = time.time() if now is None else now
+        with self._lock:
+            return self.clock_problem_locked(now)
+
+    def clock_problem_locked(self, now: float) -> str | None:
+        """:meth:`clock_problem` for a caller that holds the store's lock."""
         if now < EARLIEST_PLAUSIBLE:
             return "the clock is not set (it reads a date before 2026)"
-        with self._lock:
-            newest = self._db.execute("SELECT MAX(created) FROM results").fetchone()[0]
+        newest = self._db.execute("SELECT MAX(created) FROM results").fetchone()[0]
         if newest is not None and now < newest - 3600:
             return "the clock is behind the newest stored result (it went back)"
         return None

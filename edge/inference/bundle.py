@@ -59,6 +59,11 @@ class Bundle:
         return self.manifest["version"]
 
     @property
+    def imaging(self) -> str:
+        """microscopy, dermoscopy or photography: which DICOM object its results become."""
+        return self.manifest.get("imaging", "photography")
+
+    @property
     def labels(self) -> list[str]:
         return list(self.manifest["labels"])
 

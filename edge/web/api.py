@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import re
 import time
 
@@ -190,6 +191,20 @@ def sample(code: str):
     pipe, _ = _ctx()
     summary = pipe.results.sample_summary(_sample_code(code) or "")
     return jsonify(summary) if summary else _error(f"no sample {code}", 404)
+
+
+@bp.get("/api/samples/<code>/fhir")
+def sample_fhir(code: str):
+    """The sample as a FHIR R4 Bundle (a DiagnosticReport and an Observation per field)."""
+    from ..outbound.messages import Gone
+
+    pipe, _ = _ctx()
+    code = _sample_code(code) or ""
+    try:
+        doc = pipe.sample_fhir(code)
+    except Gone:
+        return _error(f"no sample {code}", 404)
+    return Response(json.dumps(doc), mimetype="application/fhir+json")
 
 
 @bp.get("/api/samples/<code>/export.csv")

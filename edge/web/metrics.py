@@ -51,6 +51,32 @@ class PipelineCollector:
             "1 while the CPU stands in for an Edge TPU that failed (it is retried with backoff)",
             value=1.0 if st["backend"].get("degraded") else 0.0,
         )
+        outbox = st.get("outbox") or {}
+        families = {
+            "queued": GaugeMetricFamily("fieldscope_outbox_queued",
+                                        "Messages waiting for a destination",
+                                        labels=["destination"]),
+            "delivered": CounterMetricFamily("fieldscope_outbox_delivered",
+                                             "Messages a destination acknowledged",
+                                             labels=["destination"]),
+            "failed": CounterMetricFamily("fieldscope_outbox_failed",
+                                          "Failed tries to reach or send to a destination",
+                                          labels=["destination"]),
+            "dropped": CounterMetricFamily("fieldscope_outbox_dropped",
+                                           "Messages dropped undelivered (too old, too many, "
+                                           "refused, or their result removed)",
+                                           labels=["destination"]),
+        }
+        oldest = GaugeMetricFamily("fieldscope_outbox_oldest_age_seconds",
+                                   "Age of the oldest undelivered message (0: none waiting)",
+                                   labels=["destination"])
+        for dest, o in outbox.items():
+            for key, fam in families.items():
+                fam.add_metric([dest], float(o.get(key, 0)))
+            oldest.add_metric([dest], float(o.get("oldest_age_s") or 0.0))
+        if outbox:
+            yield from families.values()
+            yield oldest
         backend = GaugeMetricFamily("fieldscope_backend", "Backend in use", labels=["backend"])
         backend.add_metric([st["backend"]["backend"]], 1.0)
         yield backend

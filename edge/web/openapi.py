@@ -119,6 +119,11 @@ def document() -> dict[str, Any]:
             "/api/samples": {"get": _op("Samples with counts and scores", errors=(401,))},
             "/api/samples/{code}": {"get": _op("One sample's summary and fields",
                                                errors=(400, 401, 404), parameters=[_CODE])},
+            "/api/samples/{code}/fhir": {"get": _op(
+                "One sample as a FHIR R4 Bundle (DiagnosticReport + an Observation per field)",
+                ok={"description": "FHIR JSON", "content": {"application/fhir+json": {}}},
+                errors=(400, 401, 404), parameters=[_CODE],
+            )},
             "/api/samples/{code}/export.csv": {"get": _op(
                 "One sample's fields as CSV",
                 ok={"description": "CSV", "content": {"text/csv": {}}},

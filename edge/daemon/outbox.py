@@ -1,0 +1,235 @@
+"""The outbox: what the kit owes its destinations (an MQTT broker, a PACS), kept in its SQLite.
+
+A message is queued by :meth:`Store.save` in the same transaction that stores its result, so a
+result that has an id also has its messages, through a crash or a power cut, and a result that
+was never stored is never announced. The senders (``edge/outbound``) take what is due, and a
+message leaves the outbox only when its destination acknowledged it (a PUBACK, a STOW-RS 200).
+Each message has a unique id from the moment it is queued: a receiver that gets one twice (an
+acknowledgement lost on the way back) can tell.
+
+Bounded: undelivered messages past ``max_age_days``, or beyond ``max_messages`` (oldest first),
+are dropped and counted, and so is a message whose result retention already removed. Nothing
+here blocks classification: queueing is two INSERTs in a transaction the store makes anyway.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .store import Store
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS outbox (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    destination TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    message_id TEXT NOT NULL UNIQUE,
+    result_id INTEGER,
+    sample_code TEXT,
+    created REAL NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_try REAL NOT NULL DEFAULT 0,
+    last_error TEXT
+);
+CREATE INDEX IF NOT EXISTS outbox_due ON outbox(destination, next_try);
+CREATE TABLE IF NOT EXISTS outbox_counts (
+    destination TEXT NOT NULL,
+    what TEXT NOT NULL,
+    n INTEGER NOT NULL,
+    PRIMARY KEY (destination, what)
+);
+"""
+# What each destination is sent: MQTT every result and, per sample, its summary; a PACS each
+# field of a sample (its image and a structured report), which needs a snapshot.
+KINDS = {"mqtt": ("result", "sample"), "dicom": ("field",)}
+
+
+@dataclass(frozen=True)
+class Message:
+    id: int
+    destination: str
+    kind: str
+    message_id: str
+    result_id: int | None
+    sample_code: str | None
+    created: float
+    attempts: int
+
+
+def enqueue(
+    db: sqlite3.Connection,
+    destinations: tuple[str, ...],
+    result_id: int,
+    sample_code: str | None,
+    has_snapshot: bool,
+    now: float,
+) -> int:
+    """Queue a stored result's messages; the caller holds the store's open transaction."""
+    queued = 0
+
+    def add(destination: str, kind: str, rid: int | None) -> None:
+        nonlocal queued
+        db.execute(
+            "INSERT INTO outbox (destination, kind, message_id, result_id, sample_code, created, "
+            "next_try) VALUES (?,?,?,?,?,?,?)",
+            (destination, kind, uuid.uuid4().hex, rid, sample_code, now, now),
+        )
+        queued += 1
+
+    for dest in destinations:
+        if dest == "mqtt":
+            add(dest, "result", result_id)
+            # One summary per sample waiting at a time: it is read when sent, so it is current.
+            if sample_code and db.execute(
+                "SELECT 1 FROM outbox WHERE destination=? AND kind='sample' AND sample_code=?",
+                (dest, sample_code),
+            ).fetchone() is None:
+                add(dest, "sample", None)
+        elif dest == "dicom" and sample_code and has_snapshot:
+            add(dest, "field", result_id)
+    return queued
+
+
+class Outbox:
+    """The senders' side of the queue (the store's connection and lock)."""
+
+    def __init__(self, store: Store, max_age_days: int = 30, max_messages: int = 100000) -> None:
+        self._store = store
+        self.max_age_s = max_age_days * 86400.0
+        self.max_messages = max_messages
+        self._events: dict[str, threading.Event] = {}
+        self.last_error: dict[str, str | None] = {}
+
+    # -- waking the senders ----------------------------------------------------------------------
+    def event(self, destination: str) -> threading.Event:
+        return self._events.setdefault(destination, threading.Event())
+
+    def notify(self) -> None:
+        """Something was queued: senders look now instead of at their next poll."""
+        for ev in self._events.values():
+            ev.set()
+
+    # -- the senders' calls ----------------------------------------------------------------------
+    def due(self, destination: str, limit: int = 20, now: float | None = None) -> list[Message]:
+        now = time.time() if now is None else now
+        with self._store._lock:
+            rows = self._store._db.execute(
+                "SELECT id, destination, kind, message_id, result_id, sample_code, created, "
+                "attempts FROM outbox WHERE destination=? AND next_try<=? ORDER BY id LIMIT ?",
+                (destination, now, limit),
+            ).fetchall()
+        return [Message(*tuple(r)) for r in rows]
+
+    def _count(self, destination: str, what: str, n: int = 1) -> None:
+        self._store._db.execute(
+            "INSERT INTO outbox_counts (destination, what, n) VALUES (?,?,?) "
+            "ON CONFLICT(destination, what) DO UPDATE SET n = n + excluded.n",
+            (destination, what, n),
+        )
+
+    def _remove(self, msg: Message, what: str) -> None:
+        with self._store._lock:
+            db = self._store._db
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                db.execute("DELETE FROM outbox WHERE id=?", (msg.id,))
+                self._count(msg.destination, what)
+                db.execute("COMMIT")
+            except BaseException:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                raise
+
+    def delivered(self, msg: Message) -> None:
+        """The destination acknowledged it: gone from the queue, counted."""
+        self._remove(msg, "delivered")
+        self.last_error[msg.destination] = None
+
+    def dropped(self, msg: Message, why: str) -> None:
+        """It can never be delivered (its result was removed, the destination refuses it)."""
+        self._remove(msg, "dropped")
+        self.last_error[msg.destination] = why
+
+    def retry(self, msg: Message, error: str, delay_s: float) -> None:
+        with self._store._lock:
+            self._store._db.execute(
+                "UPDATE outbox SET attempts = attempts + 1, next_try = ?, last_error = ? "
+                "WHERE id = ?",
+                (time.time() + delay_s, error[:500], msg.id),
+            )
+            self._count(msg.destination, "failed")
+        self.last_error[msg.destination] = error
+
+    def unreachable(self, destination: str, error: str) -> None:
+        """A try to reach the destination failed (nothing was sent): counted as failed."""
+        with self._store._lock:
+            self._count(destination, "failed")
+        self.last_error[destination] = error
+
+    # -- bounds and status -----------------------------------------------------------------------
+    def enforce_bounds(self, now: float | None = None) -> int:
+        """Drop what is too old or too many (oldest first); returns how many. A kit whose
+        clock cannot be trusted drops nothing by age (like retention)."""
+        now = time.time() if now is None else now
+        dropped = 0
+        with self._store._lock:
+            db = self._store._db
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                clock_ok = self._store.clock_problem_locked(now) is None
+                victims = []
+                if clock_ok:
+                    victims += db.execute(
+                        "SELECT id, destination FROM outbox WHERE created < ?",
+                        (now - self.max_age_s,),
+                    ).fetchall()
+                total = db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0] - len(victims)
+                if total > self.max_messages:
+                    seen = {r[0] for r in victims}
+                    extra = db.execute(
+                        "SELECT id, destination FROM outbox ORDER BY id LIMIT ?",
+                        (total - self.max_messages + len(victims),),
+                    ).fetchall()
+                    victims += [r for r in extra if r[0] not in seen]
+                for rid, dest in victims:
+                    db.execute("DELETE FROM outbox WHERE id=?", (rid,))
+                    self._count(dest, "dropped")
+                dropped = len(victims)
+                db.execute("COMMIT")
+            except BaseException:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                raise
+        return dropped
+
+    def status(self, now: float | None = None) -> dict[str, dict[str, Any]]:
+        """Per destination: queued, delivered, failed (tries), dropped, the oldest undelivered
+        message's age and the last error."""
+        now = time.time() if now is None else now
+        with self._store._lock:
+            db = self._store._db
+            queued = db.execute(
+                "SELECT destination, COUNT(*), MIN(created) FROM outbox GROUP BY destination"
+            ).fetchall()
+            counts = db.execute("SELECT destination, what, n FROM outbox_counts").fetchall()
+        out: dict[str, dict[str, Any]] = {}
+
+        def entry(dest: str) -> dict[str, Any]:
+            return out.setdefault(dest, {"queued": 0, "delivered": 0, "failed": 0, "dropped": 0,
+                                         "oldest_age_s": None,
+                                         "last_error": self.last_error.get(dest)})
+
+        for dest in self._events:
+            entry(dest)
+        for dest, n, oldest in queued:
+            e = entry(dest)
+            e["queued"], e["oldest_age_s"] = n, round(max(0.0, now - oldest), 1)
+        for dest, what, n in counts:
+            entry(dest)[what] = n
+        return out

@@ -1,0 +1,55 @@
+"""What leaves the kit, as JSON: one message per result, a sample's summary, the kit's status.
+
+A result message is the API's result (``GET /api/results/<id>``) plus the kit's id and the
+message's own unique id; a sample message is ``GET /api/samples/<code>`` with its fields'
+ids instead of the fields. Both are read from the store when sent, so they say what is stored.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from ..daemon.outbox import Message
+from ..daemon.store import Store
+from ..errors import FieldScopeError
+
+
+class Gone(FieldScopeError):
+    """What a message was about is no longer stored (retention removed it): it is dropped."""
+
+
+class Refused(FieldScopeError):
+    """The destination refused the message for good (not a passing failure): it is dropped."""
+
+
+def iso(t: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
+
+
+def result_message(store: Store, msg: Message, kit_id: str) -> dict[str, Any]:
+    row = store.get(msg.result_id) if msg.result_id is not None else None
+    if row is None:
+        raise Gone(f"result {msg.result_id} is no longer stored")
+    return {"message_id": msg.message_id, "kit": kit_id, "type": "result",
+            "created_utc": iso(row["created"]), **row}
+
+
+def sample_message(store: Store, msg: Message, kit_id: str) -> dict[str, Any]:
+    summary = store.sample_summary(msg.sample_code or "")
+    if summary is None:
+        raise Gone(f"sample {msg.sample_code} is no longer stored")
+    results = summary.pop("results")
+    return {"message_id": msg.message_id, "kit": kit_id, "type": "sample",
+            **summary, "result_ids": [r["id"] for r in results],
+            "updated_utc": iso(max(r["created"] for r in results))}
+
+
+def status_message(kit_id: str, state: str, **extra: Any) -> bytes:
+    return json.dumps({"kit": kit_id, "state": state, "at_utc": iso(time.time()), **extra},
+                      separators=(",", ":")).encode()
+
+
+def encode(doc: dict[str, Any]) -> bytes:
+    return json.dumps(doc, separators=(",", ":"), allow_nan=False).encode()

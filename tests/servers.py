@@ -1,0 +1,171 @@
+"""Real servers for the delivery tests, from Debian's packages, on loopback: Mosquitto (MQTT)
+and Orthanc with its DICOMweb plugin (a PACS). `.ci/run` installs them; without CI a missing
+one skips its tests."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import CI
+from tests.daemon_helpers import free_port
+
+ORTHANC_DICOMWEB = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
+
+
+def need(tool: str, package: str) -> str:
+    path = shutil.which(tool) or (f"/usr/sbin/{tool}" if Path(f"/usr/sbin/{tool}").exists()
+                                  else None)
+    if path is None:
+        if CI:
+            pytest.fail(f"{tool} missing: .ci/run installs Debian's {package}")
+        pytest.skip(f"{tool} not installed (apt install {package})")
+    return path
+
+
+def wait_port(port: int, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise AssertionError(f"nothing listens on port {port}")
+
+
+class Mosquitto:
+    """A broker that can be stopped and started again on the same port; its persistence keeps
+    the test collector's session (and the QoS 1 messages for it) across a restart."""
+
+    def __init__(self, folder: Path) -> None:
+        self.binary = need("mosquitto", "mosquitto")
+        self.port = free_port()
+        folder.mkdir(parents=True, exist_ok=True)
+        self.conf = folder / "mosquitto.conf"
+        self.conf.write_text(
+            f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence true\n"
+            f"persistence_location {folder}/\nlog_dest stderr\n"
+        )
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen([self.binary, "-c", str(self.conf)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_port(self.port)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(timeout=20)
+            self.proc = None
+
+
+class Collector:
+    """A programme's subscriber: a persistent session on ``topic`` at QoS 1, every message
+    kept (topic, payload as JSON, retained flag)."""
+
+    def __init__(self, broker: Mosquitto, topic: str = "fieldscope/#") -> None:
+        import paho.mqtt.client as mqtt
+
+        self.messages: list[tuple[str, dict, bool]] = []
+        self._lock = threading.Lock()
+        self._subscribed = threading.Event()
+        c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="test-collector",
+                        clean_session=False)
+        c.reconnect_delay_set(0.2, 1.0)
+
+        def on_connect(client, _u, _f, _r, _p):
+            client.subscribe(topic, qos=1)
+
+        def on_subscribe(*_args):
+            self._subscribed.set()
+
+        def on_message(_c, _u, m):
+            with self._lock:
+                self.messages.append((m.topic, json.loads(m.payload), bool(m.retain)))
+
+        c.on_connect, c.on_subscribe, c.on_message = on_connect, on_subscribe, on_message
+        c.connect("127.0.0.1", broker.port, keepalive=5)
+        c.loop_start()
+        assert self._subscribed.wait(10), "the collector could not subscribe"
+        self.client = c
+
+    def on(self, leaf: str) -> list[dict]:
+        with self._lock:
+            return [doc for topic, doc, _ in self.messages if topic.endswith("/" + leaf)]
+
+    def wait_for(self, leaf: str, count: int, timeout: float = 30.0) -> list[dict]:
+        deadline = time.monotonic() + timeout
+        while len(self.on(leaf)) < count:
+            assert time.monotonic() < deadline, (leaf, count, self.on(leaf))
+            time.sleep(0.05)
+        return self.on(leaf)
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+class Orthanc:
+    """Orthanc with its DICOMweb plugin, HTTP on loopback only, no DICOM port."""
+
+    def __init__(self, folder: Path) -> None:
+        self.binary = need("Orthanc", "orthanc")
+        if not ORTHANC_DICOMWEB.exists():
+            if CI:
+                pytest.fail("the DICOMweb plugin is missing: .ci/run installs orthanc-dicomweb")
+            pytest.skip("orthanc-dicomweb not installed")
+        self.port = free_port()
+        folder.mkdir(parents=True, exist_ok=True)
+        self.config = folder / "orthanc.json"
+        self.config.write_text(json.dumps({
+            "Name": "FieldScopeTestPACS",
+            "StorageDirectory": str(folder / "storage"),
+            "IndexDirectory": str(folder / "storage"),
+            "HttpPort": self.port,
+            "RemoteAccessAllowed": False,
+            "AuthenticationEnabled": False,
+            "DicomServerEnabled": False,
+            "DicomPort": free_port(),
+            "Plugins": [str(ORTHANC_DICOMWEB)],
+            "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
+        }))
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def dicomweb(self) -> str:
+        return f"http://127.0.0.1:{self.port}/dicom-web"
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen([self.binary, str(self.config)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/system",
+                                            timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, "Orthanc did not start"
+            assert self.proc.poll() is None, "Orthanc exited"
+            time.sleep(0.2)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(timeout=30)
+            self.proc = None

@@ -1,0 +1,151 @@
+"""Results to a fleet broker: the daemon as a process, a real Mosquitto on loopback, a
+programme's collector subscribed with a persistent session. Results arrive with unique ids;
+uploads made while the broker is down arrive once it is back, once per id; a daemon killed with
+-9 while the broker is down delivers after its restart; the status topic says online/offline."""
+
+from __future__ import annotations
+
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import require_module
+from tests.daemon_helpers import Client
+from tests.servers import Collector, Mosquitto
+from tests.test_profiles import BLOOD, start, stop, write_config
+
+require_module("paho", "MQTT delivery (the edge extra)")
+IMAGES = sorted((BLOOD / "samples").glob("*.jpg"))
+
+
+def mqtt_config(tmp_path: Path, broker: Mosquitto, keepalive: int = 30) -> Path:
+    return write_config(tmp_path, extra=f"""
+[kit]
+id = "kit-07"
+[outbox]
+retry_max_s = 2.0
+[mqtt]
+url = "{broker.url}"
+keepalive_s = {keepalive}
+timeout_s = 5.0
+""")
+
+
+@pytest.fixture
+def broker(tmp_path):
+    b = Mosquitto(tmp_path / "mosquitto")
+    b.start()
+    yield b
+    b.stop()
+
+
+def upload(client: Client, n: int, code: str) -> list[int]:
+    ids = []
+    for i in range(n):
+        status, doc = client.upload(IMAGES[i % len(IMAGES)].read_bytes(), sample_code=code)
+        assert status == 201, doc
+        ids.append(doc["id"])
+    return ids
+
+
+def outbox(client: Client) -> dict:
+    return client.get_json("/api/status")[1]["outbox"]["mqtt"]
+
+
+def test_results_and_samples_arrive_with_their_ids_and_the_status_is_retained(tmp_path, broker):
+    collector = Collector(broker)
+    proc, base = start(tmp_path, mqtt_config(tmp_path, broker))
+    try:
+        client = Client(base)
+        ids = upload(client, 3, "SMEAR-1")
+        results = collector.wait_for("results", 3)
+        assert sorted(r["id"] for r in results) == sorted(ids)
+        assert len({r["message_id"] for r in results}) == 3
+        for r in results:
+            stored = client.get_json(f"/api/results/{r['id']}")[1]
+            # The API's result shape, plus the kit and the message's own id.
+            assert {k: r[k] for k in stored} == stored
+            assert r["kit"] == "kit-07" and r["profile"] == "blood-smear"
+            assert r["sample_code"] == "SMEAR-1"
+        samples = collector.wait_for("samples", 1)
+        deadline = time.monotonic() + 20
+        while collector.on("samples")[-1]["fields"] < 3:  # the summary follows the sample
+            assert time.monotonic() < deadline, collector.on("samples")
+            time.sleep(0.1)
+        last = collector.on("samples")[-1]
+        assert last["code"] == "SMEAR-1" and sorted(last["result_ids"]) == sorted(ids)
+        assert len({s["message_id"] for s in samples}) == len(samples)
+        assert collector.on("status")[0]["state"] == "online"
+        deadline = time.monotonic() + 10
+        while outbox(client)["queued"]:
+            assert time.monotonic() < deadline, outbox(client)
+            time.sleep(0.1)
+        o = outbox(client)
+        assert o["delivered"] >= 4 and o["connected"] and o["oldest_age_s"] is None
+    finally:
+        stop(proc)
+    # A clean stop says so on the retained status (no last will is sent for a clean stop).
+    deadline = time.monotonic() + 10
+    while collector.on("status")[-1]["state"] != "offline":
+        assert time.monotonic() < deadline, collector.on("status")
+        time.sleep(0.1)
+    collector.close()
+
+
+def test_uploads_while_the_broker_is_down_arrive_once_when_it_is_back(tmp_path, broker):
+    collector = Collector(broker)
+    proc, base = start(tmp_path, mqtt_config(tmp_path, broker))
+    try:
+        client = Client(base)
+        first = upload(client, 1, "SMEAR-2")
+        collector.wait_for("results", 1)
+        broker.stop()
+        ids = upload(client, 5, "SMEAR-2")  # every one stored (201) while the broker is down
+        time.sleep(1.0)
+        o = outbox(client)
+        assert o["queued"] >= 5 and not o["connected"] and o["oldest_age_s"] is not None
+        broker.start()
+        results = collector.wait_for("results", 6, timeout=60)
+        time.sleep(2.0)  # anything sent twice would have arrived by now
+        results = collector.on("results")
+        assert sorted(r["id"] for r in results) == sorted(first + ids)
+        assert len({r["message_id"] for r in results}) == len(results) == 6
+        o = outbox(client)
+        assert o["failed"] >= 1 and o["delivered"] >= 6
+    finally:
+        stop(proc)
+        collector.close()
+
+
+def test_a_daemon_killed_while_the_broker_is_down_delivers_after_its_restart(tmp_path, broker):
+    collector = Collector(broker)
+    config = mqtt_config(tmp_path, broker, keepalive=5)
+    proc, base = start(tmp_path, config)
+    try:
+        client = Client(base)
+        upload(client, 1, "SMEAR-3")
+        collector.wait_for("results", 1)
+        # Killed while connected: the broker publishes the last will.
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+        deadline = time.monotonic() + 20
+        while collector.on("status")[-1]["state"] != "offline":
+            assert time.monotonic() < deadline, collector.on("status")
+            time.sleep(0.1)
+        assert [s["state"] for s in collector.on("status")] == ["online", "offline"]
+        # Started again with the broker down; results stored; killed again, mid-backoff.
+        broker.stop()
+        proc, base = start(tmp_path, config)
+        ids = upload(Client(base), 3, "SMEAR-3")
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+        broker.start()
+        proc, base = start(tmp_path, config)
+        results = collector.wait_for("results", 4, timeout=60)
+        assert set(ids) <= {r["id"] for r in results}
+        assert len({r["message_id"] for r in results}) == len(results)
+    finally:
+        stop(proc)
+        collector.close()
