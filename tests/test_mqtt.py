@@ -84,6 +84,15 @@ def test_results_and_samples_arrive_with_their_ids_and_the_status_is_retained(tm
             time.sleep(0.1)
         o = outbox(client)
         assert o["delivered"] >= 4 and o["connected"] and o["oldest_age_s"] is None
+        # The same counts on the System page and in the Prometheus metrics.
+        with client.opener.open(base + "/system", timeout=10) as r:
+            page = r.read().decode()
+        assert 'id="outbox"' in page and f"<td>{o['delivered']}</td>" in page
+        with client.opener.open(base + "/metrics", timeout=10) as r:
+            metrics = r.read().decode()
+        assert f'fieldscope_outbox_delivered_total{{destination="mqtt"}} {o["delivered"]}.0' \
+            in metrics
+        assert 'fieldscope_outbox_queued{destination="mqtt"} 0.0' in metrics
     finally:
         stop(proc)
     # A clean stop says so on the retained status (no last will is sent for a clean stop).

@@ -1,0 +1,150 @@
+"""The outbox and its sender, below the real brokers of test_mqtt/test_clinic: what is queued
+with a result, the bounds (age, count) and their counts, and the sender's order, retries and
+drops, against a destination that records what it was given."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from edge.daemon.outbox import Message
+from edge.daemon.store import Store
+from edge.outbound.messages import Gone, Refused, result_message, sample_message
+from edge.outbound.sender import Destination, Sender
+
+RESULT = {"label": "Benign", "score": 0.9, "probabilities": {"Benign": 0.9, "Pro": 0.1},
+          "assessable": True}
+
+
+def queued(store: Store) -> list[tuple]:
+    with store._lock:
+        return [tuple(r) for r in store._db.execute(
+            "SELECT destination, kind, result_id, sample_code FROM outbox ORDER BY id")]
+
+
+def test_a_result_queues_its_messages_and_a_sample_one_summary_at_a_time(tmp_path):
+    store = Store(tmp_path, destinations=("mqtt", "dicom"))
+    a = store.save(RESULT, "upload", sample_code="S-1", jpeg=b"\xff\xd8fake")
+    b = store.save(RESULT, "upload", sample_code="S-1")  # no snapshot: nothing for a PACS
+    c = store.save(RESULT, "live")  # no sample: a result message only
+    assert queued(store) == [("mqtt", "result", a, "S-1"), ("mqtt", "sample", None, "S-1"),
+                             ("dicom", "field", a, "S-1"), ("mqtt", "result", b, "S-1"),
+                             ("mqtt", "result", c, None)]
+    store.close()
+    assert Store(tmp_path).outbox.status()["mqtt"]["queued"] == 4  # survives a restart
+
+
+def test_messages_carry_what_is_stored_now(tmp_path):
+    store = Store(tmp_path, destinations=("mqtt",))
+    rid = store.save(RESULT, "upload", sample_code="S-2", profile="blood-smear")
+    msgs = store.outbox.due("mqtt")
+    doc = result_message(store, msgs[0], "kit-1")
+    assert doc["id"] == rid and doc["kit"] == "kit-1" and doc["profile"] == "blood-smear"
+    assert doc["message_id"] == msgs[0].message_id and len(doc["message_id"]) == 32
+    store.save(RESULT, "upload", sample_code="S-2")
+    summary = sample_message(store, msgs[1], "kit-1")
+    assert summary["fields"] == 2 and summary["code"] == "S-2"
+    gone = Message(99, "mqtt", "result", "x", 12345, None, 0.0, 0)
+    try:
+        result_message(store, gone, "kit-1")
+        raise AssertionError("a message about a removed result must be Gone")
+    except Gone:
+        pass
+
+
+def test_bounds_drop_the_oldest_and_count_them(tmp_path):
+    store = Store(tmp_path, destinations=("mqtt",), outbox_max_age_days=1,
+                  outbox_max_messages=100)
+    for _ in range(120):
+        store.save(RESULT, "live")
+    now = time.time()
+    assert store.outbox.enforce_bounds(now) == 20  # too many: the oldest go
+    assert store.outbox.status(now)["mqtt"]["dropped"] == 20
+    assert [r[2] for r in queued(store)][0] == 21
+    assert store.outbox.enforce_bounds(now + 2 * 86400) == 100  # too old
+    st = store.outbox.status()["mqtt"]
+    assert st["queued"] == 0 and st["dropped"] == 120 and st["oldest_age_s"] is None
+    store.close()
+
+
+def test_no_age_drop_while_the_clock_cannot_be_trusted(tmp_path):
+    store = Store(tmp_path, destinations=("mqtt",), outbox_max_age_days=1)
+    store.save(RESULT, "live")
+    # A Pi without RTC after a power cut: its clock reads 1970.
+    assert store.outbox.enforce_bounds(now=86400.0 * 400) == 0
+    assert store.outbox.status()["mqtt"]["queued"] == 1
+    store.close()
+
+
+class Recorder(Destination):
+    """Fails its first ``failures`` sends, refuses result ``refuse``, records the rest."""
+
+    name = "mqtt"
+
+    def __init__(self, failures: int = 0, refuse: int | None = None) -> None:
+        self.failures = failures
+        self.refuse = refuse
+        self.sent: list[int] = []
+        self.opened = 0
+
+    def open(self) -> None:
+        self.opened += 1
+
+    def send(self, msg: Message) -> None:
+        if msg.result_id == self.refuse:
+            raise Refused("the server refuses this one")
+        if self.failures:
+            self.failures -= 1
+            raise ConnectionError("link down")
+        self.sent.append(msg.result_id)
+
+
+def run_sender(store: Store, dest: Destination, until) -> None:
+    stop = threading.Event()
+    sender = Sender(dest, store.outbox, stop, retry_max_s=1.0, poll_s=0.05)
+    t = threading.Thread(target=sender.run)
+    t.start()
+    deadline = time.monotonic() + 20
+    try:
+        while not until():
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+    finally:
+        stop.set()
+        store.outbox.notify()
+        t.join(5)
+
+
+def test_the_sender_retries_in_order_and_drops_what_can_never_go(tmp_path):
+    store = Store(tmp_path, destinations=("mqtt",))
+    ids = [store.save(RESULT, "live") for _ in range(5)]
+    dest = Recorder(failures=2, refuse=ids[3])
+    run_sender(store, dest, lambda: store.outbox.status()["mqtt"]["queued"] == 0)
+    st = store.outbox.status()["mqtt"]
+    assert dest.sent == [i for i in ids if i != ids[3]]  # in order, each once
+    assert st["delivered"] == 4 and st["dropped"] == 1 and st["failed"] == 2
+    assert dest.opened == 3  # reconnected after each failure
+    store.close()
+
+
+def test_a_message_whose_result_retention_removed_is_dropped(tmp_path):
+    from edge.outbound.mqtt import MqttDestination
+
+    store = Store(tmp_path, destinations=("mqtt",), retention_days=1)
+    store.save(RESULT, "live")
+    store.enforce_retention(now=time.time() + 3 * 86400)
+
+    class Offline(MqttDestination):
+        def open(self) -> None:  # connected, as far as the sender knows
+            self._client = object()
+
+        def _publish(self, topic, payload, retain=False) -> None:
+            raise AssertionError("nothing may be published for a removed result")
+
+    from edge.config import MqttSection
+
+    dest = Offline(MqttSection(url="mqtt://127.0.0.1:1"), "kit", store)
+    run_sender(store, dest, lambda: store.outbox.status()["mqtt"]["queued"] == 0)
+    st = store.outbox.status()["mqtt"]
+    assert st["dropped"] == 1 and "no longer stored" in st["last_error"]
+    store.close()
