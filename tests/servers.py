@@ -61,8 +61,10 @@ class Mosquitto:
         return f"mqtt://127.0.0.1:{self.port}"
 
     def start(self) -> None:
+        # Kept beside the test's files: what the broker saw, when a test fails.
+        self.log = open(self.conf.parent / "mosquitto.log", "a")  # noqa: SIM115
         self.proc = subprocess.Popen([self.binary, "-c", str(self.conf)],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                     stdout=self.log, stderr=self.log)
         wait_port(self.port)
 
     def stop(self) -> None:
@@ -70,6 +72,7 @@ class Mosquitto:
             self.proc.terminate()
             self.proc.wait(timeout=20)
             self.proc = None
+            self.log.close()
 
 
 class Collector:

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import ssl
 import threading
+from collections.abc import Iterator
 from urllib.parse import urlsplit
 
 from .. import __version__
 from ..config import MqttSection
 from ..daemon.outbox import Message
 from ..daemon.store import Store
-from .messages import encode, result_message, sample_message, status_message
+from .messages import Gone, Refused, encode, result_message, sample_message, status_message
 from .sender import Destination
 
 
@@ -90,21 +91,55 @@ class MqttDestination(Destination):
         if not info.is_published():
             raise TimeoutError(f"no acknowledgement within {self.cfg.timeout_s:.0f} s")
 
-    def send(self, msg: Message) -> None:
+    def _check_connected(self) -> None:
         if self._client is None or self._lost.is_set():
             # Never publish into a client that lost its broker: it would keep the message and
             # send it again on its own reconnect, beside the outbox's own retry.
             raise ConnectionError(f"{self.describe()}: connection lost")
-        if msg.kind == "result":
-            doc = result_message(self.store, msg, self.kit_id)
-            self._publish(self.topic("results"), encode(doc))
-        elif msg.kind == "sample":
-            doc = sample_message(self.store, msg, self.kit_id)
-            self._publish(self.topic("samples"), encode(doc))
-        else:
-            from .messages import Refused
 
-            raise Refused(f"MQTT does not carry {msg.kind!r} messages")
+    def _encode(self, msg: Message) -> tuple[str, bytes]:
+        if msg.kind == "result":
+            return self.topic("results"), encode(result_message(self.store, msg, self.kit_id))
+        if msg.kind == "sample":
+            return self.topic("samples"), encode(sample_message(self.store, msg, self.kit_id))
+        raise Refused(f"MQTT does not carry {msg.kind!r} messages")
+
+    def send(self, msg: Message) -> None:
+        self._check_connected()
+        self._publish(*self._encode(msg))
+
+    def send_batch(self, batch: list[Message]) -> Iterator[tuple[Message, Exception | None]]:
+        """Publish the whole batch, then collect the acknowledgements in order: up to a batch
+        in flight at once, so a link with a long round trip is not paid once per message."""
+        try:
+            self._check_connected()
+        except ConnectionError as exc:
+            yield batch[0], exc
+            return
+        pending = []
+        for msg in batch:
+            try:
+                topic, payload = self._encode(msg)
+                pending.append((msg, self._client.publish(topic, payload, qos=1), None))
+            except (Gone, Refused) as exc:
+                pending.append((msg, None, exc))
+            except Exception as exc:  # could not even be queued: the rest waits its turn
+                pending.append((msg, None, exc))
+                break
+        for msg, info, error in pending:
+            if error is not None:
+                yield msg, error
+                if not isinstance(error, (Gone, Refused)):
+                    return
+                continue
+            try:
+                info.wait_for_publish(self.cfg.timeout_s)
+                if not info.is_published():
+                    raise TimeoutError(f"no acknowledgement within {self.cfg.timeout_s:.0f} s")
+            except Exception as exc:
+                yield msg, exc
+                return
+            yield msg, None
 
     def close(self) -> None:
         client, self._client = self._client, None

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 
 from ..daemon.outbox import Message, Outbox
 from .messages import Gone, Refused
@@ -32,6 +33,18 @@ class Destination(ABC):
     def send(self, msg: Message) -> None:
         """Deliver one message and return once the destination acknowledged it. Raise Gone or
         Refused when it can never be delivered, anything else to try again later."""
+
+    def send_batch(self, batch: list[Message]) -> Iterator[tuple[Message, Exception | None]]:
+        """Deliver several, yielding each message with None (acknowledged) or its error, in
+        order. A destination that can keep several in flight (MQTT) overrides this; the sender
+        stops reading at the first error that is not Gone or Refused."""
+        for msg in batch:
+            try:
+                self.send(msg)
+            except Exception as exc:
+                yield msg, exc
+            else:
+                yield msg, None
 
     def close(self) -> None:  # noqa: B027  (optional)
         """Disconnect (also after a failure; must not raise)."""
@@ -92,23 +105,31 @@ class Sender:
                                  self.dest.describe(), "the" if len(batch) < 20 else "20+")
                     self._down_since_logged = None
                     self._backoff = 1.0
-                self._send_batch(batch)
+                try:
+                    self._send_batch(batch)
+                except Exception as exc:  # the store itself failing: keep the thread alive
+                    log.exception("%s: sending failed", self.dest.name)
+                    self._failed(f"{type(exc).__name__}: {exc}")
         finally:
             self._disconnect()
 
     def _send_batch(self, batch: list[Message]) -> None:
-        for msg in batch:
-            if self._stop.is_set():
-                return
-            try:
-                self.dest.send(msg)
-            except (Gone, Refused) as exc:
-                log.error("%s: message %s dropped: %s", self.dest.name, msg.message_id, exc)
-                self.outbox.dropped(msg, str(exc))
-            except Exception as exc:
-                why = f"{type(exc).__name__}: {exc}"
-                self.outbox.retry(msg, why, self._backoff)
-                self._failed(why)
-                return
-            else:
-                self.outbox.delivered(msg)
+        outcomes = self.dest.send_batch(batch)
+        try:
+            for msg, exc in outcomes:
+                if exc is None:
+                    self.outbox.delivered(msg)
+                elif isinstance(exc, (Gone, Refused)):
+                    log.error("%s: message %s dropped: %s", self.dest.name, msg.message_id, exc)
+                    self.outbox.dropped(msg, str(exc))
+                else:
+                    why = f"{type(exc).__name__}: {exc}"
+                    self.outbox.retry(msg, why, self._backoff)
+                    self._failed(why)
+                    return
+                if self._stop.is_set():
+                    return
+        finally:
+            close = getattr(outcomes, "close", None)
+            if close is not None:
+                close()
