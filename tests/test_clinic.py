@@ -62,9 +62,11 @@ def test_samples_reach_the_pacs_after_it_comes_up_and_export_the_same(tmp_path):
         lesion = client.upload(sorted((SKIN / "samples").glob("*.jpg"))[0].read_bytes(),
                                sample_code="LESION-4")[1]["id"]
         client.upload(blood[0].read_bytes())  # no sample code: nothing for a PACS
-        time.sleep(1.0)
-        waiting = client.get_json("/api/status")[1]["outbox"]["dicom"]
-        assert waiting["queued"] == 3 and waiting["failed"] >= 1 and not waiting["connected"]
+        deadline = time.monotonic() + 20
+        while (waiting := client.get_json("/api/status")[1]["outbox"]["dicom"])["failed"] < 1:
+            assert time.monotonic() < deadline, waiting
+            time.sleep(0.1)
+        assert waiting["queued"] == 3 and not waiting["connected"]
         pacs.start()
         done = wait_delivered(client, "dicom")
         assert done["delivered"] == 3 and done["dropped"] == 0

@@ -256,6 +256,13 @@ class StowDestination(Destination):
         if self.cfg.ca_file:
             session.verify = self.cfg.ca_file
         session.request = _with_timeout(session.request, self.cfg.timeout_s)
+        # Reach the server before building any object: a PACS that is down costs one refused
+        # connection per try, not the CPU of making images and reports again (any HTTP answer,
+        # even an error, means it is there; STOW-RS then says what it thinks of the objects).
+        try:
+            session.get(self.cfg.stow_url.rstrip("/") + "/studies", params={"limit": "1"})
+        except requests.RequestException as exc:
+            raise ConnectionError(f"{self.describe()}: {exc}") from exc
         client = DICOMwebClient(url=self.cfg.stow_url.rstrip("/"), session=session)
         # Its own retries (exponential, minutes) would hold the sender; the outbox retries.
         client.set_http_retry_params(retry=False)
