@@ -333,3 +333,28 @@ def test_ids_beyond_sqlite_integers_are_not_found_not_a_crash(daemon):
     assert c.get(f"/api/results/{huge}/snapshot").status_code == 404
     assert c.get(f"/api/results?before={huge}").status_code == 200
     assert c.get(f"/api/results?before={-huge}").get_json() == {"results": []}
+
+
+def test_every_route_but_the_open_ones_needs_a_login(daemon):
+    """With a password, each route of the app (new ones included: profile switching, the FHIR
+    export) answers 401 or redirects to the login, except the few that are open by design."""
+    import re
+
+    from edge.web.auth import OPEN_ENDPOINTS
+
+    _, app = daemon(**{"web.password": "correct horse"})
+    c = app.test_client()
+    checked = []
+    for rule in app.url_map.iter_rules():
+        if rule.endpoint in OPEN_ENDPOINTS or rule.endpoint == "static":
+            continue
+        path = re.sub(r"<(?:int:)?result_id>", "1", rule.rule)
+        path = re.sub(r"<[^>]+>", "X-1", path)
+        for method in sorted(rule.methods - {"HEAD", "OPTIONS"}):
+            r = c.open(path, method=method, headers={"Accept": "application/json"})
+            assert r.status_code in (401, 302), (method, path, r.status_code)
+            if r.status_code == 302:
+                assert "/login" in r.headers["Location"], (method, path)
+            checked.append((method, path))
+    assert ("POST", "/api/profile") in checked and ("POST", "/profile") in checked
+    assert ("GET", "/api/samples/X-1/fhir") in checked
