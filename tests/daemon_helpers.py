@@ -42,6 +42,18 @@ def start_demo(tmp_path: Path):
     return proc, f"http://127.0.0.1:{port}", work
 
 
+def eventually(check, timeout: float, what=None):
+    """Poll ``check()`` until it returns something true (returned); fail after ``timeout``
+    seconds with ``what()`` (what was seen) in the message."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not (value := check()):
+        assert time.monotonic() < deadline, what() if what else f"not within {timeout} s"
+        time.sleep(0.05)
+    return value
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

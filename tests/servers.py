@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import CI
-from tests.daemon_helpers import free_port
+from tests.daemon_helpers import eventually, free_port
 
 ORTHANC_DICOMWEB = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
 
@@ -110,10 +110,8 @@ class Collector:
             return [doc for topic, doc, _ in self.messages if topic.endswith("/" + leaf)]
 
     def wait_for(self, leaf: str, count: int, timeout: float = 30.0) -> list[dict]:
-        deadline = time.monotonic() + timeout
-        while len(self.on(leaf)) < count:
-            assert time.monotonic() < deadline, (leaf, count, self.on(leaf))
-            time.sleep(0.05)
+        eventually(lambda: len(self.on(leaf)) >= count, timeout,
+                   lambda: (leaf, count, self.on(leaf)))
         return self.on(leaf)
 
     def close(self) -> None:

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from tests.conftest import require_module
-from tests.daemon_helpers import Client
+from tests.daemon_helpers import Client, eventually
 from tests.servers import Orthanc
 from tests.test_profiles import BLOOD, ROOT, SKIN, start, stop, write_config
 
@@ -38,14 +38,8 @@ timeout_s = 10.0
 """)
 
 
-def wait_delivered(client: Client, destination: str, timeout: float = 60.0) -> dict:
-    deadline = time.monotonic() + timeout
-    while True:
-        o = client.get_json("/api/status")[1]["outbox"][destination]
-        if o["queued"] == 0:
-            return o
-        assert time.monotonic() < deadline, o
-        time.sleep(0.2)
+def outbox(client: Client, destination: str) -> dict:
+    return client.get_json("/api/status")[1]["outbox"][destination]
 
 
 def test_samples_reach_the_pacs_after_it_comes_up_and_export_the_same(tmp_path):
@@ -62,13 +56,14 @@ def test_samples_reach_the_pacs_after_it_comes_up_and_export_the_same(tmp_path):
         lesion = client.upload(sorted((SKIN / "samples").glob("*.jpg"))[0].read_bytes(),
                                sample_code="LESION-4")[1]["id"]
         client.upload(blood[0].read_bytes())  # no sample code: nothing for a PACS
-        deadline = time.monotonic() + 20
-        while (waiting := client.get_json("/api/status")[1]["outbox"]["dicom"])["failed"] < 1:
-            assert time.monotonic() < deadline, waiting
-            time.sleep(0.1)
+        eventually(lambda: outbox(client, "dicom")["failed"] >= 1, 20,
+                   lambda: outbox(client, "dicom"))
+        waiting = outbox(client, "dicom")
         assert waiting["queued"] == 3 and not waiting["connected"]
         pacs.start()
-        done = wait_delivered(client, "dicom")
+        eventually(lambda: outbox(client, "dicom")["queued"] == 0, 60,
+                   lambda: outbox(client, "dicom"))
+        done = outbox(client, "dicom")
         assert done["delivered"] == 3 and done["dropped"] == 0
 
         web = DICOMwebClient(pacs.dicomweb)

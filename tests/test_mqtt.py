@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import require_module
-from tests.daemon_helpers import Client
+from tests.daemon_helpers import Client, eventually
 from tests.servers import Collector, Mosquitto
 from tests.test_profiles import BLOOD, start, stop, write_config
 
@@ -70,18 +70,14 @@ def test_results_and_samples_arrive_with_their_ids_and_the_status_is_retained(tm
             assert r["kit"] == "kit-07" and r["profile"] == "blood-smear"
             assert r["sample_code"] == "SMEAR-1"
         samples = collector.wait_for("samples", 1)
-        deadline = time.monotonic() + 20
-        while collector.on("samples")[-1]["fields"] < 3:  # the summary follows the sample
-            assert time.monotonic() < deadline, collector.on("samples")
-            time.sleep(0.1)
+        # The summary follows the sample.
+        eventually(lambda: collector.on("samples")[-1]["fields"] == 3, 20,
+                   lambda: collector.on("samples"))
         last = collector.on("samples")[-1]
         assert last["code"] == "SMEAR-1" and sorted(last["result_ids"]) == sorted(ids)
         assert len({s["message_id"] for s in samples}) == len(samples)
         assert collector.on("status")[0]["state"] == "online"
-        deadline = time.monotonic() + 10
-        while outbox(client)["queued"]:
-            assert time.monotonic() < deadline, outbox(client)
-            time.sleep(0.1)
+        eventually(lambda: outbox(client)["queued"] == 0, 10, lambda: outbox(client))
         o = outbox(client)
         assert o["delivered"] >= 4 and o["connected"] and o["oldest_age_s"] is None
         # The same counts on the System page and in the Prometheus metrics.
@@ -96,10 +92,8 @@ def test_results_and_samples_arrive_with_their_ids_and_the_status_is_retained(tm
     finally:
         stop(proc)
     # A clean stop says so on the retained status (no last will is sent for a clean stop).
-    deadline = time.monotonic() + 10
-    while collector.on("status")[-1]["state"] != "offline":
-        assert time.monotonic() < deadline, collector.on("status")
-        time.sleep(0.1)
+    eventually(lambda: collector.on("status")[-1]["state"] == "offline", 10,
+               lambda: collector.on("status"))
     collector.close()
 
 
@@ -139,10 +133,8 @@ def test_a_daemon_killed_while_the_broker_is_down_delivers_after_its_restart(tmp
         # Killed while connected: the broker publishes the last will.
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=10)
-        deadline = time.monotonic() + 20
-        while collector.on("status")[-1]["state"] != "offline":
-            assert time.monotonic() < deadline, collector.on("status")
-            time.sleep(0.1)
+        eventually(lambda: collector.on("status")[-1]["state"] == "offline", 20,
+                   lambda: collector.on("status"))
         assert [s["state"] for s in collector.on("status")] == ["online", "offline"]
         # Started again with the broker down; results stored; killed again, mid-backoff.
         broker.stop()

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from edge.config import ConfigError, load_config
-from tests.daemon_helpers import Client, free_port
+from tests.daemon_helpers import Client, eventually, free_port
 from tests.test_serve_e2e import wait_http
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -299,10 +299,8 @@ def test_a_profile_that_will_not_open_leaves_the_kit_on_the_old_one(tmp_path):
         st = client.get_json("/api/status")[1]
         assert st["profile"]["id"] == "blood-smear"
         frames = st["frames_classified"]
-        deadline = time.monotonic() + 10
-        while client.get_json("/api/status")[1]["frames_classified"] <= frames:
-            assert time.monotonic() < deadline, "live classification did not resume"
-            time.sleep(0.1)
+        eventually(lambda: client.get_json("/api/status")[1]["frames_classified"] > frames, 10,
+                   lambda: "live classification did not resume")
         img = sorted((BLOOD / "samples").glob("*.jpg"))[0].read_bytes()
         assert client.upload(img)[0] == 201
     finally:
