@@ -211,7 +211,13 @@ class Pipeline:
                 except Exception as exc:
                     log.error("profile %s would not open (%s); back to %s", profile_id, exc,
                               old.profile.id)
-                    classifier, source = self._opener(old.cfg)
+                    try:
+                        classifier, source = self._opener(old.cfg)
+                    except Exception:
+                        # Neither opens (the model's storage failed?): nothing classifies, the
+                        # watchdog pings stop and systemd restarts the kit on the saved profile.
+                        log.critical("profile %s would not open again either", old.profile.id)
+                        raise
                     self._run = self._make_run(old.cfg, classifier, source)
                     self._start_run(self._run)
                     raise ProfileError(
