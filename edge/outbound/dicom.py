@@ -31,7 +31,7 @@ from ..config import DicomSection
 from ..daemon.outbox import Message
 from ..daemon.store import Store
 from ..inference.bundle import Bundle
-from .messages import Gone, Refused
+from .messages import Gone, Refused, short_reason
 from .sender import Destination
 
 # highdicom logs each module it copies at INFO: not the daemon's business.
@@ -262,7 +262,7 @@ class StowDestination(Destination):
         try:
             session.get(self.cfg.stow_url.rstrip("/") + "/studies", params={"limit": "1"})
         except requests.RequestException as exc:
-            raise ConnectionError(f"{self.describe()}: {exc}") from exc
+            raise ConnectionError(short_reason(exc)) from exc
         client = DICOMwebClient(url=self.cfg.stow_url.rstrip("/"), session=session)
         # Its own retries (exponential, minutes) would hold the sender; the outbox retries.
         client.set_http_retry_params(retry=False)

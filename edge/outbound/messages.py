@@ -24,6 +24,27 @@ class Refused(FieldScopeError):
     """The destination refused the message for good (not a passing failure): it is dropped."""
 
 
+def short_reason(exc: BaseException) -> str:
+    """What went wrong in a few words for the System page: the innermost operating-system
+    error ("Connection refused") rather than a library's page of wrapping."""
+    seen: set[int] = set()
+    todo: list[BaseException] = [exc]
+    while todo:
+        e = todo.pop()
+        if id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.strerror:
+            return e.strerror
+        todo += [x for x in (e.__cause__, e.__context__) if x is not None]
+        todo += [a for a in getattr(e, "args", ()) if isinstance(a, BaseException)]
+        reason = getattr(e, "reason", None)
+        if isinstance(reason, BaseException):
+            todo.append(reason)
+    text = str(exc)
+    return text if len(text) <= 160 else text[:157] + "…"
+
+
 def iso(t: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
 

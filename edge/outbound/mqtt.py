@@ -74,13 +74,13 @@ class MqttDestination(Destination):
         try:
             client.connect(self.host, self.port, keepalive=self.cfg.keepalive_s)
         except OSError as exc:
-            raise ConnectionError(f"{self.describe()}: {exc}") from exc
+            raise ConnectionError(exc.strerror or str(exc)) from exc
         client.loop_start()
         if not answered.wait(self.cfg.timeout_s) or outcome[0].is_failure:
             why = str(outcome[0]) if outcome else "no answer"
             client.loop_stop()
             client.disconnect()
-            raise ConnectionError(f"{self.describe()} refused the connection: {why}")
+            raise ConnectionError(f"the broker refused the connection: {why}")
         self._client = client
         self._publish(self.topic("status"),
                       status_message(self.kit_id, "online", version=__version__), retain=True)
@@ -95,7 +95,7 @@ class MqttDestination(Destination):
         if self._client is None or self._lost.is_set():
             # Never publish into a client that lost its broker: it would keep the message and
             # send it again on its own reconnect, beside the outbox's own retry.
-            raise ConnectionError(f"{self.describe()}: connection lost")
+            raise ConnectionError("connection lost")
 
     def _encode(self, msg: Message) -> tuple[str, bytes]:
         if msg.kind == "result":

@@ -15,7 +15,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterator
 
 from ..daemon.outbox import Message, Outbox
-from .messages import Gone, Refused
+from .messages import Gone, Refused, short_reason
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +95,7 @@ class Sender:
                     try:
                         self.dest.open()
                     except Exception as exc:
-                        why = f"cannot connect: {exc}"
+                        why = f"cannot connect: {short_reason(exc)}"
                         self.outbox.unreachable(self.dest.name, why)
                         self._failed(why)
                         continue
@@ -123,7 +123,7 @@ class Sender:
                     log.error("%s: message %s dropped: %s", self.dest.name, msg.message_id, exc)
                     self.outbox.dropped(msg, str(exc))
                 else:
-                    why = f"{type(exc).__name__}: {exc}"
+                    why = short_reason(exc)
                     self.outbox.retry(msg, why, self._backoff)
                     self._failed(why)
                     return
