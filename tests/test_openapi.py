@@ -4,15 +4,12 @@ bounded in examples and time)."""
 
 from __future__ import annotations
 
-import os
 import re
-import signal
 
 import pytest
 from hypothesis import HealthCheck, settings
 
 from tests.conftest import require_module
-from tests.test_serve_e2e import start_daemon, wait_http
 from tests.test_web import daemon  # noqa: F401  (the fixture)
 
 API_SPACE = re.compile(r"^/(api/|metrics$|stream\.mjpg$|snapshots/)")
@@ -41,17 +38,22 @@ def test_openapi_document_matches_the_routes(daemon):  # noqa: F811
 
 
 @pytest.fixture(scope="module")
-def live_kit(tmp_path_factory, blood_bundle, blood_samples):
+def live_kit(tmp_path_factory):
+    """The daemon as a user runs it with everything on: two profiles, an MQTT broker and a
+    PACS configured (unreachable: their queues grow while the fuzzer runs), a sample stored."""
+    from tests.daemon_helpers import Client, free_port
+    from tests.test_profiles import BLOOD, start, stop, write_config
+
     tmp = tmp_path_factory.mktemp("fuzz-live")
-    os.environ["FIELDSCOPE_API_TOKEN"] = TOKEN
-    try:
-        proc, base = start_daemon(tmp, blood_bundle, blood_samples)
-    finally:
-        del os.environ["FIELDSCOPE_API_TOKEN"]
-    wait_http(base + "/api/health")
+    config = write_config(tmp, extra=(
+        f'[mqtt]\nurl = "mqtt://127.0.0.1:{free_port()}"\n'
+        f'[dicom]\nstow_url = "http://127.0.0.1:{free_port()}/dicom-web"\n'
+        f'[web]\napi_tokens = ["{TOKEN}"]\n'))
+    proc, base = start(tmp, config)
+    img = sorted((BLOOD / "samples").glob("*.jpg"))[0].read_bytes()
+    assert Client(base).upload(img, sample_code="A")[0] == 201  # a code the fuzzer may hit
     yield base
-    proc.send_signal(signal.SIGTERM)
-    proc.wait(timeout=30)
+    stop(proc)
 
 
 @pytest.fixture(scope="module")
