@@ -271,3 +271,20 @@ def test_fields_that_failed_the_quality_gate_are_not_flagged_or_scored(tmp_path)
     assert (row["fields"], row["flagged"]) == (3, 1)
     assert row["mean"] == pytest.approx(0.5) and row["max"] == pytest.approx(0.9)
     store.close()
+
+
+def test_storage_status_of_a_vanished_data_folder_is_low_space_not_an_error(tmp_path):
+    """An unmounted card: the status reads the disk once and says low space, never raises
+    (it feeds /api/health, the System page and /metrics)."""
+    import shutil
+
+    from edge.daemon.results import ResultsService
+    from edge.daemon.store import Store
+
+    store = Store(tmp_path / "data", min_free_mb=1)
+    results = ResultsService(store, use=None)
+    assert results.storage_status()["low_space"] is False
+    shutil.rmtree(tmp_path / "data")
+    status = results.storage_status()
+    assert status["low_space"] is True and status["free_mb"] is None
+    store.close()

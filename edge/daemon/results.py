@@ -147,11 +147,15 @@ class ResultsService:
 
     def storage_status(self) -> dict[str, Any]:
         s = self.store
+        try:  # read once: free_mb and low_space describe the same moment
+            free: float | None = s.free_mb()
+        except OSError:  # the data folder is gone (an unmounted card): as bad as full
+            free = None
         return {
             "ok": s.last_error is None,
             "error": s.last_error,
-            "free_mb": round(s.free_mb(), 1),
-            "low_space": s.low_on_space(),
+            "free_mb": round(free, 1) if free is not None else None,
+            "low_space": free is None or free < s.min_free_mb,
             "min_free_mb": s.min_free_mb,
             "clock_problem": s.clock_problem(),
         }

@@ -402,13 +402,6 @@ class Store:
     def free_mb(self) -> float:
         return shutil.disk_usage(self.root).free / 1e6
 
-    def low_on_space(self) -> bool:
-        """Free space under ``min_free_mb``: reported, never answered by deleting results."""
-        try:
-            return self.free_mb() < self.min_free_mb
-        except OSError:
-            return True
-
     def clock_problem(self, now: float | None = None) -> str | None:
         """Why the system clock cannot be trusted, or None: before this software existed, or
         behind the newest stored result (it went back: a Pi without RTC after a power cut)."""

@@ -41,11 +41,12 @@ class PipelineCollector:
             "1 when results are being stored",
             value=float(st["storage"]["ok"]),
         )
-        yield GaugeMetricFamily(
-            "fieldscope_disk_free_mb",
-            "Free disk in the data folder",
-            value=st["storage"]["free_mb"],
-        )
+        if st["storage"]["free_mb"] is not None:
+            yield GaugeMetricFamily(
+                "fieldscope_disk_free_mb",
+                "Free disk in the data folder",
+                value=st["storage"]["free_mb"],
+            )
         yield GaugeMetricFamily(
             "fieldscope_inference_degraded",
             "1 while the CPU stands in for an Edge TPU that failed (it is retried with backoff)",
