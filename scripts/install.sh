@@ -7,7 +7,8 @@
 #   sudo scripts/install.sh --uninstall [--purge] # remove (keep data and config unless --purge)
 #
 # Options: --edgetpu std|max|none (Coral runtime; default std), --prefix DIR (/opt/fieldscope),
-#          --no-start (install and enable, do not start), --yes (no questions).
+#          --no-start (install and enable, do not start), --yes (no questions),
+#          --with-clinic (also DICOM to a PACS and the DICOM/FHIR exports: docs/fleet.md).
 # Idempotent: running it again updates the code and keeps /etc/fieldscope and the data.
 set -euo pipefail
 
@@ -23,9 +24,10 @@ DRY_RUN=0
 UNINSTALL=0
 PURGE=0
 START=1
+EXTRAS=edge
 SRC=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 
-usage() { sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
+usage() { sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
 say() { printf '==> %s\n' "$*"; }
 run() {
   if [ "$DRY_RUN" = 1 ]; then printf '+ %s\n' "$*"; else "$@"; fi
@@ -48,6 +50,7 @@ while [ $# -gt 0 ]; do
     --edgetpu) EDGETPU=${2:?--edgetpu needs std, max or none}; shift ;;
     --prefix) PREFIX=${2:?--prefix needs a folder}; shift ;;
     --no-start) START=0 ;;
+    --with-clinic) EXTRAS=edge,clinic ;;
     --yes|-y) ;;
     -h|--help) usage 0 ;;
     *) echo "unknown option: $1" >&2; usage 2 ;;
@@ -154,7 +157,7 @@ project_and_venv() {
   if [ -n "$OFFLINE" ]; then
     pip+=(--no-index --find-links "$OFFLINE/wheels")
   fi
-  run "${pip[@]}" -c "$constraints" "${PREFIX}[edge]"
+  run "${pip[@]}" -c "$constraints" "${PREFIX}[${EXTRAS}]"
   rm -f "$constraints"
 }
 

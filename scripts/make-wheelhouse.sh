@@ -2,6 +2,7 @@
 # On a machine with internet: collect everything a clinic install needs, for a Pi.
 #
 #   scripts/make-wheelhouse.sh [OUT] [--python 3.11] [--platform manylinux_2_36_aarch64]
+#                              [--with-clinic]   (DICOM/FHIR too; then install.sh --with-clinic)
 #
 # OUT (default dist/fieldscope-offline) gets wheels/ (the kit's Python dependencies for the Pi's
 # Python and CPU, plus setuptools to build the kit itself) and debs/ (drop libedgetpu1-std and
@@ -11,8 +12,10 @@ set -euo pipefail
 OUT=dist/fieldscope-offline
 PYVER=3.11
 PLATFORM=manylinux_2_36_aarch64
+EXTRAS=edge
 while [ $# -gt 0 ]; do
   case $1 in
+    --with-clinic) EXTRAS=edge,clinic ;;
     --python) PYVER=${2:?}; shift ;;
     --platform) PLATFORM=${2:?}; shift ;;
     -h|--help) sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
@@ -24,12 +27,13 @@ SRC=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 PY=${PYTHON:-python3}
 mkdir -p "$OUT/wheels" "$OUT/debs"
 
-# The edge extra's requirements, read from pyproject.toml (one list, no copy to keep in sync).
-mapfile -t REQS < <("$PY" - "$SRC/pyproject.toml" <<'PYEOF'
+# The extras' requirements, read from pyproject.toml (one list, no copy to keep in sync).
+mapfile -t REQS < <("$PY" - "$SRC/pyproject.toml" "$EXTRAS" <<'PYEOF'
 import sys, tomllib
 data = tomllib.load(open(sys.argv[1], "rb"))
-for req in data["project"]["optional-dependencies"]["edge"]:
-    print(req)
+for extra in sys.argv[2].split(","):
+    for req in data["project"]["optional-dependencies"][extra]:
+        print(req)
 PYEOF
 )
 echo "==> downloading ${#REQS[@]} requirements for cp${PYVER/./} on $PLATFORM into $OUT/wheels"

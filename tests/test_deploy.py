@@ -160,6 +160,13 @@ def test_install_dry_run_offline_uses_only_the_folder(tmp_path):
     assert f"dpkg -i {tmp_path}/debs/libedgetpu1-max_16.0_arm64.deb" in out
     assert "apt-get update" not in out and "curl" not in out
     assert "systemctl enable fieldscope.service" in out and "--now" not in out
+    assert "[edge]" in out and "clinic" not in out
+
+
+def test_install_with_clinic_adds_the_dicom_and_fhir_libraries():
+    proc = run_install("--dry-run", "--with-clinic")
+    assert proc.returncode == 0, proc.stderr
+    assert "/opt/fieldscope[edge,clinic]" in proc.stdout
 
 
 def test_install_refuses_bad_options_and_missing_folder(tmp_path):

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .metrics import reliability, roc_curve
+from .metrics import headline_kind, reliability, roc_curve
 
 
 def _plots(
@@ -50,7 +50,7 @@ def _plots(
     plt.close(fig)
     made.append("calibration.png")
 
-    kind = "int8" if "int8" in ev["artifacts"] else next(iter(ev["artifacts"]))
+    kind = headline_kind(ev["artifacts"])
     cm = np.array(ev["artifacts"][kind]["confusion"])
     fig, ax = plt.subplots(figsize=(1.0 + 0.6 * len(labels), 1.0 + 0.6 * len(labels)))
     ax.imshow(cm, cmap="Blues")
@@ -136,7 +136,7 @@ def target_results(
 ) -> list[tuple[str, bool, str, str]]:
     """(name, met, required, achieved) for each configured target, for one artifact (default
     the int8 one; ``int8+tta`` for it over the test-time views)."""
-    kind = kind or ("int8" if "int8" in ev["artifacts"] else next(iter(ev["artifacts"])))
+    kind = kind or headline_kind(ev["artifacts"])
     m = _metrics_of(ev, kind)
     out = []
     for key, name in MINIMUMS.items():
@@ -381,7 +381,7 @@ def write_card(out: Path, manifest: dict, ev: dict, history: Path | None, cfg, e
         lines += ["## Edge TPU", "", edgetpu, ""]
     targets = cfg.export.targets
     if targets:
-        kinds = ["int8" if "int8" in arts else next(iter(arts))]
+        kinds = [headline_kind(arts)]
         kinds += [f"{k}+tta" for k in ev.get("tta", {})]
         lines += [
             "## Targets (test split)",

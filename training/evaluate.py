@@ -12,7 +12,7 @@ from edge.inference.bundle import Bundle, load_bundle
 from edge.inference.classifier import Classifier
 
 from .datasets import Sample
-from .metrics import summarise, threshold_for_sensitivity
+from .metrics import headline_kind, summarise, threshold_for_sensitivity
 
 
 def predict(
@@ -106,7 +106,7 @@ def evaluate_bundle(
     if bundle.tta:
         # What uploads and captures get: the CPU artifact over the bundle's views, judged by
         # the rule's tta_threshold when it has one.
-        kind = "int8" if "int8" in kinds else kinds[0]
+        kind = headline_kind(kinds)
         probs, invoke = predict(bundle, kind, samples, desc=f"evaluate {kind} + tta", tta=True)
         m = summarise(
             y, probs, bundle.labels, group_indices(bundle),

@@ -165,3 +165,10 @@ def tune_logit_adjustment(
     best = max(table, key=lambda r: (r["score"], -r["tau"]))
     bias = -best["tau"] * log_prior
     return best["tau"], bias - bias.mean(), table
+
+
+def headline_kind(kinds) -> str:
+    """The artifact whose figures lead (what a kit runs on its CPU): int8 when the bundle has
+    one, else the first."""
+    kinds = list(kinds)
+    return "int8" if "int8" in kinds else kinds[0]
