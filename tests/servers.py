@@ -4,6 +4,7 @@ one skips its tests."""
 
 from __future__ import annotations
 
+import getpass
 import json
 import shutil
 import socket
@@ -45,20 +46,27 @@ class Mosquitto:
     """A broker that can be stopped and started again on the same port; its persistence keeps
     the test collector's session (and the QoS 1 messages for it) across a restart."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, listener: str = "allow_anonymous true\n",
+                 scheme: str = "mqtt") -> None:
+        """``listener``: the listener's options (default: anonymous, plain TCP)."""
         self.binary = need("mosquitto", "mosquitto")
         self.port = free_port()
+        self.scheme = scheme
         folder.mkdir(parents=True, exist_ok=True)
         self.conf = folder / "mosquitto.conf"
+        # Run as whoever runs the tests: a broker started as root would otherwise drop to the
+        # mosquitto user, which cannot write the test's (private) folder, and would lose its
+        # persisted sessions on a restart without a word but a log line.
         self.conf.write_text(
-            f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence true\n"
-            f"persistence_location {folder}/\nlog_dest stderr\n"
+            f"user {getpass.getuser()}\n"
+            f"per_listener_settings true\nlistener {self.port} 127.0.0.1\n{listener}"
+            f"persistence true\npersistence_location {folder}/\nlog_dest stderr\n"
         )
         self.proc: subprocess.Popen | None = None
 
     @property
     def url(self) -> str:
-        return f"mqtt://127.0.0.1:{self.port}"
+        return f"{self.scheme}://127.0.0.1:{self.port}"
 
     def start(self) -> None:
         # Kept beside the test's files: what the broker saw, when a test fails.
@@ -79,7 +87,9 @@ class Collector:
     """A programme's subscriber: a persistent session on ``topic`` at QoS 1, every message
     kept (topic, payload as JSON, retained flag)."""
 
-    def __init__(self, broker: Mosquitto, topic: str = "fieldscope/#") -> None:
+    def __init__(self, broker: Mosquitto, topic: str = "fieldscope/#", tls=None,
+                 auth: tuple[str, str] | None = None) -> None:
+        """``tls``: (CA, client certificate, key) files for a TLS broker."""
         import paho.mqtt.client as mqtt
 
         self.messages: list[tuple[str, dict, bool]] = []
@@ -100,6 +110,10 @@ class Collector:
                 self.messages.append((m.topic, json.loads(m.payload), bool(m.retain)))
 
         c.on_connect, c.on_subscribe, c.on_message = on_connect, on_subscribe, on_message
+        if tls:
+            c.tls_set(ca_certs=str(tls[0]), certfile=str(tls[1]), keyfile=str(tls[2]))
+        if auth:
+            c.username_pw_set(*auth)
         c.connect("127.0.0.1", broker.port, keepalive=5)
         c.loop_start()
         assert self._subscribed.wait(10), "the collector could not subscribe"
@@ -170,3 +184,27 @@ class Orthanc:
             self.proc.terminate()
             self.proc.wait(timeout=30)
             self.proc = None
+
+
+def make_pki(folder: Path) -> dict[str, Path]:
+    """A CA, a server certificate for 127.0.0.1 and a client certificate, made with openssl."""
+    tool = need("openssl", "openssl")
+    folder.mkdir(parents=True, exist_ok=True)
+    f = {name: folder / name for name in ("ca.key", "ca.pem", "server.key", "server.pem",
+                                          "client.key", "client.pem")}
+
+    def run(*args: str) -> None:
+        subprocess.run([tool, *args], check=True, capture_output=True, cwd=folder)
+
+    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=Test CA",
+        "-keyout", str(f["ca.key"]), "-out", str(f["ca.pem"]))
+    for who, ext in (("server", "subjectAltName=IP:127.0.0.1"),
+                     ("client", "keyUsage=digitalSignature")):
+        csr = folder / f"{who}.csr"
+        run("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={who}",
+            "-keyout", str(f[f"{who}.key"]), "-out", str(csr))
+        extfile = folder / f"{who}.ext"
+        extfile.write_text(ext + "\n")
+        run("x509", "-req", "-in", str(csr), "-CA", str(f["ca.pem"]), "-CAkey", str(f["ca.key"]),
+            "-CAcreateserial", "-days", "2", "-extfile", str(extfile), "-out", str(f[f"{who}.pem"]))
+    return f

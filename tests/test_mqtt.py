@@ -13,7 +13,7 @@ import pytest
 
 from tests.conftest import require_module
 from tests.daemon_helpers import Client, eventually
-from tests.servers import Collector, Mosquitto
+from tests.servers import Collector, Mosquitto, make_pki, need
 from tests.test_profiles import BLOOD, start, stop, write_config
 
 require_module("paho", "MQTT delivery (the edge extra)")
@@ -151,3 +151,62 @@ def test_a_daemon_killed_while_the_broker_is_down_delivers_after_its_restart(tmp
     finally:
         stop(proc)
         collector.close()
+
+
+def test_a_tls_broker_with_client_certificates_and_a_password(tmp_path):
+    """mqtts:// against a broker that requires a client certificate signed by its CA and a
+    user/password: delivered with the right ones; with a wrong password nothing is delivered
+    and the System page's error says the broker refused."""
+    import subprocess
+
+    pki = make_pki(tmp_path / "pki")
+    passwords = tmp_path / "passwd"
+    subprocess.run([need("mosquitto_passwd", "mosquitto"), "-c", "-b", str(passwords), "kit-07",
+                    "s3cret-kit"], check=True, capture_output=True)
+    broker = Mosquitto(tmp_path / "mosquitto", scheme="mqtts", listener=(
+        f"cafile {pki['ca.pem']}\ncertfile {pki['server.pem']}\nkeyfile {pki['server.key']}\n"
+        f"require_certificate true\npassword_file {passwords}\nallow_anonymous false\n"))
+    broker.start()
+    collector = Collector(broker, tls=(pki["ca.pem"], pki["client.pem"], pki["client.key"]),
+                          auth=("kit-07", "s3cret-kit"))
+
+    def config(password: str) -> Path:
+        folder = tmp_path / password
+        folder.mkdir()
+        return write_config(folder, extra=f"""
+[kit]
+id = "kit-07"
+[outbox]
+retry_max_s = 2.0
+[mqtt]
+url = "{broker.url}"
+username = "kit-07"
+password = "{password}"
+ca_file = "{pki['ca.pem']}"
+cert_file = "{pki['client.pem']}"
+key_file = "{pki['client.key']}"
+timeout_s = 5.0
+""")
+
+    try:
+        proc, base = start(tmp_path / "s3cret-kit", config("s3cret-kit"))
+        try:
+            ids = upload(Client(base), 2, "SMEAR-6")
+            assert sorted(r["id"] for r in collector.wait_for("results", 2)) == sorted(ids)
+        finally:
+            stop(proc)
+        proc, base = start(tmp_path / "wrong", config("wrong"))
+        try:
+            client = Client(base)
+            upload(client, 1, "SMEAR-6")
+            o = eventually(lambda: (x := outbox(client))["failed"] >= 1 and x, 20,
+                           lambda: outbox(client))
+            assert o["queued"] >= 1 and not o["connected"]
+            assert "refused" in o["last_error"] and "Not authorized" in o["last_error"]
+            time.sleep(1.0)
+            assert len(collector.on("results")) == 2  # nothing more arrived
+        finally:
+            stop(proc)
+    finally:
+        collector.close()
+        broker.stop()
