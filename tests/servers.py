@@ -11,6 +11,7 @@ import socket
 import subprocess
 import threading
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -136,7 +137,8 @@ class Collector:
 class Orthanc:
     """Orthanc with its DICOMweb plugin, HTTP on loopback only, no DICOM port."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, users: dict[str, str] | None = None) -> None:
+        """``users``: HTTP basic-auth users it requires (none: open, on loopback only)."""
         self.binary = need("Orthanc", "orthanc")
         if not ORTHANC_DICOMWEB.exists():
             if CI:
@@ -151,7 +153,8 @@ class Orthanc:
             "IndexDirectory": str(folder / "storage"),
             "HttpPort": self.port,
             "RemoteAccessAllowed": False,
-            "AuthenticationEnabled": False,
+            "AuthenticationEnabled": bool(users),
+            "RegisteredUsers": users or {},
             "DicomServerEnabled": False,
             "DicomPort": free_port(),
             "Plugins": [str(ORTHANC_DICOMWEB)],
@@ -173,6 +176,9 @@ class Orthanc:
                                             timeout=2) as r:
                     if r.status == 200:
                         return
+            except urllib.error.HTTPError as exc:
+                if exc.code == 401:  # up, and asking for its login
+                    return
             except OSError:
                 pass
             assert time.monotonic() < deadline, "Orthanc did not start"

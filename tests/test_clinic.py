@@ -25,6 +25,9 @@ VL_PHOTOGRAPHIC = "1.2.840.10008.5.1.4.1.1.77.1.4"
 COMPREHENSIVE_SR = "1.2.840.10008.5.1.4.1.1.88.33"
 
 
+PACS_USER = ("kit-12", "pacs-pass-1")
+
+
 def clinic_config(tmp_path: Path, stow_url: str) -> Path:
     return write_config(tmp_path, extra=f"""
 [kit]
@@ -33,6 +36,8 @@ id = "kit-12"
 retry_max_s = 2.0
 [dicom]
 stow_url = "{stow_url}"
+username = "{PACS_USER[0]}"
+password = "{PACS_USER[1]}"
 institution = "District Hospital Lab"
 timeout_s = 10.0
 """)
@@ -43,9 +48,11 @@ def outbox(client: Client, destination: str) -> dict:
 
 
 def test_samples_reach_the_pacs_after_it_comes_up_and_export_the_same(tmp_path):
+    """The PACS requires a login (HTTP basic, as Orthanc's RegisteredUsers)."""
+    import requests
     from dicomweb_client.api import DICOMwebClient
 
-    pacs = Orthanc(tmp_path / "orthanc")
+    pacs = Orthanc(tmp_path / "orthanc", users=dict([PACS_USER]))
     config = clinic_config(tmp_path, pacs.dicomweb)
     proc, base = start(tmp_path, config)  # the PACS is not up yet
     try:
@@ -66,7 +73,10 @@ def test_samples_reach_the_pacs_after_it_comes_up_and_export_the_same(tmp_path):
         done = outbox(client, "dicom")
         assert done["delivered"] == 3 and done["dropped"] == 0
 
-        web = DICOMwebClient(pacs.dicomweb)
+        session = requests.Session()
+        session.auth = PACS_USER
+        web = DICOMwebClient(pacs.dicomweb, session=session)
+        assert requests.get(pacs.dicomweb + "/studies", timeout=10).status_code == 401
         for code, ids, sop_class, modality in (("SMEAR-9", smear, VL_MICROSCOPIC, "GM"),
                                                ("LESION-4", [lesion], VL_PHOTOGRAPHIC, "XC")):
             studies = web.search_for_studies(search_filters={"PatientID": code})
