@@ -381,3 +381,16 @@ def test_a_slow_replay_does_not_hold_up_a_stop_or_a_switch(tmp_path):
     src.interrupt()
     reader.join(10)
     assert took and took[0] < 2.5, took  # the pacing alone would wait 5 s
+
+
+def test_an_unnamed_profile_is_shown_by_its_bundle_name(tmp_path):
+    from edge.serve import build
+
+    config = write_config(tmp_path)
+    config.write_text(config.read_text().replace('name = "Skin — dermatoscope"\n', ""))
+    pipeline, _, store = build(load_config(config))
+    try:
+        names = {p["id"]: p["name"] for p in pipeline.profiles()}
+        assert names == {"blood-smear": "Blood smear — microscope", "skin": "skin-lesion"}
+    finally:
+        store.close()

@@ -177,10 +177,15 @@ class Pipeline:
     def profiles(self) -> list[dict[str, Any]]:
         """Every configured profile, the running one marked."""
         out = []
+        run = self._run
         for pid, p in self.base_cfg.all_profiles().items():
-            active = pid == self._run.profile.id
-            out.append({"id": pid, "name": self._run.name if active else (p.name or pid),
-                        "active": active})
+            active = pid == run.profile.id
+            if active:
+                name = run.name
+            else:  # unnamed: its bundle's name, as the running one shows
+                bundle = None if p.name else self.profile_bundle(pid)
+                name = p.name or (bundle.name if bundle else pid)
+            out.append({"id": pid, "name": name, "active": active})
         return out
 
     def switch_profile(self, profile_id: str) -> dict[str, Any]:
