@@ -21,6 +21,7 @@ docs/architecture.md.
 from __future__ import annotations
 
 import logging
+import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -234,7 +235,11 @@ class Pipeline:
                 self.board.publish(profile=profile_id, result=None, quality=None,
                                    smoothed=None, camera="starting", camera_error=None)
                 self._start_run(self._run)
-            self.store.set_setting("profile", profile_id)
+            try:
+                self.store.set_setting("profile", profile_id)
+            except (sqlite3.Error, OSError) as exc:  # a full card: switched, not remembered
+                log.warning("profile %s is running but not remembered for the next start: %s",
+                            profile_id, exc)
             log.info("profile %s → %s in %.0f ms (%s)", old.profile.id, profile_id,
                      (time.monotonic() - t0) * 1e3, self._run.classifier.bundle.name)
             return self._run.describe()
