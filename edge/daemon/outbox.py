@@ -14,6 +14,7 @@ here blocks classification: queueing is two INSERTs in a transaction the store m
 
 from __future__ import annotations
 
+import itertools
 import sqlite3
 import threading
 import time
@@ -38,6 +39,7 @@ CREATE TABLE IF NOT EXISTS outbox (
     last_error TEXT
 );
 CREATE INDEX IF NOT EXISTS outbox_due ON outbox(destination, next_try);
+CREATE INDEX IF NOT EXISTS outbox_age ON outbox(destination, created);
 CREATE TABLE IF NOT EXISTS outbox_counts (
     destination TEXT NOT NULL,
     what TEXT NOT NULL,
@@ -105,6 +107,9 @@ class Outbox:
         self.max_messages = max_messages
         self._events: dict[str, threading.Event] = {}
         self.last_error: dict[str, str | None] = {}
+        self._cached: tuple[int, list, list] | None = None
+        self._changes = itertools.count(1)
+        self._generation = 0
 
     # -- waking the senders ----------------------------------------------------------------------
     def event(self, destination: str) -> threading.Event:
@@ -112,6 +117,7 @@ class Outbox:
 
     def notify(self) -> None:
         """Something was queued: senders look now instead of at their next poll."""
+        self.changed()
         for ev in self._events.values():
             ev.set()
 
@@ -145,6 +151,7 @@ class Outbox:
                 if db.in_transaction:
                     db.execute("ROLLBACK")
                 raise
+        self.changed()
 
     def delivered(self, msg: Message) -> None:
         """The destination acknowledged it: gone from the queue, counted."""
@@ -164,12 +171,14 @@ class Outbox:
                 (time.time() + delay_s, error[:500], msg.id),
             )
             self._count(msg.destination, "failed")
+        self.changed()
         self.last_error[msg.destination] = error
 
     def unreachable(self, destination: str, error: str) -> None:
         """A try to reach the destination failed (nothing was sent): counted as failed."""
         with self._store._lock:
             self._count(destination, "failed")
+        self.changed()
         self.last_error[destination] = error
 
     # -- bounds and status -----------------------------------------------------------------------
@@ -206,18 +215,34 @@ class Outbox:
                 if db.in_transaction:
                     db.execute("ROLLBACK")
                 raise
+        self.changed()
         return dropped
 
-    def status(self, now: float | None = None) -> dict[str, dict[str, Any]]:
-        """Per destination: queued, delivered, failed (tries), dropped, the oldest undelivered
-        message's age and the last error."""
-        now = time.time() if now is None else now
+    def changed(self) -> None:
+        """The queue or its counts changed (a store, a delivery, a drop): read them again."""
+        self._generation = next(self._changes)  # atomic, unlike += between threads
+
+    def _read_counts(self) -> tuple[list, list]:
+        """The queue's counts, read again only after a change: every open Live page polls the
+        status each second, and a long outage can leave 100,000 messages to count (8 ms under
+        the store's lock, measured) that uploads would otherwise wait behind."""
+        generation = self._generation
+        if self._cached is not None and self._cached[0] == generation:
+            return self._cached[1], self._cached[2]
         with self._store._lock:
             db = self._store._db
             queued = db.execute(
                 "SELECT destination, COUNT(*), MIN(created) FROM outbox GROUP BY destination"
             ).fetchall()
             counts = db.execute("SELECT destination, what, n FROM outbox_counts").fetchall()
+        self._cached = (generation, queued, counts)  # stale at once if a change came meanwhile
+        return queued, counts
+
+    def status(self, now: float | None = None) -> dict[str, dict[str, Any]]:
+        """Per destination: queued, delivered, failed (tries), dropped, the oldest undelivered
+        message's age and the last error."""
+        now = time.time() if now is None else now
+        queued, counts = self._read_counts()
         out: dict[str, dict[str, Any]] = {}
 
         def entry(dest: str) -> dict[str, Any]:
