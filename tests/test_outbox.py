@@ -149,3 +149,16 @@ def test_a_message_whose_result_retention_removed_is_dropped(tmp_path):
     st = store.outbox.status()["mqtt"]
     assert st["dropped"] == 1 and "no longer stored" in st["last_error"]
     store.close()
+
+
+def test_the_status_follows_each_change_although_it_is_cached(tmp_path):
+    store = Store(tmp_path, destinations=("mqtt",))
+    seen = []
+    for _ in range(3):
+        store.save(RESULT, "live")
+        seen.append(store.outbox.status()["mqtt"]["queued"])
+    msg = store.outbox.due("mqtt")[0]
+    store.outbox.delivered(msg)
+    st = store.outbox.status()["mqtt"]
+    assert seen == [1, 2, 3] and (st["queued"], st["delivered"]) == (2, 1)
+    store.close()
