@@ -288,3 +288,27 @@ def test_storage_status_of_a_vanished_data_folder_is_low_space_not_an_error(tmp_
     status = results.storage_status()
     assert status["low_space"] is True and status["free_mb"] is None
     store.close()
+
+
+def test_a_failed_retention_leaves_no_transaction_open(tmp_path):
+    """A retention delete that fails (here: a trigger refusing it) is rolled back, so the
+    next store still works instead of tripping on a transaction left open."""
+    import sqlite3
+    import time
+
+    import pytest
+
+    from edge.daemon.store import Store
+
+    store = Store(tmp_path, retention_days=1)
+    store.save({"label": "Benign", "score": 0.9}, "live")
+    with store._lock:
+        store._db.execute("CREATE TRIGGER refuse BEFORE DELETE ON results "
+                          "BEGIN SELECT RAISE(ABORT, 'refused'); END")
+    with pytest.raises(sqlite3.IntegrityError):
+        store.enforce_retention(now=time.time() + 3 * 86400)
+    with store._lock:
+        assert not store._db.in_transaction
+        store._db.execute("DROP TRIGGER refuse")
+    assert store.save({"label": "Benign", "score": 0.9}, "live") == 2
+    store.close()

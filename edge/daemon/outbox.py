@@ -140,17 +140,9 @@ class Outbox:
         )
 
     def _remove(self, msg: Message, what: str) -> None:
-        with self._store._lock:
-            db = self._store._db
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                db.execute("DELETE FROM outbox WHERE id=?", (msg.id,))
-                self._count(msg.destination, what)
-                db.execute("COMMIT")
-            except BaseException:
-                if db.in_transaction:
-                    db.execute("ROLLBACK")
-                raise
+        with self._store._lock, self._store.transaction() as db:
+            db.execute("DELETE FROM outbox WHERE id=?", (msg.id,))
+            self._count(msg.destination, what)
         self.changed()
 
     def delivered(self, msg: Message) -> None:
@@ -186,35 +178,26 @@ class Outbox:
         """Drop what is too old or too many (oldest first); returns how many. A kit whose
         clock cannot be trusted drops nothing by age (like retention)."""
         now = time.time() if now is None else now
-        dropped = 0
-        with self._store._lock:
-            db = self._store._db
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                clock_ok = self._store.clock_problem_locked(now) is None
-                victims = []
-                if clock_ok:
-                    victims += db.execute(
-                        "SELECT id, destination FROM outbox WHERE created < ?",
-                        (now - self.max_age_s,),
-                    ).fetchall()
-                total = db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0] - len(victims)
-                if total > self.max_messages:
-                    seen = {r[0] for r in victims}
-                    extra = db.execute(
-                        "SELECT id, destination FROM outbox ORDER BY id LIMIT ?",
-                        (total - self.max_messages + len(victims),),
-                    ).fetchall()
-                    victims += [r for r in extra if r[0] not in seen]
-                for rid, dest in victims:
-                    db.execute("DELETE FROM outbox WHERE id=?", (rid,))
-                    self._count(dest, "dropped")
-                dropped = len(victims)
-                db.execute("COMMIT")
-            except BaseException:
-                if db.in_transaction:
-                    db.execute("ROLLBACK")
-                raise
+        with self._store._lock, self._store.transaction() as db:
+            clock_ok = self._store.clock_problem_locked(now) is None
+            victims = []
+            if clock_ok:
+                victims += db.execute(
+                    "SELECT id, destination FROM outbox WHERE created < ?",
+                    (now - self.max_age_s,),
+                ).fetchall()
+            total = db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0] - len(victims)
+            if total > self.max_messages:
+                seen = {r[0] for r in victims}
+                extra = db.execute(
+                    "SELECT id, destination FROM outbox ORDER BY id LIMIT ?",
+                    (total - self.max_messages + len(victims),),
+                ).fetchall()
+                victims += [r for r in extra if r[0] not in seen]
+            for rid, dest in victims:
+                db.execute("DELETE FROM outbox WHERE id=?", (rid,))
+                self._count(dest, "dropped")
+            dropped = len(victims)
         self.changed()
         return dropped
 

@@ -25,6 +25,8 @@ import sqlite3
 import threading
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -146,6 +148,20 @@ class Store:
             if column not in have:
                 self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
 
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """BEGIN IMMEDIATE … COMMIT, rolled back on any error, so a failed write never leaves
+        the connection inside a transaction that every later write would trip on. The caller
+        holds the store's lock (the outbox's writes share it)."""
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self._db
+            self._db.execute("COMMIT")
+        except BaseException:
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
+            raise
+
     def _step(self, name: str) -> None:
         if self.step_hook is not None:
             self.step_hook(name)
@@ -234,8 +250,7 @@ class Store:
                 snapshot = self._write_snapshot(jpeg) if jpeg else None
                 now = time.time()
                 # One transaction: the result and its sample exist together or not at all.
-                self._db.execute("BEGIN IMMEDIATE")
-                try:
+                with self.transaction():
                     cur = self._db.execute(
                         "INSERT INTO results (created, mode, sample_code, label, score, "
                         "assessable, decision_outcome, decision_positive, group_score, "
@@ -271,11 +286,6 @@ class Store:
                     outbox.enqueue(self._db, self.destinations, int(cur.lastrowid), sample_code,
                                    snapshot is not None, now)
                     self._step("rows-inserted")
-                    self._db.execute("COMMIT")
-                except BaseException:
-                    if self._db.in_transaction:
-                        self._db.execute("ROLLBACK")
-                    raise
                 self._step("committed")
         except (sqlite3.Error, OSError) as exc:
             if snapshot:  # renamed but never referenced: do not leave a patient image behind
@@ -442,13 +452,12 @@ class Store:
                     break
                 # Rows first: a crash after the commit leaves only unreferenced files, which
                 # start-up removes; the other order could leave rows naming missing files.
-                self._db.execute("BEGIN IMMEDIATE")
-                self._db.executemany("DELETE FROM results WHERE id=?", [(r["id"],) for r in rows])
-                self._db.execute(
-                    "DELETE FROM samples WHERE code NOT IN "
-                    "(SELECT sample_code FROM results WHERE sample_code IS NOT NULL)"
-                )
-                self._db.execute("COMMIT")
+                with self.transaction() as db:
+                    db.executemany("DELETE FROM results WHERE id=?", [(r["id"],) for r in rows])
+                    db.execute(
+                        "DELETE FROM samples WHERE code NOT IN "
+                        "(SELECT sample_code FROM results WHERE sample_code IS NOT NULL)"
+                    )
             for row in rows:
                 if row["snapshot"]:
                     path = self.snapshot_path(row["snapshot"])
