@@ -44,13 +44,17 @@ from .store import Store
 from .worker import InferenceWorker
 
 log = logging.getLogger(__name__)
-__all__ = ["Pipeline", "LiveState", "Frame", "Active", "ProfileError"]
+__all__ = ["Pipeline", "LiveState", "Frame", "Active", "ProfileError", "UnknownProfile"]
 Opener = Callable[[Config], tuple[Classifier, Source]]
 
 
 class ProfileError(FieldScopeError):
     """A profile could not be switched to (unknown, or its model or camera would not open);
     the kit stays on (or returns to) the profile it was on."""
+
+
+class UnknownProfile(ProfileError):
+    """No profile of that id in the configuration."""
 
 
 @dataclass
@@ -196,6 +200,10 @@ class Pipeline:
         the switch wait and run on the new one; stored results are untouched. If the new
         profile's model or camera cannot be opened, the old profile is opened again and
         ProfileError says why. The choice is remembered across restarts."""
+        try:
+            cfg = self.base_cfg.for_profile(profile_id)
+        except FieldScopeError as exc:
+            raise UnknownProfile(exc.message, exc.hint) from exc
         if self._opener is None:
             raise ProfileError("this pipeline cannot switch profiles (no opener)")
         with self._switch_lock:
@@ -204,10 +212,6 @@ class Pipeline:
             old = self._run
             if profile_id == old.profile.id:
                 return old.describe()
-            try:
-                cfg = self.base_cfg.for_profile(profile_id)
-            except FieldScopeError as exc:
-                raise ProfileError(exc.message, exc.hint) from exc
             t0 = time.monotonic()
             with self._gate.closed():
                 self._halt(old, timeout=1.5)

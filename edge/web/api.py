@@ -21,7 +21,7 @@ from flask import (
 from flask_wtf.csrf import generate_csrf
 
 from ..capture import SourceError
-from ..daemon.pipeline import ProfileError
+from ..daemon.pipeline import ProfileError, UnknownProfile
 from ..daemon.results import SampleProfileError
 from ..daemon.store import StorageError
 from ..errors import ImageError
@@ -86,10 +86,10 @@ def switch_to(profile_id: object):
     pipe, _ = _ctx()
     if not isinstance(profile_id, str) or not profile_id:
         return {"error": 'send {"profile": ID}; GET /api/profiles lists them'}, 400
-    if profile_id not in {p["id"] for p in pipe.profiles()}:
-        return {"error": f"no profile {profile_id!r}"}, 404
     try:
         return {"active": pipe.switch_profile(profile_id)}, 200
+    except UnknownProfile as exc:
+        return {"error": str(exc)}, 404
     except ProfileError as exc:
         return {"error": str(exc)}, 503
 
