@@ -65,7 +65,6 @@ class CaptureLoop:
     def run(self) -> None:
         backoff = 1.0
         opened = False
-        next_id = self.next_id
         bad_frames = 0  # consecutive frames that could not be prepared
         last_bad_log = 0.0
         while not self._stop.is_set():
@@ -103,7 +102,7 @@ class CaptureLoop:
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, 30.0)
                 continue
-            frame = Frame(next_id, rgb, time.monotonic())
+            frame = Frame(self.next_id, rgb, time.monotonic())
             # Prepare one frame per inference, not every frame: it overlaps the worker's
             # inference of the previous one. When the interpreter's threads take every core this
             # is no worse than preparing on the worker (2 threads on 2 cores: 0.86-0.895 × the
@@ -120,11 +119,10 @@ class CaptureLoop:
                 now = time.monotonic()
                 if bad_frames == 1 or now - last_bad_log > 60:
                     # The first with its traceback, then a line a minute, not one per frame.
-                    log.error("could not prepare frame %d (%d in a row): %s", next_id,
+                    log.error("could not prepare frame %d (%d in a row): %s", self.next_id,
                               bad_frames, exc, exc_info=bad_frames == 1)
                     last_bad_log = now
-                next_id += 1
-                self.next_id = next_id
+                self.next_id += 1
                 if bad_frames >= BAD_FRAMES_LIMIT:
                     # A camera that only sends what cannot be used is a lost camera: reopen it
                     # with backoff instead of spinning at camera rate.
@@ -140,8 +138,7 @@ class CaptureLoop:
                 self._frame = frame
                 if prep:
                     self._prepped = frame
-                next_id += 1
-                self.next_id = next_id
+                self.next_id += 1
                 self._cond.notify_all()
                 # Do not outrun the classifier: read the next frame once the worker has taken
                 # the prepared one, or after a short refresh so the live view stays current.

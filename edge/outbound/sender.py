@@ -76,8 +76,7 @@ class Sender:
         self._backoff = min(self._backoff * 2, self.retry_max_s)
 
     def _disconnect(self) -> None:
-        if self.connected:
-            self.connected = False
+        self.connected = False
         try:
             self.dest.close()
         except Exception:
