@@ -134,3 +134,8 @@ def cpu_extensions() -> list[str]:
             have = set(value.split())
             return [f for f in SPEED_FLAGS if f in have]
     return []
+
+
+def machine_line() -> str:
+    """The CPU and its speed-relevant flags in one line, printed beside benchmark figures."""
+    return f"{cpu_model()} · {' '.join(cpu_extensions()) or 'no SIMD flags read'}"

@@ -144,8 +144,7 @@ def main() -> int:
             broker.wait(10)
     link = f"loopback + {args.rtt_ms:.0f} ms round trip" if args.rtt_ms else "loopback"
     print(f"{link}, broker set_tcp_nodelay {'on' if args.nodelay else 'off'} · "
-          f"{hardware.cpu_model()} · "
-          f"{' '.join(hardware.cpu_extensions()) or 'no SIMD flags read'}")
+          f"{hardware.machine_line()}")
     return 0
 
 

@@ -51,8 +51,7 @@ def main() -> int:
             pipe.stop()
             store.close()
     print(f"median {statistics.median(times):.0f} ms, max {max(times):.0f} ms over "
-          f"{len(times)} switches · {hardware.cpu_model()} · "
-          f"{' '.join(hardware.cpu_extensions()) or 'no SIMD flags read'}")
+          f"{len(times)} switches · {hardware.machine_line()}")
     return 0
 
 

@@ -20,7 +20,9 @@ require_module("paho", "MQTT delivery (the edge extra)")
 IMAGES = sorted((BLOOD / "samples").glob("*.jpg"))
 
 
-def mqtt_config(tmp_path: Path, broker: Mosquitto, keepalive: int = 30) -> Path:
+def mqtt_config(tmp_path: Path, broker: Mosquitto, keepalive: int = 30, **mqtt: str) -> Path:
+    """Two profiles delivering to ``broker``; ``mqtt``: more [mqtt] options (strings)."""
+    more = "".join(f'{key} = "{value}"\n' for key, value in mqtt.items())
     return write_config(tmp_path, extra=f"""
 [kit]
 id = "kit-07"
@@ -30,7 +32,7 @@ retry_max_s = 2.0
 url = "{broker.url}"
 keepalive_s = {keepalive}
 timeout_s = 5.0
-""")
+{more}""")
 
 
 @pytest.fixture
@@ -173,20 +175,9 @@ def test_a_tls_broker_with_client_certificates_and_a_password(tmp_path):
     def config(password: str) -> Path:
         folder = tmp_path / password
         folder.mkdir()
-        return write_config(folder, extra=f"""
-[kit]
-id = "kit-07"
-[outbox]
-retry_max_s = 2.0
-[mqtt]
-url = "{broker.url}"
-username = "kit-07"
-password = "{password}"
-ca_file = "{pki['ca.pem']}"
-cert_file = "{pki['client.pem']}"
-key_file = "{pki['client.key']}"
-timeout_s = 5.0
-""")
+        return mqtt_config(folder, broker, username="kit-07", password=password,
+                           ca_file=pki["ca.pem"], cert_file=pki["client.pem"],
+                           key_file=pki["client.key"])
 
     try:
         proc, base = start(tmp_path / "s3cret-kit", config("s3cret-kit"))
