@@ -27,11 +27,27 @@ def test_a_result_queues_its_messages_and_a_sample_one_summary_at_a_time(tmp_pat
     a = store.save(RESULT, "upload", sample_code="S-1", jpeg=b"\xff\xd8fake")
     b = store.save(RESULT, "upload", sample_code="S-1")  # no snapshot: nothing for a PACS
     c = store.save(RESULT, "live")  # no sample: a result message only
-    assert queued(store) == [("mqtt", "result", a, "S-1"), ("mqtt", "sample", None, "S-1"),
-                             ("dicom", "field", a, "S-1"), ("mqtt", "result", b, "S-1"),
+    # The sample's one summary is queued after its newest result.
+    assert queued(store) == [("mqtt", "result", a, "S-1"), ("dicom", "field", a, "S-1"),
+                             ("mqtt", "result", b, "S-1"), ("mqtt", "sample", None, "S-1"),
                              ("mqtt", "result", c, None)]
     store.close()
     assert Store(tmp_path).outbox.status()["mqtt"]["queued"] == 4  # survives a restart
+
+
+def test_a_summary_already_taken_by_the_sender_is_followed_by_a_new_one(tmp_path):
+    """The sender reads a batch, then a field is added to the sample before the batch is
+    acknowledged: a new summary must still be queued, or the programme never hears of it."""
+    store = Store(tmp_path, destinations=("mqtt",))
+    store.save(RESULT, "upload", sample_code="S-3")
+    in_flight = store.outbox.due("mqtt")  # read (and its summary built) by the sender
+    store.save(RESULT, "upload", sample_code="S-3")
+    for msg in in_flight:
+        store.outbox.delivered(msg)  # then acknowledged
+    left = [m for m in store.outbox.due("mqtt") if m.kind == "sample"]
+    assert len(left) == 1 and left[0].message_id not in {m.message_id for m in in_flight}
+    assert sample_message(store, left[0], "kit")["fields"] == 2
+    store.close()
 
 
 def test_messages_carry_what_is_stored_now(tmp_path):

@@ -87,11 +87,14 @@ def enqueue(
     for dest in destinations:
         if dest == "mqtt":
             add(dest, "result", result_id)
-            # One summary per sample waiting at a time: it is read when sent, so it is current.
-            if sample_code and db.execute(
-                "SELECT 1 FROM outbox WHERE destination=? AND kind='sample' AND sample_code=?",
-                (dest, sample_code),
-            ).fetchone() is None:
+            # One summary per sample waiting at a time, read when sent. The waiting one is
+            # replaced, not kept: a sender may have read it already (a batch in flight), and
+            # kept it would leave this result out of every summary.
+            if sample_code:
+                db.execute(
+                    "DELETE FROM outbox WHERE destination=? AND kind='sample' AND sample_code=?",
+                    (dest, sample_code),
+                )
                 add(dest, "sample", None)
         elif dest == "dicom" and sample_code and has_snapshot:
             add(dest, "field", result_id)
