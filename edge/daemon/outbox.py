@@ -47,9 +47,6 @@ CREATE TABLE IF NOT EXISTS outbox_counts (
     PRIMARY KEY (destination, what)
 );
 """
-# What each destination is sent: MQTT every result and, per sample, its summary; a PACS each
-# field of a sample (its image and a structured report), which needs a snapshot.
-KINDS = {"mqtt": ("result", "sample"), "dicom": ("field",)}
 
 
 @dataclass(frozen=True)

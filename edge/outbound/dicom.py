@@ -20,7 +20,6 @@ from __future__ import annotations
 import io
 import logging
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +30,7 @@ from ..config import DicomSection
 from ..daemon.outbox import Message
 from ..daemon.store import Store
 from ..inference.bundle import Bundle
-from .messages import Gone, Refused, short_reason
+from .messages import Gone, Refused, short_reason, stable_uuid
 from .sender import Destination
 
 # highdicom logs each module it copies at INFO: not the daemon's business.
@@ -50,7 +49,7 @@ def uid(*parts: object) -> str:
     """A UID derived from ``parts``: the same inputs, the same UID. The 2.25 form (a UUID as an
     integer, PS3.5 B.2), from a name-based UUID (pydicom's generate_uid ignores its entropy
     sources without a root of our own)."""
-    return f"2.25.{uuid.uuid5(uuid.NAMESPACE_URL, 'fieldscope:' + ':'.join(map(str, parts))).int}"
+    return f"2.25.{stable_uuid(*parts).int}"
 
 
 @dataclass(frozen=True)
@@ -193,12 +192,13 @@ def field_report(row: dict[str, Any], image, study: Study, bundle: Bundle | None
 BundleFor = Callable[[str | None], Bundle | None]
 
 
-def field_objects(store: Store, result_id: int, kit_id: str, institution: str,
+def field_objects(store: Store, row: dict[str, Any] | None, kit_id: str, institution: str,
                   bundle_for: BundleFor) -> list:
-    """The image and the report of one stored field (Gone when it is no longer stored)."""
-    row = store.get(result_id)
+    """The image and the report of one stored field, its ``row`` (Gone when it is no longer
+    stored)."""
     if row is None:
-        raise Gone(f"result {result_id} is no longer stored")
+        raise Gone("the result is no longer stored")
+    result_id = row["id"]
     code = row.get("sample_code")
     created = store.sample_created(code) if code else None
     snap = store.snapshot_path(row["snapshot"]) if row.get("snapshot") else None
@@ -221,7 +221,7 @@ def export_sample(store: Store, code: str, out: Path, kit_id: str, institution: 
     for row in reversed(summary["results"]):
         if not row.get("snapshot"):
             continue
-        for ds in field_objects(store, row["id"], kit_id, institution, bundle_for):
+        for ds in field_objects(store, row, kit_id, institution, bundle_for):
             kind = "report" if ds.Modality == "SR" else "image"
             path = out / f"{code}-{row['id']:06d}-{kind}.dcm"
             ds.save_as(path, enforce_file_format=True)
@@ -273,8 +273,8 @@ class StowDestination(Destination):
 
         if msg.result_id is None:
             raise Refused("a DICOM message needs a result")
-        objects = field_objects(self.store, msg.result_id, self.kit_id, self.cfg.institution,
-                                self.bundle_for)
+        objects = field_objects(self.store, self.store.get(msg.result_id), self.kit_id,
+                                self.cfg.institution, self.bundle_for)
         try:
             answer = self._client.store_instances(objects)
         except requests.HTTPError as exc:

@@ -9,19 +9,18 @@ id and what is stored, so the same sample always gives the same resource ids.
 
 from __future__ import annotations
 
-import uuid
 from typing import Any
 
 from ..daemon.store import Store
 from ..inference.bundle import Bundle
 from .dicom import DISCLAIMER, BundleFor
-from .messages import Gone, iso
+from .messages import Gone, iso, stable_uuid
 
 SYSTEM = "urn:fieldscope"  # identifier and code system of this kit's own codes
 
 
 def _id(*parts: object) -> str:
-    return str(uuid.uuid5(uuid.NAMESPACE_URL, "fieldscope:" + ":".join(map(str, parts))))
+    return str(stable_uuid(*parts))
 
 
 def _observation(row: dict[str, Any], kit_id: str, bundle: Bundle | None) -> dict[str, Any]:

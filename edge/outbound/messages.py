@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import time
+import uuid
 from typing import Any
 
 from ..daemon.outbox import Message
@@ -43,6 +44,12 @@ def short_reason(exc: BaseException) -> str:
             todo.append(reason)
     text = str(exc)
     return text if len(text) <= 160 else text[:157] + "…"
+
+
+def stable_uuid(*parts: object) -> uuid.UUID:
+    """A name-based UUID of ``parts``: the same stored things give the same id (DICOM UIDs,
+    FHIR resource ids), so a resend or a second export replaces rather than duplicates."""
+    return uuid.uuid5(uuid.NAMESPACE_URL, "fieldscope:" + ":".join(map(str, parts)))
 
 
 def iso(t: float) -> str:
