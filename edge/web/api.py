@@ -78,7 +78,7 @@ def status():
 @bp.get("/api/profiles")
 def profiles():
     pipe, _ = _ctx()
-    return jsonify(profiles=pipe.profiles(), active=pipe.status()["profile"])
+    return jsonify(profiles=pipe.profiles(), active=pipe.profile.describe())
 
 
 def switch_to(profile_id: object):
