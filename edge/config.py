@@ -328,25 +328,26 @@ def _profiles(raw: Any, top: dict[str, Any], base: Path | None) -> tuple[dict[st
                 raise ConfigError(f"{where}.{key}: expected a string, got {table[key]!r}")
         if not table.get("bundle"):
             raise ConfigError(f"{where}.bundle: each profile names its model bundle")
+        for key in ("source", "pipeline"):
+            if not isinstance(table.get(key, {}), dict):
+                raise ConfigError(f"{where}.{key}: expected a table, got "
+                                  f"{type(table[key]).__name__}")
+        # The profile's options over the shared ones, then its paths made absolute: a replay
+        # folder is a path, a V4L2 index is not, whichever table says the kind.
         own = {
             "model": {k: table[k] for k in ("bundle", "labels", "fallback_bundle") if k in table},
-            "source": dict(table.get("source", {})) if isinstance(table.get("source"), dict)
-            else table.get("source", {}),
+            "source": {**top.get("source", {}), **table.get("source", {})},
         }
         if base is not None:
             _absolute_paths(own, base)
-        source = {**top.get("source", {}), **own["source"]} if isinstance(own["source"], dict) \
-            else own["source"]
-        pipeline = table.get("pipeline", {})
-        if isinstance(pipeline, dict):
-            pipeline = {**top.get("pipeline", {}), **pipeline}
+        pipeline = {**top.get("pipeline", {}), **table.get("pipeline", {})}
         profiles[pid] = Profile(
             id=pid,
             name=table.get("name", ""),
             bundle=own["model"]["bundle"],
             labels=own["model"].get("labels", ""),
             fallback_bundle=own["model"].get("fallback_bundle", ""),
-            source=_section(SourceSection, source, f"{where}.source"),
+            source=_section(SourceSection, own["source"], f"{where}.source"),
             pipeline=_section(PipelineSection, pipeline, f"{where}.pipeline"),
         )
     if not profiles:

@@ -72,6 +72,31 @@ def test_profiles_are_read_with_their_own_source_and_settings(tmp_path):
         cfg.for_profile("nope")
 
 
+def test_a_profile_camera_index_is_not_taken_for_a_path(tmp_path):
+    """The kind may come from the shared [source]: a V4L2 index in a profile stays an index,
+    a replay folder becomes a path."""
+    path = tmp_path / "kit.toml"
+    path.write_text(f"""
+[profiles.usb]
+bundle = "{BLOOD}"
+[profiles.usb.source]
+path = "0"
+[profiles.folder]
+bundle = "{BLOOD}"
+[profiles.folder.source]
+kind = "replay"
+path = "fields"
+[source]
+kind = "v4l2"
+""")
+    cfg = load_config(path)
+    assert cfg.for_profile("usb").source.path == "0"
+    assert cfg.for_profile("folder").source.path == str(tmp_path / "fields")
+    (tmp_path / "bad.toml").write_text(f'[profiles.x]\nbundle = "{BLOOD}"\nsource = 3\n')
+    with pytest.raises(ConfigError, match=r"\[profiles.x\].source: expected a table, got int"):
+        load_config(tmp_path / "bad.toml")
+
+
 def test_a_config_without_profiles_has_one_implicit_profile(tmp_path):
     cfg = load_config(None, {"model.bundle": str(BLOOD), "source.path": str(tmp_path)})
     assert list(cfg.all_profiles()) == ["default"]
