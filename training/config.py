@@ -103,6 +103,13 @@ class TrainConfig:
     # int8 bottom (calibrated like the export), and validation on int8 activations, so the top
     # learns to answer the same for the float and the int8 bottom (see training/cached.py).
     int8_copies: int = 0
+    # Seed of the weights' initialisation, the sampling and the augmentation; -1 = the
+    # dataset's seed. Another value trains another ensemble member on the same split.
+    seed: int = -1
+
+    def run_seed(self, dataset_seed: int) -> int:
+        """The seed training uses (the split always uses the dataset's)."""
+        return dataset_seed if self.seed < 0 else self.seed
 
     @property
     def soft_labels_path(self) -> Path:
@@ -209,7 +216,7 @@ def _check(cfg: Config, path: Path) -> None:
         if not Path(cfg.train.soft_labels_path).is_file():
             raise ConfigError(
                 f"{path} [train] soft_labels: {cfg.train.soft_labels_path} not found",
-                "make it with training/gpu_teacher.py, or set soft_labels = \"\"",
+                'make it with training/gpu_teacher.py, or set soft_labels = ""',
             )
     if not 0 <= cfg.train.soft_weight <= 1:
         raise ConfigError(f"{path} [train] soft_weight must be between 0 and 1")

@@ -135,7 +135,11 @@ def _finetune_cached(cfg: Config, run_dir: Path, top, head, acts, data, weights,
 
     log.info("training on %d cached copies of the activations", len(acts["train"]))
     ds = copies_dataset(
-        acts["train"], data["y_train"], weights, cfg.train.batch_size, cfg.dataset.seed
+        acts["train"],
+        data["y_train"],
+        weights,
+        cfg.train.batch_size,
+        cfg.train.run_seed(cfg.dataset.seed),
     )
     val = (acts["val"], data["y_val"])
 
@@ -188,7 +192,7 @@ def _finetune_images(cfg: Config, run_dir: Path, model, data, weights, group_idx
             n,
             cfg.train.sampling,
             bs,
-            cfg.dataset.seed,
+            cfg.train.run_seed(cfg.dataset.seed),
             targets=y_train if soft else None,
             rotate=cfg.train.rotate,
         )
@@ -196,7 +200,11 @@ def _finetune_images(cfg: Config, run_dir: Path, model, data, weights, group_idx
         log.info("phase 2 draws classes %s", cfg.train.sampling)
     else:
         train_ds = make_dataset(
-            data["x_train"], y_train, bs, train=cfg.train.augment, seed=cfg.dataset.seed,
+            data["x_train"],
+            y_train,
+            bs,
+            train=cfg.train.augment,
+            seed=cfg.train.run_seed(cfg.dataset.seed),
             rotate=cfg.train.rotate,
         )
         fit_kw = {"class_weight": weights}
@@ -225,19 +233,23 @@ def _add_int8_activations(cfg: Config, cache_dir: Path, bottom, data, acts) -> N
     from .export import calibration_images, export_int8
 
     layer = cfg.train.unfreeze_from
-    rep = calibration_images(
-        data["x_train"], cfg.export.representative_images, cfg.dataset.seed
-    )
+    rep = calibration_images(data["x_train"], cfg.export.representative_images, cfg.dataset.seed)
     cache_dir.mkdir(parents=True, exist_ok=True)
     tflite = export_int8(bottom, rep, cache_dir / "bottom_int8.tflite")
     extra = int8_activations(
-        tflite, data["x_train"], cfg.train.int8_copies, cfg.train.augment, layer, cache_dir,
-        "train", seed=cfg.dataset.seed,
+        tflite,
+        data["x_train"],
+        cfg.train.int8_copies,
+        cfg.train.augment,
+        layer,
+        cache_dir,
+        "train",
+        seed=cfg.dataset.seed,
     )
     acts["train"] = np.concatenate([acts["train"], extra])
-    acts["val"] = int8_activations(
-        tflite, data["x_val"], 1, False, layer, cache_dir, "val"
-    )[0].astype(np.float32)
+    acts["val"] = int8_activations(tflite, data["x_val"], 1, False, layer, cache_dir, "val")[
+        0
+    ].astype(np.float32)
 
 
 def train(cfg: Config, run_dir: Path) -> Path:
@@ -249,7 +261,7 @@ def train(cfg: Config, run_dir: Path) -> Path:
 
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=2, default=str))
-    keras.utils.set_random_seed(cfg.dataset.seed)
+    keras.utils.set_random_seed(cfg.train.run_seed(cfg.dataset.seed))
     t0 = time.time()
     data = prepare_data(cfg, run_dir)
     labels = cfg.dataset.labels
