@@ -48,6 +48,32 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_scope(args) -> int:
+    from .scope import add_scope
+
+    cfg = _cfg(args)
+    if not cfg.export.scope_layers:
+        print("error: the config has no export.scope_layers", file=sys.stderr)
+        return 2
+    from .datasets import split_samples
+
+    ds = cfg.dataset
+    extra = {"csv_name": ds.csv} if ds.layout == "ham10000" and ds.csv else {}
+    # The split the bundle was trained on: seeded and grouped, so it is rebuilt exactly.
+    parts = split_samples(
+        load_samples(ds.layout, ds.root_path, **extra), tuple(ds.fractions), ds.seed
+    )
+    report = add_scope(Path(args.model or f"models/{cfg.name}"), cfg, parts)
+    r = report["in_scope_test"]
+    print(f"in-scope test images rejected: {100 * r['rejected']:.1f} % of {r['n']}")
+    for name, m in report["sets"].items():
+        print(
+            f"{name}: rejected {100 * m['rejected']:.1f} % of {m['n']}, AUROC "
+            f"{m['auroc']:.3f}, TNR at 95 % TPR {100 * m['tnr_at_95_tpr']:.1f} %"
+        )
+    return 0
+
+
 def cmd_export(args) -> int:
     from .build import export_artifacts
 
@@ -195,6 +221,13 @@ def main(argv: list[str] | None = None) -> int:
     pr.add_argument("--backbones", default="mobilenetv2,mobilenet_edgetpu")
     pr.add_argument("--set", action="append")
     pr.set_defaults(func=cmd_probe)
+    sc = sub.add_parser(
+        "scope", help="add the scope check and activation maps to a bundle, in place"
+    )
+    sc.add_argument("--config", required=True)
+    sc.add_argument("--model", help="the bundle (default models/<name>)")
+    sc.add_argument("--set", action="append")
+    sc.set_defaults(func=cmd_scope)
     c = sub.add_parser("compile", help="compile a bundle's int8 model for the Edge TPU")
     c.add_argument("--model", required=True)
     c.add_argument("--runtime-version", type=int, default=14)

@@ -45,6 +45,10 @@ class DecisionConfig:
     target_sensitivity: float = 0.9
     positive: str = "refer"
     negative: str = "no referral"
+    # What the kit calls an image the scope check rejects, and what the live page says while
+    # nothing it was made for is in view.
+    out_of_scope: str = "not an image for this model"
+    nothing_in_view: str = "nothing to classify in view"
 
 
 @dataclass
@@ -144,6 +148,13 @@ class ExportConfig:
     # min_agreement (int8 vs float top-1).
     targets: dict[str, float] = field(default_factory=dict)
     gap_notes: list[str] = field(default_factory=list)  # what would close a missed target
+    # The scope check (training/scope.py): layers whose feature maps become extra outputs of
+    # the int8 model (an early one for texture and colour, the last one for the maps), the
+    # share of in-scope validation images it must accept, and the other use's config (its
+    # images are one of the out-of-scope sets reported). [] = no scope check.
+    scope_layers: list[str] = field(default_factory=list)
+    scope_acceptance: float = 0.97
+    scope_other: str = ""
 
 
 @dataclass

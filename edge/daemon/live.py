@@ -28,6 +28,7 @@ class LiveState:
     camera_error: str | None = None
     classified: int = 0
     not_assessable: int = 0
+    out_of_scope: int = 0  # classified, but not what the model is for (the scope check)
     errors: int = 0
 
 

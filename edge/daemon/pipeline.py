@@ -381,6 +381,7 @@ class Pipeline:
             "frame_id": st.frame_id,
             "frames_classified": st.classified,
             "frames_not_assessable": st.not_assessable,
+            "frames_out_of_scope": st.out_of_scope,
             "errors": st.errors,
             "last_result": st.result,
             "smoothed": st.smoothed,

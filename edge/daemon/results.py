@@ -52,8 +52,7 @@ class ResultsService:
         """Full-quality still → classify → store with snapshot; returns the stored result."""
         with self._use() as run:
             self._check_sample(run, sample_code)
-            return self._classify_and_store(run, run.capture.take_still(), "capture",
-                                            sample_code)
+            return self._classify_and_store(run, run.capture.take_still(), "capture", sample_code)
 
     def classify_and_store(self, image: Any, mode: str, sample_code: str | None) -> dict[str, Any]:
         """Classify an RGB array (a camera still) or an encoded image (an upload) with the
@@ -93,10 +92,11 @@ class ResultsService:
             rgb = np.asarray(open_image(image, max_pixels=clf.max_pixels), dtype=np.uint8)
         # On demand a few more invokes cost nothing a user notices: average the bundle's
         # test-time views (the live stream never does).
-        result = clf.infer(small, times, top_k=p.top_k, name=mode, tta=True)
+        result = clf.infer(small, times, top_k=p.top_k, name=mode, tta=True, explain=True)
         doc = result.to_dict()
         doc["quality"] = quality.to_dict()
-        doc["assessable"] = quality.assessable
+        # Out of scope counts like a failed quality gate: no finding, never flagged.
+        doc["assessable"] = quality.assessable and result.in_scope
         jpeg = encode_jpeg(rgb, run.cfg.storage.snapshot_quality)
         doc["id"] = self.store.save(
             doc,
@@ -129,8 +129,9 @@ class ResultsService:
     def get(self, result_id: int) -> dict[str, Any] | None:
         return self.store.get(result_id)
 
-    def list(self, limit: int = 50, before: int | None = None,
-             sample_code: str | None = None) -> list[dict[str, Any]]:
+    def list(
+        self, limit: int = 50, before: int | None = None, sample_code: str | None = None
+    ) -> list[dict[str, Any]]:
         return self.store.list(limit=limit, before=before, sample_code=sample_code)
 
     def samples(self) -> list[dict[str, Any]]:

@@ -68,7 +68,13 @@ CREATE TABLE IF NOT EXISTS settings (
 """
 # Columns added after the first release: (table, column, type). A kit's existing database gets
 # them at start-up; older rows read NULL.
-ADDED_COLUMNS = (("results", "profile", "TEXT"), ("samples", "profile", "TEXT"))
+ADDED_COLUMNS = (
+    ("results", "profile", "TEXT"),
+    ("samples", "profile", "TEXT"),
+    # The scope check's verdict {"in_scope", "score", "threshold"} and the activation maps.
+    ("results", "scope", "TEXT"),
+    ("results", "map", "TEXT"),
+)
 
 
 class StorageError(FieldScopeError):
@@ -112,8 +118,10 @@ class Store:
         self.root = Path(data_dir)
         self.snapshots = self.root / "snapshots"
         if read_only and not (self.root / "fieldscope.db").is_file():
-            raise StorageError(f"no kit database in {self.root}",
-                               "give the kit's data folder (--data-dir or --config)")
+            raise StorageError(
+                f"no kit database in {self.root}",
+                "give the kit's data folder (--data-dir or --config)",
+            )
         if not read_only:
             self.snapshots.mkdir(parents=True, exist_ok=True)
         self.retention_days = retention_days
@@ -123,8 +131,11 @@ class Store:
         self.last_error_at: float | None = None
         db = self.root / "fieldscope.db"
         self._db = sqlite3.connect(
-            f"file:{db}?mode=ro" if read_only else db, uri=read_only,
-            check_same_thread=False, timeout=10, isolation_level=None,
+            f"file:{db}?mode=ro" if read_only else db,
+            uri=read_only,
+            check_same_thread=False,
+            timeout=10,
+            isolation_level=None,
         )
         self._db.row_factory = sqlite3.Row
         self.destinations = tuple(destinations)
@@ -176,9 +187,7 @@ class Store:
         with self._lock:
             named = {
                 r[0]
-                for r in self._db.execute(
-                    "SELECT snapshot FROM results WHERE snapshot IS NOT NULL"
-                )
+                for r in self._db.execute("SELECT snapshot FROM results WHERE snapshot IS NOT NULL")
             }
         orphans = 0
         for path in self.snapshots.rglob("*.jpg"):
@@ -255,7 +264,7 @@ class Store:
                         "INSERT INTO results (created, mode, sample_code, label, score, "
                         "assessable, decision_outcome, decision_positive, group_score, "
                         "probabilities, quality, timings, backend, model, snapshot, source, "
-                        "profile) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                        "profile, scope, map) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                         (
                             now,
                             mode,
@@ -274,17 +283,24 @@ class Store:
                             snapshot,
                             source,
                             profile,
+                            json.dumps(result["scope"]) if result.get("scope") else None,
+                            json.dumps(result["map"]) if result.get("map") else None,
                         ),
                     )
                     if sample_code:
                         self._db.execute(
-                            "INSERT OR IGNORE INTO samples (code, created, profile) "
-                            "VALUES (?,?,?)",
+                            "INSERT OR IGNORE INTO samples (code, created, profile) VALUES (?,?,?)",
                             (sample_code, now, profile),
                         )
                     # Its messages to the kit's destinations, in the same transaction.
-                    outbox.enqueue(self._db, self.destinations, int(cur.lastrowid), sample_code,
-                                   snapshot is not None, now)
+                    outbox.enqueue(
+                        self._db,
+                        self.destinations,
+                        int(cur.lastrowid),
+                        sample_code,
+                        snapshot is not None,
+                        now,
+                    )
                     self._step("rows-inserted")
                 self._step("committed")
         except (sqlite3.Error, OSError) as exc:
@@ -308,9 +324,10 @@ class Store:
     @staticmethod
     def _row(row: sqlite3.Row) -> dict[str, Any]:
         out = dict(row)
-        for key in ("probabilities", "quality", "timings"):
-            out[key] = json.loads(out[key]) if out[key] else None
+        for key in ("probabilities", "quality", "timings", "scope", "map"):
+            out[key] = json.loads(out[key]) if out.get(key) else None
         out["assessable"] = bool(out["assessable"])
+        out["in_scope"] = out["scope"] is None or bool(out["scope"]["in_scope"])
         if out["decision_positive"] is not None:
             out["decision_positive"] = bool(out["decision_positive"])
         return out
@@ -366,6 +383,7 @@ class Store:
             "fields": len(fields),
             "flagged": sum(1 for f in usable if f["decision_positive"]),
             "not_assessable": sum(1 for f in fields if not f["assessable"]),
+            "out_of_scope": sum(1 for f in fields if not f["in_scope"]),
             "mean_score": sum(scores) / len(scores) if scores else None,
             "max_score": max(scores) if scores else None,
             "results": fields,
@@ -465,8 +483,9 @@ class Store:
                         path.unlink(missing_ok=True)
             removed += len(rows)
         if removed:
-            log.info("retention: removed %d results older than %d days", removed,
-                     self.retention_days)
+            log.info(
+                "retention: removed %d results older than %d days", removed, self.retention_days
+            )
         return removed
 
     def close(self) -> None:

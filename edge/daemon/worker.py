@@ -106,6 +106,26 @@ class InferenceWorker:
         )
         done = time.monotonic()
         bundle = self.classifier.bundle
+        if not result.in_scope:
+            # Not what the model is for (an empty stage, a finger, the wrong use's subject):
+            # like a failed quality gate, it is shown as such, never smoothed into the live
+            # decision and never stored.
+            doc = result.to_dict()
+            doc.update(
+                assessable=False,
+                reason=bundle.scope_texts["nothing_in_view"],
+                quality=quality,
+                label=None,
+            )
+            self.board.publish(
+                count=("out_of_scope",),
+                quality=quality,
+                result=doc,
+                frame_id=frame.id,
+                at=time.time(),
+            )
+            self._mark_ready()
+            return
         shown = self.smoother.update(
             result.probabilities,
             lambda mean: postprocess.decide(

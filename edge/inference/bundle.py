@@ -17,6 +17,7 @@ from typing import Any
 
 from ..errors import BundleError
 from .labels import read_labels, write_labels
+from .scope import ScopeModel, load_scope
 from .tflite_file import is_edgetpu_compiled, read_model_bytes, sha256_file
 
 SCHEMA_VERSION = 1
@@ -49,6 +50,17 @@ class Bundle:
     root: Path | None
     manifest: dict[str, Any]
     artifacts: dict[str, Artifact]
+    # The scope check and activation maps (None: the bundle has none and says so).
+    scope: ScopeModel | None = None
+
+    @property
+    def scope_texts(self) -> dict[str, str]:
+        """What an out-of-scope image is called, and what the live page says meanwhile."""
+        spec = self.manifest.get("scope") or {}
+        return {
+            "out_of_scope": spec.get("out_of_scope", "not an image for this model"),
+            "nothing_in_view": spec.get("nothing_in_view", "nothing to classify in view"),
+        }
 
     @property
     def name(self) -> str:
@@ -101,7 +113,7 @@ class Bundle:
 
     def only(self, kind: str) -> Bundle:
         """The same bundle restricted to one artifact (to evaluate or time it alone)."""
-        return Bundle(self.root, self.manifest, {kind: self.artifacts[kind]})
+        return Bundle(self.root, self.manifest, {kind: self.artifacts[kind]}, self.scope)
 
     def cpu_artifact(self) -> Artifact | None:
         """The artifact the CPU runs: int8 when present (fast on a Pi's ARM cores), else float."""
@@ -241,7 +253,29 @@ def load_bundle(path: Path | str, verify: bool = True) -> Bundle:
         kind: _check_artifact(root, kind, info, verify)
         for kind, info in manifest["artifacts"].items()
     }
-    return Bundle(root, manifest, artifacts)
+    return Bundle(root, manifest, artifacts, _check_scope(root, manifest.get("scope"), verify))
+
+
+def _check_scope(root: Path, spec: dict[str, Any] | None, verify: bool) -> ScopeModel | None:
+    """The scope file named in the manifest: present, the digest it claims, well formed."""
+    if not spec:
+        return None
+    path = root / spec["file"]
+    if not path.is_file():
+        raise BundleError(
+            f"bundle {root.name}: scope file {spec['file']} is missing",
+            'copy the file into the bundle, or remove "scope" from manifest.json (the kit '
+            "then classifies without a scope check)",
+        )
+    if verify:
+        digest = sha256_file(path)
+        if digest != spec["sha256"]:
+            raise BundleError(
+                f"bundle {root.name}: sha256 of {spec['file']} is {digest[:12]}…, manifest "
+                f"says {spec['sha256'][:12]}…",
+                "the file is corrupt or was replaced; copy the bundle again",
+            )
+    return load_scope(path, f"bundle {root.name}")
 
 
 def bundle_from_tflite(
@@ -308,6 +342,11 @@ def write_bundle(
             shutil.copyfile(src, dest)
         entry["sha256"] = sha256_file(dest)
         entry["size"] = dest.stat().st_size
+    scope = manifest.get("scope")
+    if scope:  # its file was written into the bundle by training: record what it is
+        scope_file = out / scope["file"]
+        scope["sha256"] = sha256_file(scope_file)
+        scope["size"] = scope_file.stat().st_size
     validate_manifest(manifest, f"{out}/manifest.json")
     write_labels(out / "labels.txt", manifest["labels"])
     tmp = out / "manifest.json.tmp"

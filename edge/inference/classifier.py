@@ -26,6 +26,7 @@ from .preprocess import (
     tta_views,
 )
 from .runtime import resolve_runtime
+from .scope import dequantize_map, match_taps
 
 log = logging.getLogger(__name__)
 REPROBE_FIRST_S = 15.0
@@ -47,6 +48,15 @@ class Result:
     notes: list[str] = field(default_factory=list)
     # How many views were averaged (test-time augmentation); 1 for a plain classification.
     views: int = 1
+    # {"in_scope", "score", "threshold"} when the bundle has a scope check, else None.
+    scope: dict[str, Any] | None = None
+    # Where the model looked (asked for with explain=True): {"size": [h, w], "class": [[...]],
+    # "group": [[...]]} in logit units per location, or None.
+    map: dict[str, Any] | None = None
+
+    @property
+    def in_scope(self) -> bool:
+        return self.scope is None or bool(self.scope["in_scope"])
 
     def to_dict(self) -> dict[str, Any]:
         # Built by hand: dataclasses.asdict deep-copies recursively, a visible cost per frame.
@@ -58,6 +68,8 @@ class Result:
             timings_ms=dict(self.timings_ms),
             notes=list(self.notes),
             top_k=[{"label": lab, "score": s} for lab, s in self.top_k],
+            scope=dict(self.scope) if self.scope is not None else None,
+            map=dict(self.map) if self.map is not None else None,
         )
         return out
 
@@ -124,6 +136,15 @@ class Classifier:
                 f"{len(self.bundle.labels)} labels",
                 "use the labels file that belongs to this model",
             )
+        scope = self.bundle.scope
+        try:
+            self._taps = (
+                match_taps(backend.tap_details, [t.shape for t in scope.taps])
+                if scope is not None
+                else []
+            )
+        except BundleError as exc:
+            raise BundleError(f"{backend.artifact.path.name}: {exc.message}", exc.hint) from exc
         self.spec = spec
         self._bias = self.bundle.class_bias
         self.adapter = InputAdapter.for_model(backend.input_detail, spec)
@@ -151,8 +172,9 @@ class Classifier:
         t0 = time.perf_counter()
         if isinstance(source, np.ndarray):  # a camera frame: no decoding
             t1 = t0
-            small = resize_array(np.ascontiguousarray(source, dtype=np.uint8), (h, w),
-                                 self.spec["resize"])
+            small = resize_array(
+                np.ascontiguousarray(source, dtype=np.uint8), (h, w), self.spec["resize"]
+            )
         else:
             img = open_image(source, target=(w, h), max_pixels=self.max_pixels)
             t1 = time.perf_counter()
@@ -167,13 +189,21 @@ class Classifier:
         with self._lock:
             yield self.backend
 
-    def _invoke(self, rgb: np.ndarray) -> tuple[np.ndarray, list[str]]:
-        """Run one prepared input (the caller holds the lock). Only a failure of the Edge TPU
-        itself moves inference to the CPU: a bad input is the caller's error and raised as is."""
+    def _run(self, tensor: np.ndarray, taps: bool) -> tuple[np.ndarray, list[np.ndarray]]:
+        if taps and self._taps:
+            return self.backend.invoke_with_taps(tensor, self._taps)
+        return self.backend.invoke(tensor), []
+
+    def _invoke(
+        self, rgb: np.ndarray, taps: bool = False
+    ) -> tuple[tuple[np.ndarray, list[np.ndarray]], list[str]]:
+        """Run one prepared input (the caller holds the lock); ``taps`` also returns the scope
+        check's feature maps. Only a failure of the Edge TPU itself moves inference to the CPU:
+        a bad input is the caller's error and raised as is."""
         tensor = self.adapter(rgb)  # shape or type problems surface here, before the TPU
         notes = self._maybe_reprobe()
         try:
-            return self.backend.invoke(tensor), notes
+            return self._run(tensor, taps), notes
         except Exception as exc:
             if self.backend.name != "edgetpu" or self.policy != "auto":
                 if self.backend.name == "edgetpu":
@@ -189,7 +219,18 @@ class Classifier:
             self.degraded = {"since": time.time(), "reason": why}
             self._reprobe_at = time.monotonic() + self.reprobe_s
             old.close()
-            return self.backend.invoke(self.adapter(rgb)), notes + [why]
+            return self._run(self.adapter(rgb), taps), notes + [why]
+
+    def feature_maps(self, rgb: np.ndarray) -> list[np.ndarray]:
+        """Every feature output of the model for one prepared input, as float (H, W, C) maps
+        (what ``training`` fits the scope check on, through the same code as the kit)."""
+        with self._lock:
+            _, taps = self.backend.invoke_with_taps(
+                self.adapter(rgb), list(range(len(self.backend.tap_details)))
+            )
+            return [
+                dequantize_map(t, d) for t, d in zip(taps, self.backend.tap_details, strict=True)
+            ]
 
     def _maybe_reprobe(self) -> list[str]:
         """While degraded, try the Edge TPU again when its backoff has passed; back on it when
@@ -220,11 +261,12 @@ class Classifier:
         top_k: int = 3,
         name: str | None = None,
         tta: bool = False,
+        explain: bool = False,
     ) -> Result:
         rgb, times = self.prepare(source)
         if name is None and isinstance(source, str):
             name = source
-        return self.infer(rgb, times, top_k, name, tta=tta)
+        return self.infer(rgb, times, top_k, name, tta=tta, explain=explain)
 
     def infer(
         self,
@@ -233,23 +275,31 @@ class Classifier:
         top_k: int = 3,
         name: str | None = None,
         tta: bool = False,
+        explain: bool = False,
     ) -> Result:
         """Classify an already prepared (H, W, 3) model-size input (see :meth:`prepare`).
 
         ``tta``: average the probabilities over the bundle's test-time views (a few times the
         invoke cost; for on-demand classifications, not the live stream). Without ``tta`` in
-        the bundle it is a plain classification."""
+        the bundle it is a plain classification. The scope check (when the bundle has one)
+        runs on the first view every time; ``explain`` adds the activation maps."""
         times = dict(times or {})
         t_start = time.perf_counter() - (times.get("decode", 0) + times.get("preprocess", 0)) / 1e3
         views = tta_views(rgb, self.bundle.tta) if tta and self.bundle.tta else [rgb]
         outputs = []
         notes: list[str] = []
+        maps: list[np.ndarray] = []
         with self._lock:
             t0 = time.perf_counter()
-            for view in views:
-                raw, why = self._invoke(view)
+            for i, view in enumerate(views):
+                (raw, taps), why = self._invoke(view, taps=i == 0)
                 notes += why
                 outputs.append((raw, self.backend.output_detail))
+                if i == 0:
+                    maps = [
+                        dequantize_map(t, self.backend.tap_details[j])
+                        for t, j in zip(taps, self._taps, strict=True)
+                    ]
             t1 = time.perf_counter()
             backend_name = self.backend.name
         kind, bias = self.bundle.output_kind, self._bias
@@ -262,8 +312,23 @@ class Classifier:
         best = postprocess.top_k(probs, labels, top_k)
         groups = postprocess.group_scores(probs, labels, self.bundle.label_groups)
         decision = postprocess.decide(groups, self.bundle.decision, tta=len(views) > 1)
+        scope = self.bundle.scope
         t2 = time.perf_counter()
+        scope_result, cam = None, None
+        if scope is not None and maps:
+            scope_result = scope.check(maps)
+            if not scope_result["in_scope"]:
+                decision = postprocess.out_of_scope(decision, self.bundle.scope_texts)
+        t3 = time.perf_counter()
+        if explain and scope is not None and maps:
+            cam = self._explain(maps[scope.cam_tap], each[0], labels.index(best[0][0]))
+        t4 = time.perf_counter()
         times.update(invoke=(t1 - t0) * 1e3, postprocess=(t2 - t1) * 1e3)
+        if scope_result is not None:
+            times["scope"] = (t3 - t2) * 1e3
+        if cam is not None:
+            times["map"] = (t4 - t3) * 1e3
+        t2 = t4
         times["total"] = (t2 - t_start) * 1e3
         return Result(
             label=best[0][0],
@@ -278,7 +343,26 @@ class Classifier:
             image=name,
             notes=notes,
             views=len(views),
+            scope=scope_result,
+            map=cam,
         )
+
+    def _explain(self, fmap: np.ndarray, probs: np.ndarray, cls: int) -> dict[str, Any] | None:
+        """Activation maps for the top class and the decision group, on the first view."""
+        rule = self.bundle.decision
+        group = None
+        if rule:
+            members = set(self.bundle.label_groups.get(rule["group"], []))
+            group = [i for i, lab in enumerate(self.bundle.labels) if lab in members]
+        maps = self.bundle.scope.activation_maps(fmap, probs, cls, group)
+        if maps is None:
+            return None
+        out: dict[str, Any] = {"size": maps["size"], "label": self.bundle.labels[cls]}
+        out["class"] = np.round(maps["class"], 4).tolist()
+        if "group" in maps:
+            out["group"] = np.round(maps["group"], 4).tolist()
+            out["group_name"] = rule["group"]
+        return out
 
     def close(self) -> None:
         self.backend.close()

@@ -79,3 +79,16 @@ def decide(
         "outcome": outcome,
         "text": f"{rule['group']}: {score:.{n}f} {sign} {threshold:.{n}f} → {outcome}",
     }
+
+
+def out_of_scope(decision: dict[str, Any] | None, texts: dict[str, str]) -> dict[str, Any]:
+    """The decision for an image the scope check rejected: neither positive nor negative (it is
+    never flagged and never counted as a negative; the score is kept for the record)."""
+    out = dict(decision or {})
+    out.update(
+        positive=False,
+        outcome="out of scope",
+        in_scope=False,
+        text=f"out of scope: {texts['out_of_scope']}",
+    )
+    return out

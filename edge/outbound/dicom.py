@@ -30,7 +30,7 @@ from ..config import DicomSection
 from ..daemon.outbox import Message
 from ..daemon.store import Store
 from ..inference.bundle import Bundle
-from .messages import Gone, Refused, short_reason, stable_uuid
+from .messages import Gone, Refused, short_reason, stable_uuid, unassessed_reason
 from .sender import Destination
 
 # highdicom logs each module it copies at INFO: not the daemon's business.
@@ -150,7 +150,7 @@ def field_report(row: dict[str, Any], image, study: Study, bundle: Bundle | None
         hd.sr.TextContentItem(
             codes.DCM.Finding,
             (f"{row['label']} ({row['score']:.3f})" if row["assessable"]
-             else "not assessable (image quality)")
+             else unassessed_reason(row))
             + (f"; decision: {row['decision_outcome']}" if row.get("decision_outcome") else ""),
             relationship_type=contains),
     ]

@@ -14,7 +14,7 @@ from typing import Any
 from ..daemon.store import Store
 from ..inference.bundle import Bundle
 from .dicom import DISCLAIMER, BundleFor
-from .messages import Gone, iso, stable_uuid
+from .messages import Gone, iso, stable_uuid, unassessed_reason
 
 SYSTEM = "urn:fieldscope"  # identifier and code system of this kit's own codes
 
@@ -38,7 +38,14 @@ def _observation(row: dict[str, Any], kit_id: str, bundle: Bundle | None) -> dic
         "identifier": [{"system": f"{SYSTEM}:{kit_id}:result", "value": str(row["id"])}],
     }
     if not row["assessable"]:
-        obs["dataAbsentReason"] = {"text": "not assessable (image quality)"}
+        obs["dataAbsentReason"] = {"text": unassessed_reason(row)}
+        if not row.get("in_scope", True):
+            obs["interpretation"] = [{
+                "coding": [{"system": "http://terminology.hl7.org/CodeSystem/"
+                                      "v3-ObservationInterpretation",
+                            "code": "IND", "display": "Indeterminate"}],
+                "text": "out of scope",
+            }]
     else:
         obs["valueCodeableConcept"] = {
             "coding": [{"system": f"{SYSTEM}:label", "code": row["label"],

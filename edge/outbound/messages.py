@@ -52,6 +52,13 @@ def stable_uuid(*parts: object) -> uuid.UUID:
     return uuid.uuid5(uuid.NAMESPACE_URL, "fieldscope:" + ":".join(map(str, parts)))
 
 
+def unassessed_reason(row: dict[str, Any]) -> str:
+    """Why a stored field has no finding: the scope check rejected it, or its quality did."""
+    if not row.get("in_scope", True):
+        return "not assessable (out of scope: not an image for this model)"
+    return "not assessable (image quality)"
+
+
 def iso(t: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
 
@@ -60,8 +67,13 @@ def result_message(store: Store, msg: Message, kit_id: str) -> dict[str, Any]:
     row = store.get(msg.result_id) if msg.result_id is not None else None
     if row is None:
         raise Gone(f"result {msg.result_id} is no longer stored")
-    return {"message_id": msg.message_id, "kit": kit_id, "type": "result",
-            "created_utc": iso(row["created"]), **row}
+    return {
+        "message_id": msg.message_id,
+        "kit": kit_id,
+        "type": "result",
+        "created_utc": iso(row["created"]),
+        **row,
+    }
 
 
 def sample_message(store: Store, msg: Message, kit_id: str) -> dict[str, Any]:
@@ -69,14 +81,20 @@ def sample_message(store: Store, msg: Message, kit_id: str) -> dict[str, Any]:
     if summary is None:
         raise Gone(f"sample {msg.sample_code} is no longer stored")
     results = summary.pop("results")
-    return {"message_id": msg.message_id, "kit": kit_id, "type": "sample",
-            **summary, "result_ids": [r["id"] for r in results],
-            "updated_utc": iso(max(r["created"] for r in results))}
+    return {
+        "message_id": msg.message_id,
+        "kit": kit_id,
+        "type": "sample",
+        **summary,
+        "result_ids": [r["id"] for r in results],
+        "updated_utc": iso(max(r["created"] for r in results)),
+    }
 
 
 def status_message(kit_id: str, state: str, **extra: Any) -> bytes:
-    return json.dumps({"kit": kit_id, "state": state, "at_utc": iso(time.time()), **extra},
-                      separators=(",", ":")).encode()
+    return json.dumps(
+        {"kit": kit_id, "state": state, "at_utc": iso(time.time()), **extra}, separators=(",", ":")
+    ).encode()
 
 
 def encode(doc: dict[str, Any]) -> bytes:

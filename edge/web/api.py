@@ -131,6 +131,28 @@ def result_snapshot(result_id: int):
     return send_file(path, mimetype="image/jpeg")
 
 
+@bp.get("/api/results/<int:result_id>/map.png")
+def result_map(result_id: int):
+    """The stored snapshot with the activation map over it (?kind=group|class)."""
+    from .overlay import overlay_png
+
+    pipe, _ = _ctx()
+    kind = request.args.get("kind", "group")
+    if kind not in ("group", "class"):
+        return _error("kind must be group or class", 400)
+    row = pipe.results.get(result_id)
+    if row is None or not row.get("map"):
+        return _error(f"no activation map for result {result_id}", 404)
+    path = pipe.results.snapshot_path(row["snapshot"]) if row["snapshot"] else None
+    if path is None:
+        return _error(f"no snapshot for result {result_id}", 404)
+    values = row["map"].get(kind) or row["map"]["class"]
+    bundle = pipe.profile_bundle(row.get("profile"))
+    spec = bundle.input_spec if bundle is not None else {"size": [1, 1], "resize": "squash"}
+    png = overlay_png(path, values, tuple(spec["size"]), spec["resize"])
+    return Response(png, mimetype="image/png")
+
+
 @bp.get("/snapshots/<path:name>")
 def snapshot_file(name: str):
     pipe, _ = _ctx()

@@ -93,6 +93,14 @@ def document() -> dict[str, Any]:
                 ok={"description": "JPEG", "content": {"image/jpeg": {}}},
                 errors=(401, 404), parameters=[_ID],
             )},
+            "/api/results/{result_id}/map.png": {"get": _op(
+                "The stored image with the activation map over it: where the model looked",
+                ok={"description": "PNG", "content": {"image/png": {}}},
+                errors=(400, 401, 404),
+                parameters=[_ID, {"name": "kind", "in": "query", "schema": {
+                    "enum": ["group", "class"]},
+                    "description": "the decision group's map (default) or the top class's"}],
+            )},
             "/snapshots/{name}": {"get": _op(
                 "A stored image by its file name",
                 ok={"description": "JPEG", "content": {"image/jpeg": {}}},

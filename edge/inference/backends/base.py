@@ -23,7 +23,11 @@ class Backend(ABC):
         self.threads = threads
         self.interpreter = self._build_interpreter()
         self.input_detail = self.interpreter.get_input_details()[0]
-        self.output_detail = self.interpreter.get_output_details()[0]
+        outputs = self.interpreter.get_output_details()
+        # The class output comes first; a bundle with a scope check adds feature maps (taps).
+        ranked = [d for d in outputs if len(d["shape"]) == 2] or outputs
+        self.output_detail = ranked[0]
+        self.tap_details = [d for d in outputs if d is not ranked[0]]
 
     @abstractmethod
     def _build_interpreter(self) -> Any: ...
@@ -55,6 +59,15 @@ class Backend(ABC):
         self.interpreter.set_tensor(self.input_detail["index"], tensor)
         self.interpreter.invoke()
         return self.interpreter.get_tensor(self.output_detail["index"]).copy()
+
+    def invoke_with_taps(
+        self, tensor: np.ndarray, taps: list[int]
+    ) -> tuple[np.ndarray, list[np.ndarray]]:
+        """Like :meth:`invoke`, also returning copies of the feature outputs ``taps`` (indices
+        into ``tap_details``)."""
+        out = self.invoke(tensor)
+        get = self.interpreter.get_tensor
+        return out, [get(self.tap_details[i]["index"]).copy() for i in taps]
 
     def describe(self) -> dict[str, Any]:
         return {

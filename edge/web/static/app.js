@@ -20,9 +20,12 @@
     const box = $("#decision");
     if (!box) return;
     if (r && r.assessable === false) {
-      box.textContent = "Not assessable";
+      // Out of scope (nothing the model is for in view) or a failed quality gate.
+      const away = r.scope && r.scope.in_scope === false;
+      const what = r.reason || "nothing to classify in view";
+      box.textContent = away ? what.charAt(0).toUpperCase() + what.slice(1) : "Not assessable";
       box.className = "decision na";
-      $("#quality-note").textContent = r.reason || "";
+      $("#quality-note").textContent = away ? "" : r.reason || "";
     } else if (r) {
       // The shown state is the smoothed one (last N frames, held before it changes).
       const d = data.smoothed && data.smoothed.decision ? data.smoothed.decision : r.decision;
@@ -136,4 +139,15 @@
   });
 
   if ($("#decision")) poll();
+
+  // Sample page: show where the model looked over each field (or the plain images).
+  const mapKind = $("#map-kind");
+  if (mapKind) {
+    mapKind.addEventListener("change", () => {
+      document.querySelectorAll("img[data-map]").forEach((img) => {
+        if (!img.dataset.plain) img.dataset.plain = img.src;
+        img.src = mapKind.value ? img.dataset.map + "?kind=" + mapKind.value : img.dataset.plain;
+      });
+    });
+  }
 })();
