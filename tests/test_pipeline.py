@@ -34,10 +34,11 @@ class ListSource(Source):
         return self.frames[(self.i - 1) % len(self.frames)]
 
 
-def _pipeline(blood_bundle, tmp_path, frames, source=None):
+def _pipeline(blood_bundle, tmp_path, frames, source=None, **overrides):
     cfg = load_config(
         None,
         {
+            **overrides,
             "model.bundle": str(blood_bundle),
             "source.path": "x",
             "storage.data_dir": str(tmp_path / "data"),
@@ -136,3 +137,46 @@ def test_live_state_is_one_frame_at_a_time(blood_bundle, tmp_path, blood_samples
         pipe.store.close()
     assert len(set(seen)) >= 10, "the readers saw too few frames to mean anything"
     assert not problems, problems[:5]
+
+
+def _frames(paths) -> list[np.ndarray]:
+    return [np.asarray(Image.open(p).convert("RGB")) for p in paths]
+
+
+def test_out_of_scope_frames_are_not_smoothed_stored_or_counted_as_classified(
+    blood_bundle, blood_samples, tmp_path
+):
+    """Skin images in front of the blood-smear model: the live page says "no smear in view",
+    the smoothed decision is not fed, and store_every_s stores none of them; blood fields
+    among them are classified, smoothed and stored as before."""
+    from tests.test_scope import SKIN, samples
+
+    skin = _frames(samples(SKIN)[:4])
+    every = {"pipeline.store_every_s": 0.001}
+    pipe, clf = _pipeline(blood_bundle, tmp_path, skin, **every)
+    pipe.start()
+    deadline = time.monotonic() + 30
+    while pipe.state.out_of_scope < 8 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    st = pipe.state
+    pipe.stop()
+    assert st.out_of_scope >= 8
+    assert st.classified == 0 and st.smoothed is None
+    assert st.result["assessable"] is False and st.result["reason"] == "no smear in view"
+    assert st.result["scope"]["in_scope"] is False
+    assert pipe.store.count() == 0
+    pipe.store.close()
+
+    mixed = _frames(blood_samples[:3]) + skin[:3]
+    pipe, clf = _pipeline(blood_bundle, tmp_path / "mixed", mixed, **every)
+    pipe.start()
+    deadline = time.monotonic() + 30
+    while (pipe.state.out_of_scope < 6 or pipe.state.classified < 6) and (
+        time.monotonic() < deadline
+    ):
+        time.sleep(0.02)
+    pipe.stop()
+    stored = pipe.store.list(limit=500)
+    assert stored and all(r["in_scope"] for r in stored)
+    assert pipe.state.out_of_scope >= 6 and pipe.state.classified >= 6
+    pipe.store.close()
