@@ -179,7 +179,17 @@ def check_bundles(folder: Path) -> list[Check]:
             out.append(Check(f"model {path.name}", "fail", exc.message, exc.hint or ""))
             continue
         kinds = ", ".join(sorted(bundle.artifacts))
-        out.append(Check(f"model {path.name}", "ok", f"{bundle.name} {bundle.version} ({kinds})"))
+        if bundle.scope is None:
+            out.append(Check(
+                f"model {path.name}", "warn",
+                f"{bundle.name} {bundle.version} ({kinds}): no scope check, so images that are "
+                "not for it are classified anyway, and no activation maps",
+                f"add one with `python -m training scope --model {path}`",
+            ))
+            continue
+        scope = f"scope check at {bundle.scope.threshold:.2f}"
+        out.append(Check(f"model {path.name}", "ok",
+                         f"{bundle.name} {bundle.version} ({kinds}; {scope})"))
     return out
 
 

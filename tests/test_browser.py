@@ -149,6 +149,20 @@ def test_shipped_demo_in_a_phone_sized_browser(browser, tmp_path):
                            ("/samples/DEMO-8/report", "report-skin"), ("/model", "model-skin")):
             visit(path, name)
         assert "skin-lesion" in page.goto(base + "/model").text()
+        # Where the model looked: the toggle lays the map over every field, on the phone.
+        page.goto(base + "/samples/DEMO-8")
+        page.select_option("#map-kind", "group")
+        page.wait_for_function(
+            "Array.from(document.querySelectorAll('img[data-map]')).every(i => "
+            "i.src.includes('/map.png?kind=group') && i.complete && i.naturalWidth > 0)",
+            timeout=15000,
+        )
+        if shots:
+            page.screenshot(path=str(Path(shots) / "sample-skin-map.png"), full_page=False)
+        page.select_option("#map-kind", "")
+        assert "/map.png" not in page.evaluate("document.querySelector('img[data-map]').src")
+        report = page.goto(base + "/samples/DEMO-8/report").text()
+        assert "where the model looked" in report.lower()
         listing = page.goto(base + "/samples").text()
         assert "Skin — dermatoscope" in listing and "Blood smear — microscope" in listing
         assert not bad, bad
