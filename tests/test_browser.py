@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import time
 
 import pytest
 
@@ -84,6 +85,15 @@ def test_live_page_login_upload_and_sample(browser, tmp_path, blood_bundle, bloo
         proc.wait(timeout=10)
 
 
+def until(page, expression: str, timeout: float = 30.0) -> None:
+    """Wait until ``expression`` is true in the page, polled from here: the kit's CSP
+    (script-src 'self') forbids the in-page polling of Playwright's wait_for_function."""
+    deadline = time.monotonic() + timeout
+    while not page.evaluate(expression):
+        assert time.monotonic() < deadline, f"not true within {timeout:.0f} s: {expression}"
+        page.wait_for_timeout(100)
+
+
 def test_shipped_demo_in_a_phone_sized_browser(browser, tmp_path):
     """The demo as the README runs it (its config, relative paths, the checkout as working
     directory), in Chromium at 390x844: every page, a captured sample and its report, with no
@@ -116,12 +126,12 @@ def test_shipped_demo_in_a_phone_sized_browser(browser, tmp_path):
                 1500
             )
             # Lazy images load when seen: bring each into view, then wait for them.
-            page.evaluate("Array.from(document.images).forEach(i => i.scrollIntoView())")
+            for i in range(page.evaluate("document.images.length")):
+                page.evaluate(f"document.images[{i}].scrollIntoView()")
+                page.wait_for_timeout(50)
             page.wait_for_timeout(300)
-            page.wait_for_function(
-                "Array.from(document.images).every(i => i.src.endsWith('.mjpg') || i.complete)",
-                timeout=15000,
-            )
+            until(page, "Array.from(document.images).every(i => i.src.endsWith('.mjpg') || "
+                        "i.complete)")
             page.evaluate("window.scrollTo(0, 0)")
             broken = page.evaluate(
                 "Array.from(document.images).filter(i => !i.src.endsWith('.mjpg') && "
@@ -152,11 +162,12 @@ def test_shipped_demo_in_a_phone_sized_browser(browser, tmp_path):
         # Where the model looked: the toggle lays the map over every field, on the phone.
         page.goto(base + "/samples/DEMO-8")
         page.select_option("#map-kind", "group")
-        page.wait_for_function(
-            "Array.from(document.querySelectorAll('img[data-map]')).every(i => "
-            "i.src.includes('/map.png?kind=group') && i.complete && i.naturalWidth > 0)",
-            timeout=15000,
-        )
+        shown = "Array.from(document.querySelectorAll('img[data-map]'))"
+        until(page, shown + ".every(i => i.src.includes('/map.png?kind=group') && i.complete "
+                            "&& i.naturalWidth > 0)")
+        assert page.evaluate(shown + ".length") >= 1
+        assert page.evaluate(shown + ".every(i => i.complete && i.naturalWidth > 0 && "
+                             "i.src.includes('/map.png'))")
         if shots:
             page.screenshot(path=str(Path(shots) / "sample-skin-map.png"), full_page=False)
         page.select_option("#map-kind", "")
