@@ -198,10 +198,10 @@ def test_out_of_scope_fields_stay_out_of_the_sample_and_its_exports(skin, tmp_pa
     store = Store(tmp_path)
     inside = skin.classify(str(samples(SKIN)[0]), explain=True).to_dict()
     outside = skin.classify(str(samples(BLOOD)[0]), explain=True).to_dict()
-    for doc in (inside, outside):
+    for doc, path in ((inside, samples(SKIN)[0]), (outside, samples(BLOOD)[0])):
         doc["assessable"] = doc["scope"]["in_scope"]
         doc["quality"] = {"assessable": True}
-        store.save(doc, "upload", sample_code="S-1", profile="skin")
+        store.save(doc, "upload", sample_code="S-1", profile="skin", jpeg=path.read_bytes())
     summary = store.sample_summary("S-1")
     assert summary["fields"] == 2 and summary["out_of_scope"] == 1
     assert summary["not_assessable"] == 1
@@ -216,4 +216,13 @@ def test_out_of_scope_fields_stay_out_of_the_sample_and_its_exports(skin, tmp_pa
     assert len(absent) == 1
     assert "out of scope" in absent[0]["dataAbsentReason"]["text"]
     assert absent[0]["interpretation"][0]["coding"][0]["code"] == "IND"
+    import pydicom
+
+    from edge.outbound.dicom import export_sample
+
+    files = export_sample(store, "S-1", tmp_path / "usb", "kit-1", "Clinic", lambda _p: skin.bundle)
+    reports = [pydicom.dcmread(f) for f in files if f.name.endswith("-report.dcm")]
+    assert len(reports) == 2
+    findings = [str(r) for r in reports]
+    assert sum("out of scope" in text for text in findings) == 1
     store.close()
