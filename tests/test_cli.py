@@ -170,7 +170,10 @@ def test_doctor_json_with_a_coral_attached(coral_bundle, fake_libedgetpu, tmp_pa
     assert checks["thermal"]["status"] == "warn"
     assert "under-voltage has occurred" in checks["thermal"]["detail"]
     assert "61.2 °C" in checks["thermal"]["detail"]
-    assert checks["model coral"]["status"] == "ok"
+    # Coral's reference model loads, and doctor says it has no scope check.
+    assert checks["model coral"]["status"] == "warn"
+    assert "no scope check" in checks["model coral"]["detail"]
+    assert "python -m training scope" in checks["model coral"]["fix"]
 
 
 def test_doctor_fails_on_a_broken_bundle_and_says_why(coral_bundle, tmp_path):

@@ -226,3 +226,12 @@ def test_out_of_scope_fields_stay_out_of_the_sample_and_its_exports(skin, tmp_pa
     findings = [str(r) for r in reports]
     assert sum("out of scope" in text for text in findings) == 1
     store.close()
+
+
+def test_doctor_names_the_scope_check_of_each_shipped_bundle():
+    from edge.doctor import check_bundles
+
+    checks = {c.name: c for c in check_bundles(ROOT / "models")}
+    for name in ("blood-smear", "skin-lesion"):
+        assert checks[f"model {name}"].status == "ok"
+        assert "scope check at" in checks[f"model {name}"].detail
