@@ -76,6 +76,11 @@ class WebSection:
     port: int = 8080
     password: str = ""  # plain, or a werkzeug hash ("scrypt:..." / "pbkdf2:...")
     max_upload_mb: int = 16
+    # Images with more pixels are refused before decoding (a decompression bomb guard).
+    max_megapixels: float = 50.0
+    # Memory for the full-size pixels of uploads decoded at once (a 49 MP float TIFF is 196 MB);
+    # an upload that finds no room within 10 s is answered 503 with Retry-After.
+    decode_budget_mb: int = 256
     # Threads for pages and the API; live views get threads of their own (max_streams), so
     # viewers can never take the threads that logins, uploads and health checks need.
     threads: int = 8
@@ -466,6 +471,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError("[web].trusted_proxies must be between 0 and 5")
     if not 0 <= w.max_streams <= 200:
         raise ConfigError("[web].max_streams must be between 0 (no live view) and 200")
+    if not 0.1 <= w.max_megapixels <= 500:
+        raise ConfigError("[web].max_megapixels must be between 0.1 and 500")
+    if w.decode_budget_mb < 16:
+        raise ConfigError("[web].decode_budget_mb must be at least 16")
     if w.max_upload_mb < 1:
         raise ConfigError("[web].max_upload_mb must be at least 1")
     if cfg.network_bound and not w.password:

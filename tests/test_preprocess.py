@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from edge.errors import ImageError
-from edge.inference.preprocess import InputAdapter, open_image, resize, to_rgb
+from edge.inference.preprocess import KEEP_SIDE, InputAdapter, open_image, resize, to_rgb
 from tests.conftest import require_module
 
 
@@ -75,9 +75,10 @@ def test_letterbox_pads_with_black():
 
 
 def test_draft_mode_decodes_big_jpeg_smaller_but_large_enough():
-    big = Image.new("RGB", (2000, 1600), (120, 30, 200))
+    """Reduced in the decoder, but not below the stored snapshot's size (KEEP_SIDE)."""
+    big = Image.new("RGB", (4000, 3200), (120, 30, 200))
     img = open_image(jpeg_bytes(big), target=(224, 224))
-    assert 224 <= min(img.size) < 1600
+    assert KEEP_SIDE <= min(img.size) < 3200
 
 
 def test_uint8_input_identity_fast_path():

@@ -358,3 +358,36 @@ def test_every_route_but_the_open_ones_needs_a_login(daemon):
             checked.append((method, path))
     assert ("POST", "/api/profile") in checked and ("POST", "/profile") in checked
     assert ("GET", "/api/samples/X-1/fhir") in checked
+
+
+def test_a_full_decode_budget_and_a_memory_error_are_503_with_retry_after(
+    daemon, blood_samples
+):
+    """Uploads waiting past the decode budget's wait get 503 + Retry-After; so does an upload
+    that runs out of memory (never 500), and the kit classifies the next one."""
+    pipeline, app = daemon()
+    c = app.test_client()
+    token = csrf_of(c)
+    budget = pipeline.results.decode_budget
+    budget.wait_s = 0.2
+    data = jpeg_of(blood_samples[0])
+
+    def post():
+        return c.post("/api/classify", headers={"X-CSRFToken": token},
+                      data={"image": (io.BytesIO(data), "x.jpg")})
+
+    with budget.hold(budget.limit):  # another upload's pixels fill the budget
+        r = post()
+    assert r.status_code == 503 and r.headers["Retry-After"] == "5"
+    assert "decoding other large images" in r.get_json()["error"]
+    real = pipeline.results._classify_and_store
+
+    def short_of_memory(*args, **kwargs):
+        raise MemoryError
+
+    pipeline.results._classify_and_store = short_of_memory
+    r = post()
+    assert r.status_code == 503 and "short of memory" in r.get_json()["error"]
+    assert r.headers["Retry-After"]
+    pipeline.results._classify_and_store = real
+    assert post().status_code == 201

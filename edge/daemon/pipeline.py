@@ -35,6 +35,7 @@ from ..errors import FieldScopeError
 from ..inference.bundle import Bundle
 from ..inference.classifier import Classifier
 from . import notify
+from .budget import DecodeBudget
 from .capture_loop import CaptureLoop
 from .frames import Frame, encode_jpeg  # noqa: F401  (re-exported for scripts and tests)
 from .gate import Gate
@@ -109,7 +110,9 @@ class Pipeline:
         self._bundles: dict[str, Bundle] = {}
         self._housekeeping: threading.Thread | None = None
         self.started = time.time()
-        self.results = ResultsService(store, self._use)
+        self.results = ResultsService(
+            store, self._use, DecodeBudget(cfg.web.decode_budget_mb * 2**20)
+        )
         self._next_frame_id = 1
         self._run = self._make_run(cfg, classifier, source)
         self.board.publish(profile=self._run.profile.id)

@@ -20,7 +20,8 @@ log = logging.getLogger(__name__)
 def open_classifier(cfg: Config) -> Classifier:
     """The configured bundle, or the previous good one when it is refused."""
     m = cfg.model
-    kwargs = dict(backend=m.backend, threads=m.threads, device=m.device or None)
+    kwargs = dict(backend=m.backend, threads=m.threads, device=m.device or None,
+                  max_pixels=int(cfg.web.max_megapixels * 1_000_000))
     try:
         bundle = load_model(cfg.bundle_path, m.labels or None)
         return Classifier(bundle, **kwargs)

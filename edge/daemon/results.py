@@ -23,8 +23,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..errors import FieldScopeError
-from ..inference.preprocess import open_image
 from ..inference.quality import assess
+from .budget import DecodeBudget
 from .frames import encode_jpeg, prepare_frame
 from .store import StorageError, Store
 
@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from .pipeline import Active
 
 log = logging.getLogger(__name__)
+DEFAULT_DECODE_BUDGET = 256 * 2**20
 
 
 class SampleProfileError(FieldScopeError):
@@ -42,10 +43,16 @@ class SampleProfileError(FieldScopeError):
 
 
 class ResultsService:
-    def __init__(self, store: Store, use: Callable[[], AbstractContextManager[Active]]) -> None:
+    def __init__(
+        self,
+        store: Store,
+        use: Callable[[], AbstractContextManager[Active]],
+        decode_budget: DecodeBudget | None = None,
+    ) -> None:
         self.store = store
         self._use = use
         self.housekeeping_s = 3600.0
+        self.decode_budget = decode_budget or DecodeBudget(DEFAULT_DECODE_BUDGET)
 
     # -- storing -------------------------------------------------------------------------------
     def capture(self, sample_code: str | None) -> dict[str, Any]:
@@ -87,9 +94,11 @@ class ResultsService:
             rgb = image
             small, times, quality = prepare_frame(clf, rgb, p.min_focus, p.max_clipped)
         else:
-            small, times = clf.prepare(image)
+            # Decoded once, no larger than the snapshot needs, within the decode budget; the
+            # snapshot is that image (which also drops the upload's metadata).
+            small, times, decoded = clf.prepare_encoded(image, budget=self.decode_budget.hold)
             quality = assess(small, p.min_focus, p.max_clipped)
-            rgb = np.asarray(open_image(image, max_pixels=clf.max_pixels), dtype=np.uint8)
+            rgb = np.asarray(decoded, dtype=np.uint8)
         # On demand a few more invokes cost nothing a user notices: average the bundle's
         # test-time views (the live stream never does).
         result = clf.infer(small, times, top_k=p.top_k, name=mode, tta=True, explain=True)

@@ -5,12 +5,13 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field, fields
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
 from ..errors import BundleError, EdgeTpuError
 from . import postprocess
@@ -176,11 +177,23 @@ class Classifier:
                 np.ascontiguousarray(source, dtype=np.uint8), (h, w), self.spec["resize"]
             )
         else:
-            img = open_image(source, target=(w, h), max_pixels=self.max_pixels)
-            t1 = time.perf_counter()
-            small = np.asarray(resize(img, (h, w), self.spec["resize"]), dtype=np.uint8)
+            small, times, _ = self.prepare_encoded(source)
+            return small, times
         t2 = time.perf_counter()
         return small, {"decode": (t1 - t0) * 1e3, "preprocess": (t2 - t1) * 1e3}
+
+    def prepare_encoded(
+        self, source: ImageSource, budget: Callable[[int], AbstractContextManager] | None = None
+    ) -> tuple[np.ndarray, dict[str, float], Image.Image]:
+        """An encoded image, decoded once: the model input, the stage times and the decoded
+        RGB image (at most about KEEP_PIXELS; the daemon stores it as the snapshot)."""
+        h, w = self.adapter.size
+        t0 = time.perf_counter()
+        img = open_image(source, target=(w, h), max_pixels=self.max_pixels, budget=budget)
+        t1 = time.perf_counter()
+        small = np.asarray(resize(img, (h, w), self.spec["resize"]), dtype=np.uint8)
+        t2 = time.perf_counter()
+        return small, {"decode": (t1 - t0) * 1e3, "preprocess": (t2 - t1) * 1e3}, img
 
     @contextmanager
     def exclusive(self) -> Iterator[Backend]:

@@ -8,8 +8,11 @@ table per channel maps pixels straight to the quantised values the model expects
 
 from __future__ import annotations
 
+import contextlib
 import io
 import warnings
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -28,12 +31,43 @@ REDUCING_GAP = 1.0
 ImageSource = str | Path | bytes | BinaryIO | Image.Image
 
 
-def open_image(
-    source: ImageSource, target: tuple[int, int] | None = None, max_pixels: int = DEFAULT_MAX_PIXELS
-) -> Image.Image:
-    """Decode to an RGB image, EXIF orientation applied; refuse bombs and broken files.
+# What the kit decodes: the formats of cameras, phones and scanners. Others (ICO, PSD, EPS,
+# ...) are refused before any pixel is decoded: an ICO's directory can claim 16×16 around an
+# embedded 9000×9000 PNG.
+FORMATS = ("JPEG", "PNG", "TIFF", "BMP", "WEBP", "GIF")  # JPEG includes phones' MPO
+# Decoded images are kept no larger than this: the shorter side at least KEEP_SIDE (the stored
+# snapshot's resolution) and at most about KEEP_PIXELS, never below the model's input.
+KEEP_SIDE = 1024
+KEEP_PIXELS = 4_000_000
+BYTES_PER_PIXEL = {"1": 1, "L": 1, "P": 1, "LA": 2, "PA": 2, "I;16": 2, "I;16B": 2, "I;16L": 2,
+                   "I;16N": 2, "RGB": 3, "YCbCr": 3, "LAB": 3, "HSV": 3, "RGBA": 4, "RGBX": 4,
+                   "RGBa": 4, "CMYK": 4, "I": 4, "F": 4}
+STRIP_ROWS = 256  # rows converted at a time when an image is shrunk
 
-    ``target`` is (width, height) of what will be needed, to let JPEG decode at 1/2..1/8 scale.
+
+def decoded_bytes(img: Image.Image) -> int:
+    """What decoding ``img`` (opened, not loaded; after any draft) will allocate. GIF and WebP
+    decoders build full RGBA frames beside the image, whatever its mode (measured)."""
+    per_pixel = BYTES_PER_PIXEL.get(img.mode, 4)
+    if img.format in ("GIF", "WEBP"):
+        per_pixel += 4
+    return img.width * img.height * per_pixel
+
+
+def open_image(
+    source: ImageSource,
+    target: tuple[int, int] | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    budget: Callable[[int], AbstractContextManager] | None = None,
+) -> Image.Image:
+    """Decode to an 8-bit RGB image, EXIF orientation applied; refuse bombs, broken files and
+    formats the kit does not take.
+
+    ``target`` is (width, height) of the model input. The decode never keeps more than it
+    needs: JPEG decodes at 1/2..1/8 scale (draft), other formats are shrunk by a whole factor
+    right after decoding, strip by strip in their own mode (no full-size float or RGB copy), to
+    a shorter side of about ``KEEP_SIDE`` (never below ``target``). ``budget(nbytes)``, when
+    given, is held while the full-size pixels exist (the daemon bounds concurrent decodes).
     """
     if isinstance(source, Image.Image):
         img = source
@@ -52,29 +86,87 @@ def open_image(
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
-                img = Image.open(source)
+                img = Image.open(source, formats=FORMATS)
                 if img.width * img.height > max_pixels:
                     raise ImageTooLargeError(
                         f"{name}: {img.width}×{img.height} pixels is more than the "
                         f"{max_pixels:,} allowed (decompression bomb guard)"
                     )
-                if target and img.format == "JPEG":
-                    img.draft("RGB", target)
-                img.load()
+                if img.format in ("JPEG", "MPO"):
+                    side = max(KEEP_SIDE, *(target or (0,)))
+                    img.draft("RGB", (side, side))
+                with budget(decoded_bytes(img)) if budget else contextlib.nullcontext():
+                    img.load()
+                    img = _shrink(img, _factor(img.size, target))
         except ImageError:
             raise
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
             raise ImageTooLargeError(f"{name}: too many pixels (decompression bomb guard)") from exc
         except UnidentifiedImageError as exc:
-            raise ImageError(f"{name}: not a readable image ({exc})") from exc
+            raise ImageError(
+                f"{name}: not a readable image (the kit reads {', '.join(FORMATS)})"
+            ) from exc
         except (OSError, SyntaxError, ValueError) as exc:
-            raise ImageError(f"{name}: damaged or truncated image ({exc})") from exc
+            raise ImageError(f"{name}: damaged or truncated image ({_plain(exc)})") from exc
     img = ImageOps.exif_transpose(img) or img
     return to_rgb(img)
 
 
+def _plain(exc: BaseException) -> str:
+    """An error's text without object addresses (a library's repr of a stream, say)."""
+    import re
+
+    return re.sub(r"<[^<>]* at 0x[0-9a-fA-F]+>", "the image", str(exc))
+
+
+def _factor(size: tuple[int, int], target: tuple[int, int] | None) -> int:
+    """The whole factor to shrink a decoded image by (1: keep it)."""
+    w, h = size
+    short = min(w, h)
+    keep = max(1, short // KEEP_SIDE)
+    pixels = int(np.ceil(np.sqrt(w * h / KEEP_PIXELS)))
+    floor = max(target) if target else 1
+    return max(1, min(max(keep, pixels), short // max(1, floor)))
+
+
+def _shrink(img: Image.Image, k: int) -> Image.Image:
+    """``img`` reduced by ``k`` (box filter), strip by strip, in an 8-bit or native mode that
+    :func:`to_rgb` finishes; ``k`` 1 returns it as it is."""
+    if k < 2:
+        return img
+    w, h = img.width // k * k, img.height // k * k
+    mode = img.mode
+    if mode.startswith("I;16"):
+        out_mode = "L"
+    elif mode in ("P", "PA"):
+        out_mode = "RGBA" if mode == "PA" or "transparency" in img.info else "RGB"
+    elif mode == "1":
+        out_mode = "L"
+    else:
+        out_mode = mode
+    out = Image.new(out_mode, (w // k, h // k))
+    step = max(k, STRIP_ROWS // k * k)
+    for y in range(0, h, step):
+        strip = img.crop((0, y, w, min(h, y + step)))
+        if mode.startswith("I;16"):
+            a = np.asarray(strip, dtype=np.float32)
+            a = a.reshape(a.shape[0] // k, k, a.shape[1] // k, k).mean(axis=(1, 3))
+            small = Image.fromarray(np.clip(a / 65535.0 * 255.0, 0, 255).astype(np.uint8), "L")
+        else:
+            if strip.mode != out_mode:
+                strip = strip.convert(out_mode)
+            small = strip.reduce(k)
+        out.paste(small, (0, y // k))
+    out.info = dict(img.info)
+    exif = img.getexif()
+    if exif:
+        out.info["exif"] = exif.tobytes()
+    return out
+
+
 def to_rgb(img: Image.Image) -> Image.Image:
-    """Grayscale, palette, RGBA, CMYK and 16-bit images become 8-bit RGB."""
+    """Grayscale, palette, RGBA, CMYK and 16-bit images become 8-bit RGB (by the time an image
+    gets here it is at most about KEEP_PIXELS, so the float copy below is small)."""
     if img.mode == "RGB":
         return img
     if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):

@@ -21,6 +21,7 @@ from flask import (
 from flask_wtf.csrf import generate_csrf
 
 from ..capture import SourceError
+from ..daemon.budget import Busy
 from ..daemon.pipeline import ProfileError, UnknownProfile
 from ..daemon.results import SampleProfileError
 from ..daemon.store import StorageError
@@ -169,6 +170,16 @@ def _stored(fn, *args):
         return _error(str(exc), exc.status)
     except StorageError as exc:
         return _error(f"{exc}; the result was not stored", 507)
+    except Busy as exc:
+        answer = _error(str(exc), 503)
+        answer[0].headers["Retry-After"] = str(Busy.retry_after_s)
+        return answer
+    except MemoryError:
+        # Never a 500 (nor a dead daemon): the kit is short of memory right now.
+        current_app.logger.error("out of memory while classifying an upload")
+        answer = _error("the kit is short of memory right now; try again shortly", 503)
+        answer[0].headers["Retry-After"] = "10"
+        return answer
     return jsonify(doc), 201
 
 
