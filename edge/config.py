@@ -76,6 +76,12 @@ class WebSection:
     port: int = 8080
     password: str = ""  # plain, or a werkzeug hash ("scrypt:..." / "pbkdf2:...")
     max_upload_mb: int = 16
+    # Connections (edge/web/guard.py): at most this many at once (then the longest-waiting
+    # idle one is closed for a new one), at most per_client_connections from one address, and
+    # a request's line and headers must arrive within header_timeout_s of its first byte.
+    connection_limit: int = 200
+    per_client_connections: int = 32
+    header_timeout_s: float = 10.0
     # Images with more pixels are refused before decoding (a decompression bomb guard).
     max_megapixels: float = 50.0
     # Memory for the full-size pixels of uploads decoded at once (a 49 MP float TIFF is 196 MB);
@@ -471,6 +477,15 @@ def validate(cfg: Config) -> None:
         raise ConfigError("[web].trusted_proxies must be between 0 and 5")
     if not 0 <= w.max_streams <= 200:
         raise ConfigError("[web].max_streams must be between 0 (no live view) and 200")
+    if w.connection_limit < w.threads + w.max_streams:
+        raise ConfigError(
+            f"[web].connection_limit ({w.connection_limit}) must be at least threads + "
+            f"max_streams ({w.threads + w.max_streams})"
+        )
+    if not 1 <= w.per_client_connections <= w.connection_limit:
+        raise ConfigError("[web].per_client_connections must be between 1 and connection_limit")
+    if not 1 <= w.header_timeout_s <= 300:
+        raise ConfigError("[web].header_timeout_s must be between 1 and 300 seconds")
     if not 0.1 <= w.max_megapixels <= 500:
         raise ConfigError("[web].max_megapixels must be between 0.1 and 500")
     if w.decode_budget_mb < 16:

@@ -62,23 +62,30 @@ def build(cfg: Config, profile: str | None = None):
     return pipeline, app, store
 
 
-def make_server(app: Any, host: str, port: int, threads: int) -> Any:
-    """A waitress server tuned for the kit.
+def make_server(app: Any, host: str, port: int, threads: int, limits: Any = None) -> Any:
+    """A waitress server tuned for the kit, behind the connection guard (edge/web/guard.py).
 
     ``outbuf_high_watermark``: waitress keeps a streaming response's sent bytes in one buffer
     until it reaches this size (16 MB by default), so every MJPEG viewer would hold up to 16 MB;
     256 KB bounds that (measured: +7 MB per 90 s with two viewers before, flat after).
+    ``cleanup_interval`` 1 s: the guard's header deadline is checked that often.
     """
     from waitress import create_server
 
-    return create_server(app, host=host, port=port, threads=threads, ident="fieldscope",
-                         channel_timeout=30, cleanup_interval=10,
-                         outbuf_high_watermark=256 * 1024)
+    from .web.guard import Limits, guard
+
+    limits = limits or Limits()
+    server = create_server(app, host=host, port=port, threads=threads, ident="fieldscope",
+                           channel_timeout=30, cleanup_interval=1,
+                           connection_limit=limits.limit + 16,
+                           outbuf_high_watermark=256 * 1024)
+    return guard(server, limits)
 
 
-def _serve_app(app: Any, host: str, port: int, threads: int, on_ready=None) -> None:
+def _serve_app(app: Any, host: str, port: int, threads: int, on_ready=None,
+               limits: Any = None) -> None:
     try:
-        server = make_server(app, host, port, threads)
+        server = make_server(app, host, port, threads, limits)
     except OSError as exc:
         raise FieldScopeError(
             f"cannot listen on {host}:{port}: {exc.strerror}",
@@ -163,7 +170,12 @@ def serve(cfg: Config, profile: str | None = None) -> int:
     try:
         # Live views hold a thread each for their whole life: they get their own, on top of
         # the threads reserved for pages and the API (the stream's cap keeps them within).
-        _serve_app(app, cfg.web.host, cfg.web.port, cfg.web.threads + cfg.web.max_streams)
+        from .web.guard import Limits
+
+        limits = Limits(cfg.web.connection_limit, cfg.web.per_client_connections,
+                        cfg.web.header_timeout_s)
+        _serve_app(app, cfg.web.host, cfg.web.port, cfg.web.threads + cfg.web.max_streams,
+                   limits=limits)
     finally:
         pipeline.stop()
         store.close()
