@@ -82,6 +82,12 @@ class WebSection:
     connection_limit: int = 200
     per_client_connections: int = 32
     header_timeout_s: float = 10.0
+    # Host names the page answers to besides the kit's own (localhost, fieldscope.local, the
+    # host name, the kit id) and any IP address: others get 400 (DNS rebinding).
+    allowed_hosts: list = field(default_factory=list)
+    # Login sessions (kept on the kit) end after this long unused, and this long after login.
+    session_idle_minutes: float = 720.0
+    session_max_days: float = 7.0
     # Images with more pixels are refused before decoding (a decompression bomb guard).
     max_megapixels: float = 50.0
     # Memory for the full-size pixels of uploads decoded at once (a 49 MP float TIFF is 196 MB);
@@ -486,6 +492,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError("[web].per_client_connections must be between 1 and connection_limit")
     if not 1 <= w.header_timeout_s <= 300:
         raise ConfigError("[web].header_timeout_s must be between 1 and 300 seconds")
+    if not 1 <= w.session_idle_minutes <= 60 * 24 * 30:
+        raise ConfigError("[web].session_idle_minutes must be between 1 and 43200")
+    if not 0.01 <= w.session_max_days <= 365:
+        raise ConfigError("[web].session_max_days must be between 0.01 and 365")
     if not 0.1 <= w.max_megapixels <= 500:
         raise ConfigError("[web].max_megapixels must be between 0.1 and 500")
     if w.decode_budget_mb < 16:

@@ -74,6 +74,16 @@ def create_app(pipeline: Any, cfg: Any, doctor: Any = None) -> Flask:
         "doctor": doctor,
         "version": __version__,
     }
+    from .hosts import allowed_names, host_allowed
+
+    names = allowed_names(cfg.kit_id, cfg.web.allowed_hosts)
+
+    @app.before_request
+    def only_the_kits_names():
+        if not host_allowed(request.host, names):
+            return jsonify(error="this host name is not the kit's (see [web] allowed_hosts)"), 400
+        return None
+
     csrf.init_app(app)
     auth.init(app, cfg, csrf)
     app.register_blueprint(auth.bp)
@@ -92,7 +102,12 @@ def create_app(pipeline: Any, cfg: Any, doctor: Any = None) -> Flask:
         resp.headers.setdefault("X-Content-Type-Options", "nosniff")
         resp.headers.setdefault("X-Frame-Options", "DENY")
         resp.headers.setdefault("Referrer-Policy", "no-referrer")
-        resp.headers.setdefault("Cache-Control", "no-store")
+        if request.endpoint != "static":
+            # Patient images and results: never kept by a browser or a proxy (send_file's own
+            # no-cache and ETag would let them be).
+            resp.headers["Cache-Control"] = "no-store"
+            resp.headers.pop("ETag", None)
+            resp.headers.pop("Last-Modified", None)
         return resp
 
     def wants_json() -> bool:

@@ -6,9 +6,11 @@ On 127.0.0.1 without a password nothing asks for a login (only the Pi's own user
 from __future__ import annotations
 
 import hmac
+import re
 import threading
 import time
 from collections import defaultdict, deque
+from pathlib import Path
 
 from flask import (
     Blueprint,
@@ -103,10 +105,19 @@ def _token_ok(presented: str, digests: list[str]) -> bool:
 
 
 def init(app, cfg, csrf) -> None:
+    from .sessions import Sessions
+
+    password_hash = _hash(cfg.web.password) if cfg.web.password else None
     state = {
-        "hash": _hash(cfg.web.password) if cfg.web.password else None,
+        "hash": password_hash,
         "limiter": LoginLimiter(),
         "tokens": [token_digest(t) for t in cfg.web.api_tokens],
+        # Server-side sessions (edge/web/sessions.py): only where a login exists at all.
+        "sessions": Sessions(
+            Path(cfg.data_dir) / "fieldscope.db", password_hash,
+            idle_s=cfg.web.session_idle_minutes * 60.0,
+            max_age_s=cfg.web.session_max_days * 86400.0,
+        ) if password_hash else None,
     }
     app.extensions["fieldscope_auth"] = state
     # CSRF is checked here rather than by default: a request with a valid bearer token is
@@ -138,7 +149,7 @@ def init(app, cfg, csrf) -> None:
     def _login_needed():
         if state["hash"] is None or request.endpoint in OPEN_ENDPOINTS:
             return None
-        if session.get("user") == "operator":
+        if state["sessions"].valid(session.get("sid")):
             return None
         if request.path.startswith("/api/") or request.path in ("/metrics", "/stream.mjpg"):
             return jsonify(error="login required: POST /login"), 401
@@ -166,7 +177,8 @@ def login():
         ):
             state["limiter"].clear(who)
             session.clear()
-            session["user"] = "operator"
+            session["sid"] = state["sessions"].open(who, request.headers.get("User-Agent", ""))
+            session["user"] = "operator"  # for the page's "Log out"; the sid is what counts
             return redirect(safe_next(request.args.get("next", "/")))
         else:
             state["limiter"].fail(who)
@@ -177,5 +189,26 @@ def login():
 
 @bp.route("/logout", methods=["POST"])
 def logout():
+    sessions = current_app.extensions["fieldscope_auth"]["sessions"]
+    if sessions is not None:
+        sessions.end(session.get("sid"))
     session.clear()
     return redirect(url_for("auth.login"))
+
+
+def active_sessions() -> list[dict]:
+    """The kit's live login sessions (the System page lists them); [] without a login."""
+    sessions = current_app.extensions["fieldscope_auth"]["sessions"]
+    return sessions.active(session.get("sid")) if sessions is not None else []
+
+
+@bp.route("/sessions/end", methods=["POST"])
+def end_session():
+    """End one session from the System page (its phone is logged out at its next request)."""
+    sessions = current_app.extensions["fieldscope_auth"]["sessions"]
+    digest = request.form.get("id", "")
+    if sessions is None or not re.fullmatch(r"[0-9a-f]{64}", digest):
+        return jsonify(error="no such session"), 404
+    if not sessions.end_digest(digest):
+        return jsonify(error="no such session"), 404
+    return redirect(url_for("pages.system"))

@@ -139,7 +139,11 @@ def system():
     from ..doctor import run_checks
     from ..inference.backends.edgetpu import runtime_version
 
-    usage = shutil.disk_usage(cfg.data_dir)
+    try:  # a vanished data folder (an unmounted card) is what this page must diagnose
+        usage = shutil.disk_usage(cfg.data_dir)
+        disk = f"{usage.free / 1e9:.1f} GB free of {usage.total / 1e9:.1f} GB"
+    except OSError as exc:
+        disk = f"data folder {cfg.data_dir} unreadable ({exc.strerror or exc})"
     mem = _meminfo()
     try:
         with open(f"/proc/{os.getpid()}/status") as fh:
@@ -149,12 +153,12 @@ def system():
     flags = hardware.pi_throttled()
     status = pipe.status()
     info = {
-        "uptime": time.strftime("%H:%M:%S", time.gmtime(time.time() - pipe.started)),
+        "uptime": _uptime(time.time() - pipe.started),
         "host": platform.node(),
         "cpu": hardware.cpu_model(),
         "temperature": hardware.cpu_temperature_c(),
         "throttled": (hardware.decode_throttled(flags) or ["none"]) if flags is not None else None,
-        "disk": f"{usage.free / 1e9:.1f} GB free of {usage.total / 1e9:.1f} GB",
+        "disk": disk,
         "memory": f"{mem.get('MemAvailable', 0)} MB available of {mem.get('MemTotal', 0)} MB",
         "rss": f"{rss} MB" if rss is not None else "?",
         "runtime": status["runtime"],
@@ -162,4 +166,14 @@ def system():
         "results": pipe.results.count(),
     }
     checks = run_checks(data_dir=str(cfg.data_dir))
-    return render_template("system.html", info=info, checks=checks, status=status)
+    from .auth import active_sessions
+
+    return render_template("system.html", info=info, checks=checks, status=status,
+                           sessions=active_sessions(), now=time.time())
+
+
+def _uptime(seconds: float) -> str:
+    """7 d 03:12:09 (a day count, so it does not wrap every 24 h)."""
+    days, rest = divmod(int(max(0, seconds)), 86400)
+    clock = time.strftime("%H:%M:%S", time.gmtime(rest))
+    return f"{days} d {clock}" if days else clock
