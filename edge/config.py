@@ -90,9 +90,10 @@ class WebSection:
     session_max_days: float = 7.0
     # Images with more pixels are refused before decoding (a decompression bomb guard).
     max_megapixels: float = 50.0
-    # Memory for the full-size pixels of uploads decoded at once (a 49 MP float TIFF is 196 MB);
+    # Memory for the full-size pixels of uploads decoded at once (a 49 MP float TIFF is 196 MB;
+    # one larger than the budget runs alone);
     # an upload that finds no room within 10 s is answered 503 with Retry-After.
-    decode_budget_mb: int = 256
+    decode_budget_mb: int = 192
     # Threads for pages and the API; live views get threads of their own (max_streams), so
     # viewers can never take the threads that logins, uploads and health checks need.
     threads: int = 8

@@ -53,6 +53,17 @@ def worst_images(side: int) -> dict[str, bytes]:
     buf = io.BytesIO()
     Image.new("P", (side, side), 3).save(buf, "GIF")
     out["gif-palette"] = buf.getvalue()
+    buf = io.BytesIO()
+    Image.new("RGBA", (side, side), (90, 60, 40, 200)).save(buf, "WEBP", lossless=True)
+    out["webp-rgba"] = buf.getvalue()
+    buf = io.BytesIO()  # the largest WebP the kit decodes (WEBP_MAX_PIXELS)
+    w = int(12_000_000 ** 0.5)
+    Image.new("RGBA", (w, w), (90, 60, 40, 200)).save(buf, "WEBP", lossless=True)
+    out["webp-12mp"] = buf.getvalue()
+    buf = io.BytesIO()  # a multi-page TIFF: only the first page is ever decoded
+    pages = [Image.new("L", (side, side), 100 + i) for i in range(3)]
+    pages[0].save(buf, "TIFF", save_all=True, append_images=pages[1:], compression="tiff_lzw")
+    out["tiff-3-pages"] = buf.getvalue()
     return out
 
 

@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from .pipeline import Active
 
 log = logging.getLogger(__name__)
-DEFAULT_DECODE_BUDGET = 256 * 2**20
+DEFAULT_DECODE_BUDGET = 192 * 2**20
 
 
 class SampleProfileError(FieldScopeError):

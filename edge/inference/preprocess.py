@@ -43,14 +43,20 @@ BYTES_PER_PIXEL = {"1": 1, "L": 1, "P": 1, "LA": 2, "PA": 2, "I;16": 2, "I;16B":
                    "I;16N": 2, "RGB": 3, "YCbCr": 3, "LAB": 3, "HSV": 3, "RGBA": 4, "RGBX": 4,
                    "RGBa": 4, "CMYK": 4, "I": 4, "F": 4}
 STRIP_ROWS = 256  # rows converted at a time when an image is shrunk
+# Pillow decodes every WebP through libwebp's animation decoder, which holds several full RGBA
+# canvases: a 2 KB 49-megapixel WebP took 760 MB (measured). WebP from cameras and phones is
+# far smaller than this.
+WEBP_MAX_PIXELS = 12_000_000
 
 
 def decoded_bytes(img: Image.Image) -> int:
     """What decoding ``img`` (opened, not loaded; after any draft) will allocate. GIF and WebP
     decoders build full RGBA frames beside the image, whatever its mode (measured)."""
     per_pixel = BYTES_PER_PIXEL.get(img.mode, 4)
-    if img.format in ("GIF", "WEBP"):
+    if img.format == "GIF":
         per_pixel += 4
+    elif img.format == "WEBP":
+        per_pixel += 12  # the animation decoder's canvases (measured)
     return img.width * img.height * per_pixel
 
 
@@ -91,6 +97,12 @@ def open_image(
                     raise ImageTooLargeError(
                         f"{name}: {img.width}×{img.height} pixels is more than the "
                         f"{max_pixels:,} allowed (decompression bomb guard)"
+                    )
+                if img.format == "WEBP" and img.width * img.height > WEBP_MAX_PIXELS:
+                    raise ImageTooLargeError(
+                        f"{name}: a {img.width}×{img.height} WebP is more than the "
+                        f"{WEBP_MAX_PIXELS:,} pixels the kit decodes in that format (its decoder "
+                        "needs several copies); send it as JPEG or PNG"
                     )
                 if img.format in ("JPEG", "MPO"):
                     side = max(KEEP_SIDE, *(target or (0,)))
