@@ -27,7 +27,7 @@ class Viewer(threading.Thread):
     def __init__(self, host: str, port: int) -> None:
         super().__init__(daemon=True)
         self.sock = socket.create_connection((host, port), timeout=30)
-        self.sock.sendall(b"GET /stream.mjpg HTTP/1.1\r\nHost: kit\r\n\r\n")
+        self.sock.sendall(b"GET /stream.mjpg HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
         self.frames = 0
         self.status = None
         self.stop = threading.Event()
@@ -117,5 +117,40 @@ def test_twenty_viewers_leave_the_api_and_uploads_working(tmp_path, blood_bundle
     finally:
         for v in viewers:
             v.close()
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+
+
+def test_viewers_that_leave_during_a_camera_outage_give_their_slots_back(
+    tmp_path, blood_bundle, blood_samples
+):
+    """The camera is out (a USB camera that is not there): two viewers, the cap, connect and
+    leave; the keep-alive part reveals they are gone, so the third gets 200, and it receives
+    a (placeholder) frame although the camera has none."""
+    conf = tmp_path / "kit.toml"
+    conf.write_text("[web]\nmax_streams = 2\nstream_fps = 10.0\n")
+    proc, base = start_daemon(tmp_path, blood_bundle, blood_samples,
+                              args=("--config", str(conf)), source="v4l2:/dev/video-none")
+    port = int(base.rsplit(":", 1)[1])
+    try:
+        wait_http(base + "/api/session")
+        first = [Viewer("127.0.0.1", port) for _ in range(2)]
+        for v in first:
+            v.start()
+        assert _wait(lambda: all(v.status == 200 for v in first), 20)
+        for v in first:
+            v.close()
+        late = None
+        end = time.monotonic() + 20
+        while late is None and time.monotonic() < end:
+            try:
+                late = urllib.request.urlopen(base + "/stream.mjpg", timeout=10)
+            except urllib.error.HTTPError as exc:
+                assert exc.code == 503
+                time.sleep(0.5)
+        assert late is not None and late.status == 200
+        assert b"\xff\xd8" in late.read(4096)
+        late.close()
+    finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=30)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import threading
 import time
+from functools import lru_cache
 
 from flask import Blueprint, Response, current_app, jsonify
 
@@ -17,24 +18,46 @@ bp = Blueprint("stream", __name__)
 BOUNDARY = "fieldscopeframe"
 
 
-def mjpeg(pipeline, fps: float, max_seconds: float | None = None):
+KEEPALIVE_S = 2.0  # with no new frame (camera lost, paused), the last one is sent again
+
+
+@lru_cache(maxsize=1)
+def placeholder_jpeg() -> bytes:
+    """A plain grey frame for a viewer that arrives before the camera's first frame."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (320, 240), (96, 96, 96)).save(buf, "JPEG", quality=60)
+    return buf.getvalue()
+
+
+def _part(jpeg: bytes) -> bytes:
+    head = f"--{BOUNDARY}\r\nContent-Type: image/jpeg\r\nContent-Length: {len(jpeg)}\r\n\r\n"
+    return head.encode() + jpeg + b"\r\n"
+
+
+def mjpeg(pipeline, fps: float, max_seconds: float | None = None,
+          keepalive_s: float = KEEPALIVE_S):
+    """Each new frame once; with none for ``keepalive_s``, the last (or a placeholder) again:
+    a viewer that left is only noticed when a write fails, and its slot must come back even
+    while the camera is out."""
     gap = 1.0 / fps if fps > 0 else 0.2
-    last_id = -1
-    started = time.monotonic()
+    last_id, last_jpeg = -1, None
+    started = sent_at = time.monotonic()
     while pipeline.running:
-        if max_seconds is not None and time.monotonic() - started > max_seconds:
+        now = time.monotonic()
+        if max_seconds is not None and now - started > max_seconds:
             return
         item = pipeline.preview_jpeg()
         if item and item[0] != last_id:
-            last_id, jpeg = item
-            yield (
-                (
-                    f"--{BOUNDARY}\r\nContent-Type: image/jpeg\r\n"
-                    f"Content-Length: {len(jpeg)}\r\n\r\n"
-                ).encode()
-                + jpeg
-                + b"\r\n"
-            )
+            last_id, last_jpeg = item
+            sent_at = now
+            yield _part(last_jpeg)
+        elif now - sent_at >= keepalive_s:
+            sent_at = now
+            yield _part(last_jpeg or placeholder_jpeg())
         time.sleep(gap)
 
 
