@@ -312,3 +312,21 @@ def test_a_failed_retention_leaves_no_transaction_open(tmp_path):
         store._db.execute("DROP TRIGGER refuse")
     assert store.save({"label": "Benign", "score": 0.9}, "live") == 2
     store.close()
+
+
+def test_a_sample_holds_every_field_past_500(tmp_path):
+    """A scanned smear with 620 fields: the summary (behind the page, CSV, report, FHIR,
+    DICOM and MQTT summary) counts and holds all of them."""
+    store = Store(tmp_path)
+    doc = {"label": "Benign", "score": 0.9, "probabilities": {"Benign": 0.9, "Pro": 0.1},
+           "decision": {"outcome": "no ALL pattern", "positive": False, "score": 0.1}}
+    for i in range(620):
+        flagged = i % 100 == 0
+        d = {**doc, "decision": {**doc["decision"], "positive": flagged}}
+        store.save(d, "capture", sample_code="SCAN-1")
+    s = store.sample_summary("SCAN-1")
+    assert s["fields"] == 620 and len(s["results"]) == 620
+    assert s["flagged"] == 7
+    listed = {r["code"]: r for r in store.samples()}["SCAN-1"]
+    assert listed["fields"] == s["fields"] and listed["flagged"] == s["flagged"]
+    store.close()

@@ -180,3 +180,33 @@ def test_out_of_scope_frames_are_not_smoothed_stored_or_counted_as_classified(
     assert stored and all(r["in_scope"] for r in stored)
     assert pipe.state.out_of_scope >= 6 and pipe.state.classified >= 6
     pipe.store.close()
+
+
+def test_a_replay_without_loop_finishes_once_and_for_all(blood_bundle, blood_samples, tmp_path):
+    """loop = false: every image once, then "finished" (health ok), never replayed, never
+    "lost"; the watchdog keeps being fed (a finished replay is not a hung camera)."""
+    from edge.capture.replay import ReplaySource
+
+    replay = tmp_path / "replay"
+    replay.mkdir()
+    for p in blood_samples[:3]:
+        (replay / p.name).write_bytes(p.read_bytes())
+    source = ReplaySource(replay, fps=50, loop=False)
+    pipe, _ = _pipeline(blood_bundle, tmp_path, [], source=source)
+    pipe.start()
+    deadline = time.monotonic() + 20
+    while pipe.state.camera != "finished" and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert pipe.state.camera == "finished"
+    seen = []
+    end = time.monotonic() + 3  # a replay that starts over would be back within a second
+    while time.monotonic() < end:
+        seen.append(pipe.state.camera)
+        time.sleep(0.05)
+    health, alive = pipe.health()
+    pipe.stop()
+    pipe.store.close()
+    assert set(seen) == {"finished"}
+    assert health["status"] == "ok" and health["camera"]["state"] == "finished" and alive
+    assert not pipe._run.capture.source_hung()
+    assert pipe.state.classified <= 3

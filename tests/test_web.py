@@ -391,3 +391,25 @@ def test_a_full_decode_budget_and_a_memory_error_are_503_with_retry_after(
     assert r.headers["Retry-After"]
     pipeline.results._classify_and_store = real
     assert post().status_code == 201
+
+
+def test_the_system_page_answers_when_the_data_folder_is_gone(daemon, tmp_path):
+    """An unmounted card: the page one opens to diagnose it says so instead of a 500."""
+    import shutil
+
+    pipeline, app = daemon()
+    c = app.test_client()
+    shutil.rmtree(tmp_path / "data")
+    r = c.get("/system")
+    assert r.status_code == 200
+    assert "unreadable" in r.get_data(as_text=True)
+
+
+def test_before_zero_is_a_cursor_not_no_cursor(daemon, blood_samples):
+    pipeline, app = daemon()
+    c = app.test_client()
+    r = c.post("/api/classify", headers={"X-CSRFToken": csrf_of(c)},
+               data={"image": (io.BytesIO(jpeg_of(blood_samples[0])), "x.jpg")})
+    assert r.status_code == 201
+    assert c.get("/api/results").get_json()["results"]
+    assert c.get("/api/results?before=0").get_json()["results"] == []

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from .base import Source, SourceError
+from .base import Source, SourceError, SourceFinished
 from .replay import ReplaySource
 
-__all__ = ["Source", "SourceError", "ReplaySource", "make_source"]
+__all__ = ["Source", "SourceError", "SourceFinished", "ReplaySource", "make_source"]
 
 
 def make_source(cfg) -> Source:

@@ -10,9 +10,15 @@ from abc import ABC, abstractmethod
 
 import numpy as np
 
+from ..errors import FieldScopeError
 
-class SourceError(RuntimeError):
+
+class SourceError(FieldScopeError, RuntimeError):
     """The camera is unavailable (unplugged, busy, driver error); the daemon retries."""
+
+
+class SourceFinished(SourceError):
+    """A replay that does not loop has shown everything: a final state, not a lost camera."""
 
 
 class Source(ABC):

@@ -15,7 +15,7 @@ import numpy as np
 
 from ..errors import ImageError
 from ..inference.preprocess import open_image
-from .base import Source, SourceError
+from .base import Source, SourceError, SourceFinished
 
 log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
@@ -76,8 +76,10 @@ class ReplaySource(Source):
         if not ok and self.loop:
             self._video.set(1, 0)  # CAP_PROP_POS_FRAMES
             ok, frame = self._video.read()
+        if not ok and not self.loop:
+            raise SourceFinished(f"video {self.path} finished (loop = false)")
         if not ok:
-            raise SourceError(f"end of video {self.path}")
+            raise SourceError(f"cannot read video {self.path}")
         return frame[..., ::-1].copy()  # BGR → RGB
 
     def read(self) -> np.ndarray:
@@ -88,7 +90,7 @@ class ReplaySource(Source):
         for _ in range(len(self._files)):
             if self._index >= len(self._files):
                 if not self.loop:
-                    raise SourceError("replay finished")
+                    raise SourceFinished(f"replay of {self.path} finished (loop = false)")
                 self._index = 0
             path = self._files[self._index]
             self._index += 1

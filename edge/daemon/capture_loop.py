@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from ..capture import Source, SourceError
+from ..capture import Source, SourceError, SourceFinished
 from ..config import Config
 from ..inference.classifier import Classifier
 from .frames import Frame, encode_jpeg, prepare_frame
@@ -82,6 +82,12 @@ class CaptureLoop:
                     self.board.publish(camera="ok", camera_error=None)
                     log.info("source %s delivers (was %s)", self.source.describe(), was)
                     backoff = 1.0
+            except SourceFinished as exc:
+                # Final: the kit stays up with its results; nothing to reopen, nothing lost.
+                self.board.publish(camera="finished", camera_error=None)
+                log.info("%s; the live view keeps its last frame", exc)
+                self._close_quietly()
+                return
             except Exception as exc:
                 # Any failure of the camera, the driver or its library (SourceError, OSError,
                 # cv2.error, an ImportError on first use) is "camera lost": retried with

@@ -345,7 +345,7 @@ class Pipeline:
         st, run = self.state, self._run
         age = time.monotonic() - run.worker.last_heartbeat
         storage = self.results.storage_status()
-        camera_ok = st.camera == "ok"
+        camera_ok = st.camera in ("ok", "finished")  # a replay that ended on purpose
         inference_ok = age < 10
         tpu_lost = run.classifier.degraded is not None
         ok = (storage["ok"] and camera_ok and inference_ok and not storage["low_space"]

@@ -343,9 +343,8 @@ class Store:
         self, limit: int = 50, before: int | None = None, sample_code: str | None = None
     ) -> list[dict[str, Any]]:
         sql, args = "SELECT * FROM results WHERE 1=1", []
-        if before is not None:
+        if before is not None:  # 0 is a cursor too (nothing is older)
             before = max(-MAX_ID, min(before, MAX_ID))
-        if before:
             sql += " AND id < ?"
             args.append(before)
         if sample_code is not None:
@@ -369,8 +368,17 @@ class Store:
             ).fetchall()
         return [dict(r) for r in rows]
 
+    def fields_of(self, code: str) -> list[dict[str, Any]]:
+        """Every field of a sample, newest first (a scanned smear can have thousands: every
+        export holds them all)."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT * FROM results WHERE sample_code = ? ORDER BY id DESC", (code,)
+            ).fetchall()
+        return [self._row(r) for r in rows]
+
     def sample_summary(self, code: str) -> dict[str, Any] | None:
-        fields = self.list(limit=500, sample_code=code)
+        fields = self.fields_of(code)
         if not fields:
             return None
         # A field that failed the quality gate (blurred, over-exposed) says nothing about the

@@ -15,7 +15,7 @@
       return;
     }
     const lost = $("#camera-lost");
-    if (lost) lost.hidden = data.camera.state === "ok";
+    if (lost) lost.hidden = data.camera.state === "ok" || data.camera.state === "finished";
     const r = data.last_result;
     const box = $("#decision");
     if (!box) return;
