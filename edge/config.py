@@ -388,6 +388,10 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     # Paths written in a config file mean the file's folder; paths given on the command line
     # (overrides) mean the working directory. Both become absolute here, so nothing later
     # (Flask's send_file, a thread that changed directory) resolves them differently.
+    # A profile's source is the shared [source] with its own options laid over: its path is
+    # made absolute after that merge (is "0" a V4L2 index or a replay folder? the merged kind
+    # says), so the profiles get the shared table as written.
+    shared_source = dict(raw.get("source", {})) if isinstance(raw.get("source"), dict) else {}
     if path:
         _absolute_paths(raw, Path(path).resolve().parent)
     given: dict[str, Any] = {}
@@ -418,7 +422,7 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
                 "[model] bundle, labels and fallback_bundle belong in each [profiles.<id>] "
                 "table when the config has profiles"
             )
-        top = {k: dict(raw.get(k, {})) for k in ("source", "pipeline")}
+        top = {"source": shared_source, "pipeline": dict(raw.get("pipeline", {}))}
         cfg.profiles, cfg.default_profile = _profiles(
             profiles_raw, top, Path(path).resolve().parent if path else None
         )

@@ -92,6 +92,22 @@ kind = "v4l2"
     cfg = load_config(path)
     assert cfg.for_profile("usb").source.path == "0"
     assert cfg.for_profile("folder").source.path == str(tmp_path / "fields")
+    # The mirror case: the index in the shared [source], the kind only in the profile.
+    (tmp_path / "mirror.toml").write_text(f"""
+[source]
+path = "0"
+[profiles.usb]
+bundle = "{BLOOD}"
+[profiles.usb.source]
+kind = "v4l2"
+[profiles.folder]
+bundle = "{BLOOD}"
+[profiles.folder.source]
+kind = "replay"
+""")
+    mirror = load_config(tmp_path / "mirror.toml")
+    assert mirror.for_profile("usb").source.path == "0"
+    assert mirror.for_profile("folder").source.path == str(tmp_path / "0")
     (tmp_path / "bad.toml").write_text(f'[profiles.x]\nbundle = "{BLOOD}"\nsource = 3\n')
     with pytest.raises(ConfigError, match=r"\[profiles.x\].source: expected a table, got int"):
         load_config(tmp_path / "bad.toml")
