@@ -201,3 +201,13 @@ def test_destinations_that_are_down_cost_classification_nothing(tmp_path):
     with_down = frames_in_a_window(tmp_path / "down", down=True)
     assert without > 20
     assert with_down >= 0.8 * without, (with_down, without)
+
+
+def test_long_sample_codes_get_study_ids_that_do_not_collide():
+    from edge.outbound.dicom import short_id
+
+    a = short_id("kit-1", "CLINIC-A-2026-12-001")
+    b = short_id("kit-1", "CLINIC-A-2026-12-002")
+    assert a != b and len(a) == len(b) == 16
+    assert short_id("kit-1", "P-17") == "P-17"  # a code that fits is kept as it is
+    assert short_id("kit-1", "X" * 64) == short_id("kit-1", "X" * 64)  # stable for resends

@@ -235,3 +235,4 @@ def test_doctor_names_the_scope_check_of_each_shipped_bundle():
     for name in ("blood-smear", "skin-lesion"):
         assert checks[f"model {name}"].status == "ok"
         assert "scope check at" in checks[f"model {name}"].detail
+

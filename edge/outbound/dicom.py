@@ -9,8 +9,9 @@ the model's result, one study per sample; pushed by DICOMweb STOW-RS or written 
   the label, the decision and each class's score, marked UNVERIFIED with a comment that it is
   an automated screening result, not a diagnosis.
 
-The kit knows samples, not patients: the sample code is the Patient ID and the Accession Number,
-and the name is left empty for the clinic's systems to reconcile. Every UID is derived from the
+The kit knows samples, not patients: the sample code is the Patient ID (and the Study ID and
+Accession Number, shortened without collisions where it is longer than their 16 characters: see
+``short_id``), and the name is left empty for the clinic's systems to reconcile. Every UID is derived from the
 kit's id and what is stored (sample, result), so an export and a push of the same field give
 the same objects, and a resend replaces rather than duplicates.
 """
@@ -64,6 +65,20 @@ class Study:
         return uid("study", self.kit_id, self.code, repr(self.created))
 
 
+def short_id(kit_id: str, code: str) -> str:
+    """A sample code for DICOM's 16-character Study ID and Accession Number: the code itself
+    when it fits, else its start and a digest of the whole (with the kit), so that
+    CLINIC-A-2026-12-001 and CLINIC-A-2026-12-002 never share one. The full code is the
+    Patient ID (64 characters)."""
+    if len(code) <= 16:
+        return code
+    import base64
+    import hashlib
+
+    digest = hashlib.sha256(f"{kit_id}:{code}".encode()).digest()
+    return f"{code[:7]}-{base64.b32encode(digest).decode()[:8]}"
+
+
 def _dt(t: float) -> tuple[str, str]:
     return time.strftime("%Y%m%d", time.gmtime(t)), time.strftime("%H%M%S", time.gmtime(t))
 
@@ -77,8 +92,7 @@ def _common(ds, study: Study) -> None:
     ds.PatientSex = ""
     ds.StudyInstanceUID = study.uid
     ds.StudyDate, ds.StudyTime = date, tm
-    ds.StudyID = study.code[:16]
-    ds.AccessionNumber = study.code[:16]
+    ds.StudyID = ds.AccessionNumber = short_id(study.kit_id, study.code)
     ds.ReferringPhysicianName = ""
     ds.StudyDescription = "FieldScope screening"
     ds.Manufacturer = MANUFACTURER
