@@ -222,7 +222,7 @@ class Config:
 
     @property
     def kit_id(self) -> str:
-        return self.kit.id or socket.gethostname()
+        return self.kit.id or default_kit_id()
 
     @property
     def destinations(self) -> tuple[str, ...]:
@@ -299,6 +299,24 @@ def read_toml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"config file not found: {p}") from exc
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{p}: not valid TOML: {exc}") from exc
+
+
+GENERIC_HOSTNAMES = {"raspberrypi", "localhost", "fieldscope", "pi", "debian", "ubuntu"}
+
+
+def default_kit_id(hostname: str | None = None, machine_id: Path = Path("/etc/machine-id")) -> str:
+    """The host name, unless it is one every fresh Pi has ("raspberrypi"): then the host name
+    and the start of /etc/machine-id, unique per installed system. Two kits left on the
+    default name would otherwise share an MQTT client id and topics, and the broker would
+    disconnect one whenever the other connects."""
+    host = hostname or socket.gethostname()
+    if host.split(".")[0].lower() not in GENERIC_HOSTNAMES:
+        return host
+    try:
+        mid = machine_id.read_text().strip()
+    except OSError:
+        return host
+    return f"{host}-{mid[:8]}" if re.fullmatch(r"[0-9a-f]{32}", mid) else host
 
 
 PATH_KEYS = (("model", "bundle"), ("model", "labels"), ("model", "fallback_bundle"),

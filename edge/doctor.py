@@ -193,6 +193,24 @@ def check_bundles(folder: Path) -> list[Check]:
     return out
 
 
+def check_kit_name(hostname: str | None = None) -> Check:
+    """A host name every fresh Pi has makes a poor kit id (MQTT client ids and topics)."""
+    import socket
+
+    from .config import GENERIC_HOSTNAMES, default_kit_id
+
+    host = hostname or socket.gethostname()
+    if host.split(".")[0].lower() in GENERIC_HOSTNAMES:
+        return Check(
+            "kit name", "warn",
+            f"the host name {host!r} is the default of every fresh install; the kit id "
+            f"becomes {default_kit_id(host)!r} (from /etc/machine-id) unless [kit] id is set",
+            "name the kit: `sudo hostnamectl set-hostname fieldscope-01`, or [kit] id in the "
+            "config",
+        )
+    return Check("kit name", "ok", host)
+
+
 def run_checks(models: str | None = None, data_dir: str | None = None) -> list[Check]:
     folder = Path(models) if models else models_dir()
     checks = [
@@ -204,6 +222,7 @@ def run_checks(models: str | None = None, data_dir: str | None = None) -> list[C
         check_governor(),
         check_thermal(),
         check_disk(Path(data_dir) if data_dir else folder),
+        check_kit_name(),
     ]
     checks.extend(check_bundles(folder))
     return checks

@@ -330,3 +330,18 @@ def test_a_sample_holds_every_field_past_500(tmp_path):
     listed = {r["code"]: r for r in store.samples()}["SCAN-1"]
     assert listed["fields"] == s["fields"] and listed["flagged"] == s["flagged"]
     store.close()
+
+
+def test_two_kits_on_the_default_host_name_get_different_ids(tmp_path):
+    from edge.config import default_kit_id
+    from edge.doctor import check_kit_name
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.write_text("0123456789abcdef0123456789abcdef\n")
+    b.write_text("fedcba9876543210fedcba9876543210\n")
+    ida, idb = default_kit_id("raspberrypi", a), default_kit_id("raspberrypi", b)
+    assert ida != idb and ida.startswith("raspberrypi-")
+    assert default_kit_id("lab-kit-3", a) == "lab-kit-3"  # a chosen name is kept
+    assert default_kit_id("raspberrypi", tmp_path / "none") == "raspberrypi"
+    assert check_kit_name("raspberrypi").status == "warn"
+    assert check_kit_name("lab-kit-3").status == "ok"

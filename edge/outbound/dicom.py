@@ -11,9 +11,9 @@ the model's result, one study per sample; pushed by DICOMweb STOW-RS or written 
 
 The kit knows samples, not patients: the sample code is the Patient ID (and the Study ID and
 Accession Number, shortened without collisions where it is longer than their 16 characters: see
-``short_id``), and the name is left empty for the clinic's systems to reconcile. Every UID is derived from the
-kit's id and what is stored (sample, result), so an export and a push of the same field give
-the same objects, and a resend replaces rather than duplicates.
+``short_id``), and the name is left empty for the clinic's systems to reconcile. Every UID is
+derived from the kit's id and what is stored (sample, result), so an export and a push of the
+same field give the same objects, and a resend replaces rather than duplicates.
 """
 
 from __future__ import annotations
