@@ -162,26 +162,42 @@ def cmd_export(args: argparse.Namespace) -> int:
     from .daemon.store import Store
     from .outbound.messages import Gone
 
-    cfg = load_config(args.config, {"storage.data_dir": args.data_dir})
+    if not args.config and not args.data_dir:
+        raise FieldScopeError("export needs the kit's data folder",
+                              "give --data-dir DIR or --config FILE")
+    # An export reads the data folder only: the camera the config names is never opened.
+    cfg = load_config(args.config, {"storage.data_dir": args.data_dir}, camera=False)
     store = Store(cfg.data_dir, read_only=True)
+    # Without a config the kit's id is the one the daemon wrote there (UIDs and FHIR ids
+    # derive from it: the same field exports the same objects).
+    kit_id = cfg.kit_id if args.config else (store.setting("kit_id") or cfg.kit_id)
     cache: dict = {}
 
     def bundle_for(pid):
         if pid not in cache:
-            cache[pid] = profile_bundle(cfg, pid)
+            remembered = None if args.config else store.setting(f"bundle:{pid}")
+            if remembered:
+                from .inference.bundle import load_model
+
+                try:
+                    cache[pid] = load_model(remembered)
+                except FieldScopeError:
+                    cache[pid] = None
+            else:
+                cache[pid] = profile_bundle(cfg, pid)
         return cache[pid]
 
     try:
         if args.format == "dicom":
             from .outbound.dicom import export_sample
 
-            files = export_sample(store, args.sample, Path(args.out), cfg.kit_id,
+            files = export_sample(store, args.sample, Path(args.out), kit_id,
                                   cfg.dicom.institution, bundle_for)
             print(f"{len(files)} DICOM files in {args.out}")
         else:
             from .outbound.fhir import sample_bundle
 
-            doc = sample_bundle(store, args.sample, cfg.kit_id, bundle_for)
+            doc = sample_bundle(store, args.sample, kit_id, bundle_for)
             text = json.dumps(doc, indent=2)
             if args.out == "-":
                 print(text)

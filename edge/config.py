@@ -394,7 +394,13 @@ def _profiles(raw: Any, top: dict[str, Any], base: Path | None) -> tuple[dict[st
     return profiles, default
 
 
-def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
+def load_config(
+    path: str | Path | None = None,
+    overrides: dict[str, Any] | None = None,
+    camera: bool = True,
+) -> Config:
+    """The configuration, checked. ``camera`` False: for a command that never opens the
+    camera (an export), a missing camera source is not an error."""
     raw: dict[str, Any] = read_toml(path) if path else {}
     profiles_raw = raw.pop("profiles", None)
     unknown = sorted(set(raw) - set(SECTIONS))
@@ -447,7 +453,7 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     password_from_env(cfg)
     for pid in cfg.all_profiles():
         try:
-            validate(cfg.for_profile(pid))
+            validate(cfg.for_profile(pid), camera=camera)
         except ConfigError as exc:
             if not cfg.profiles:
                 raise
@@ -455,7 +461,7 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     return cfg
 
 
-def validate(cfg: Config) -> None:
+def validate(cfg: Config, camera: bool = True) -> None:
     m, s, p, w, st = cfg.model, cfg.source, cfg.pipeline, cfg.web, cfg.storage
     if m.backend not in ("auto", "cpu", "edgetpu"):
         raise ConfigError(f"[model].backend: {m.backend!r} is not auto, cpu or edgetpu")
@@ -473,7 +479,7 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"[model].device: {exc.message}", exc.hint) from exc
     if s.kind not in ("replay", "picamera2", "v4l2"):
         raise ConfigError(f"[source].kind: {s.kind!r} is not replay, picamera2 or v4l2")
-    if s.kind == "replay" and not s.path:
+    if camera and s.kind == "replay" and not s.path:
         raise ConfigError("[source].path: replay needs a folder of images or a video file")
     if s.exposure_us < 0 or s.gain < 0 or s.white_balance_k < 0:
         raise ConfigError("[source] exposure_us, gain and white_balance_k must be ≥ 0 (0: auto)")

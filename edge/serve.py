@@ -51,6 +51,11 @@ def build(cfg: Config, profile: str | None = None):
         remembered = store.setting("profile")
         start = profile or (remembered if remembered in known else cfg.first_profile())
         store.enforce_retention()
+        # An export reads the data folder alone (no config): it finds the kit's id and each
+        # profile's bundle here.
+        store.set_setting("kit_id", cfg.kit_id)
+        for pid in known:
+            store.set_setting(f"bundle:{pid}", str(cfg.for_profile(pid).bundle_path))
         run_cfg = cfg.for_profile(start)
         classifier, source = open_profile(run_cfg)
     except BaseException:

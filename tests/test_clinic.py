@@ -157,6 +157,13 @@ def test_fhir_bundle_of_a_sample_validates(tmp_path):
                     "--out", str(out), "--config", str(config)],
                    check=True, cwd=tmp_path, env={"PYTHONPATH": str(ROOT)}, timeout=120)
     assert json.loads(out.read_text()) == doc
+    # With the data folder alone (no config: no camera to validate), the same bundle: the
+    # kit's id comes from the store.
+    bare = tmp_path / "bare.json"
+    subprocess.run([sys.executable, "-m", "edge", "export", "fhir", "--sample", "SMEAR-5",
+                    "--out", str(bare), "--data-dir", str(tmp_path / "data")],
+                   check=True, cwd=tmp_path, env={"PYTHONPATH": str(ROOT)}, timeout=120)
+    assert json.loads(bare.read_text()) == doc
     missing = subprocess.run(
         [sys.executable, "-m", "edge", "export", "fhir", "--sample", "NOPE", "--out", "-",
          "--config", str(config)], cwd=tmp_path, env={"PYTHONPATH": str(ROOT)},
