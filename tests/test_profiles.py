@@ -435,3 +435,49 @@ def test_an_unnamed_profile_is_shown_by_its_bundle_name(tmp_path):
         assert names == {"blood-smear": "Blood smear — microscope", "skin": "skin-lesion"}
     finally:
         store.close()
+
+
+def test_a_switch_with_the_worker_stuck_in_the_model_closes_it_only_after(tmp_path):
+    """The live worker is inside infer (a slow Edge TPU call) past the halt's timeout: the
+    switch goes ahead, the old model is closed only when that inference returns (no call on a
+    closed interpreter), and its late result is not published under the new profile."""
+    from edge.serve import build
+
+    pipeline, _, store = build(load_config(write_config(tmp_path)))
+    pipeline.start()
+    try:
+        eventually(lambda: pipeline.state.classified >= 1, 30)
+        old = pipeline.profile
+        clf = old.classifier
+        inside, release = threading.Event(), threading.Event()
+        real_invoke = clf.backend.invoke
+        errors: list[BaseException] = []
+
+        def stuck_invoke(tensor):
+            inside.set()
+            release.wait(15)
+            try:
+                return real_invoke(tensor)  # would fail on an interpreter closed under it
+            except BaseException as exc:
+                errors.append(exc)
+                raise
+
+        clf.backend.invoke = stuck_invoke
+        assert inside.wait(15)
+        pipeline.switch_profile("skin")  # returns although the old worker is still inside
+        assert pipeline.status()["profile"]["id"] == "skin"
+        assert clf.backend.interpreter is not None, "closed under a running inference"
+        worker = next(t for t in old.threads if t.name == "inference")
+        assert worker.is_alive()
+        release.set()
+        worker.join(15)
+        eventually(lambda: clf.backend.interpreter is None, 10)  # closed once it returned
+        assert not errors
+        st = pipeline.state
+        assert st.profile == "skin"
+        assert st.result is None or st.result.get("profile") == "skin"
+        eventually(lambda: pipeline.state.result and pipeline.state.result["profile"] == "skin",
+                   30)
+    finally:
+        pipeline.stop()
+        store.close()

@@ -46,10 +46,16 @@ class LiveBoard:
         """The current snapshot (replaced, never changed in place)."""
         return self._state
 
-    def publish(self, count: tuple[str, ...] = (), **changes: Any) -> LiveState:
-        """Replace the snapshot: ``changes`` set fields, each name in ``count`` adds one."""
+    def publish(
+        self, count: tuple[str, ...] = (), only_for: str | None = None, **changes: Any
+    ) -> LiveState:
+        """Replace the snapshot: ``changes`` set fields, each name in ``count`` adds one.
+        ``only_for``: a profile id; when the board shows another profile (a switch happened
+        while this frame was inside the old model), nothing changes."""
         with self._lock:
             st = self._state
+            if only_for is not None and st.profile != only_for:
+                return st
             for name in count:
                 changes[name] = getattr(st, name) + 1
             self._state = replace(st, **changes)

@@ -158,6 +158,26 @@ class Pipeline:
             t.join(timeout)
         self._next_frame_id = run.capture.next_id
 
+    def _close_when_stopped(self, run: Active) -> None:
+        """Close a halted profile's model (an Edge TPU is then free for the next one), but only
+        once its threads are gone: a worker still inside ``infer`` (a slow TPU call) keeps its
+        interpreter until it returns, and then publishes nothing (its profile is not the
+        board's any more)."""
+        alive = [t for t in run.threads if t.is_alive()]
+        if not alive:
+            run.classifier.close()
+            return
+        log.warning("profile %s: %s still running after the stop; its model is closed when "
+                    "they end", run.profile.id, ", ".join(t.name for t in alive))
+
+        def reap() -> None:
+            for t in alive:
+                t.join()
+            run.classifier.close()
+            log.info("profile %s: its model is closed", run.profile.id)
+
+        threading.Thread(target=reap, name=f"close-{run.profile.id}", daemon=True).start()
+
     def start(self) -> None:
         self._start_run(self._run)
         self._housekeeping = threading.Thread(
@@ -218,7 +238,7 @@ class Pipeline:
             t0 = time.monotonic()
             with self._gate.closed():
                 self._halt(old, timeout=1.5)
-                old.classifier.close()  # an Edge TPU is free for the next model
+                self._close_when_stopped(old)
                 try:
                     classifier, source = self._opener(cfg)
                 except Exception as exc:

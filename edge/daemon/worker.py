@@ -88,6 +88,7 @@ class InferenceWorker:
         quality = frame.quality.to_dict()  # frames reach the worker prepared
         if not frame.quality.assessable:
             self.board.publish(
+                only_for=self.cfg.profile,
                 count=("not_assessable",),
                 quality=quality,
                 result={
@@ -116,8 +117,10 @@ class InferenceWorker:
                 reason=bundle.scope_texts["nothing_in_view"],
                 quality=quality,
                 label=None,
+                profile=self.cfg.profile,
             )
             self.board.publish(
+                only_for=self.cfg.profile,
                 count=("out_of_scope",),
                 quality=quality,
                 result=doc,
@@ -136,6 +139,7 @@ class InferenceWorker:
         doc = result.to_dict()
         doc["quality"] = quality
         doc["assessable"] = True
+        doc["profile"] = self.cfg.profile  # the profile whose model made it
         doc["frame_to_result_ms"] = round((done - frame.at) * 1e3, 2)
         smoothed = {
             "label": shown.label,
@@ -147,6 +151,7 @@ class InferenceWorker:
         self.board.record(doc["frame_to_result_ms"], done)
         # One snapshot: this frame's result, its quality and the smoothed state it led to.
         self.board.publish(
+            only_for=self.cfg.profile,
             count=("classified",),
             result=doc,
             quality=quality,

@@ -378,4 +378,6 @@ class Classifier:
         return out
 
     def close(self) -> None:
-        self.backend.close()
+        """Free the interpreter (and an Edge TPU); waits for an inference in progress."""
+        with self._lock:
+            self.backend.close()
