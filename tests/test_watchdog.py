@@ -79,6 +79,16 @@ def test_hung_camera_stops_watchdog_and_is_reported(blood_bundle, blood_samples,
         pings(0.5)  # drain what was in flight
         assert pings(1.0) == 0  # stalled: systemd's watchdog will fire
         assert pipe.state.classified >= 1
+        # A still from the wedged camera is refused at once, not after a wait.
+        from edge.capture import SourceError
+
+        t0 = time.monotonic()
+        try:
+            pipe.profile.capture.take_still()
+            raise AssertionError("a still came from a wedged camera")
+        except SourceError as exc:
+            assert "stalled" in str(exc)
+        assert time.monotonic() - t0 < 0.2
     finally:
         pipe.stop()
         store.close()

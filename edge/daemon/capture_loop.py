@@ -189,8 +189,13 @@ class CaptureLoop:
         )
 
     def take_still(self) -> np.ndarray:
-        """A full-quality still for an on-demand capture (the camera held for that frame)."""
-        if not self._source_lock.acquire(timeout=5.0):
+        """A full-quality still for an on-demand capture (the camera held for that frame). A
+        camera known to be wedged (no frame for ``timeout_s``) is refused at once; otherwise
+        the wait is at most a couple of frame intervals (the live read holds the camera)."""
+        if self.board.state.camera == "stalled" or self.source_hung():
+            raise SourceError("the camera is not answering (stalled); the kit restarts it")
+        wait = min(5.0, max(1.0, 2.0 / max(self.cfg.source.fps, 0.1)))
+        if not self._source_lock.acquire(timeout=wait):
             raise SourceError("the camera is not answering (busy or hung)")
         try:
             return self.source.capture_still()
