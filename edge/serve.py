@@ -35,16 +35,22 @@ def build(cfg: Config, profile: str | None = None):
 
     The starting profile: ``profile`` (the command line's --profile), else the one last chosen
     on the page (kept in the store), else the config's ``[profiles] default``, else the first."""
+    from contextlib import ExitStack
+
     from .daemon.pipeline import Pipeline
     from .daemon.profiles import open_profile
     from .daemon.store import Store
     from .outbound import Delivery
     from .web import create_app
 
-    store = Store(cfg.data_dir, cfg.storage.retention_days, cfg.storage.min_free_mb,
-                  destinations=cfg.destinations, outbox_max_age_days=cfg.outbox.max_age_days,
-                  outbox_max_messages=cfg.outbox.max_messages)
-    try:
+    # Everything opened here is closed again if a later step fails (a bad web option, a model
+    # that loads and a camera that does not construct): nothing is left open behind an error.
+    with ExitStack() as opened:
+        store = Store(cfg.data_dir, cfg.storage.retention_days, cfg.storage.min_free_mb,
+                      destinations=cfg.destinations,
+                      outbox_max_age_days=cfg.outbox.max_age_days,
+                      outbox_max_messages=cfg.outbox.max_messages)
+        opened.callback(store.close)
         known = cfg.all_profiles()
         if profile is not None and profile not in known:
             cfg.for_profile(profile)  # raises the ConfigError naming the profiles
@@ -58,12 +64,12 @@ def build(cfg: Config, profile: str | None = None):
             store.set_setting(f"bundle:{pid}", str(cfg.for_profile(pid).bundle_path))
         run_cfg = cfg.for_profile(start)
         classifier, source = open_profile(run_cfg)
-    except BaseException:
-        store.close()
-        raise
-    pipeline = Pipeline(run_cfg, classifier, source, store, opener=open_profile)
-    pipeline.delivery = Delivery(cfg, store, pipeline.profile_bundle)
-    app = create_app(pipeline, cfg)
+        opened.callback(classifier.close)
+        opened.callback(source.close)
+        pipeline = Pipeline(run_cfg, classifier, source, store, opener=open_profile)
+        pipeline.delivery = Delivery(cfg, store, pipeline.profile_bundle)
+        app = create_app(pipeline, cfg)
+        opened.pop_all()  # all built: the caller owns them now
     return pipeline, app, store
 
 

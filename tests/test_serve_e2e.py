@@ -203,3 +203,31 @@ def test_without_a_camera_the_kit_is_ready_and_says_so(tmp_path, blood_bundle, n
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=10)
+
+
+def test_a_start_that_fails_late_closes_what_it_opened(tmp_path, blood_bundle, blood_samples,
+                                                      monkeypatch):
+    """The web app fails to build after the store, the model and the camera exist: the store
+    and the model are closed again (no open database, no held Edge TPU behind the error)."""
+    import edge.web
+    from edge.daemon.store import Store
+    from edge.inference.classifier import Classifier
+    from edge.serve import build
+    from tests.daemon_helpers import make_config
+
+    cfg = make_config(blood_bundle, replay_folder(tmp_path / "r", blood_samples[:2]),
+                      tmp_path / "data")
+    closed: list[str] = []
+    real_store_close, real_clf_close = Store.close, Classifier.close
+    monkeypatch.setattr(Store, "close", lambda self: (closed.append("store"),
+                                                      real_store_close(self)))
+    monkeypatch.setattr(Classifier, "close", lambda self: (closed.append("model"),
+                                                           real_clf_close(self)))
+
+    def broken_app(*args, **kwargs):
+        raise RuntimeError("web layer failed")
+
+    monkeypatch.setattr(edge.web, "create_app", broken_app)
+    with pytest.raises(RuntimeError, match="web layer failed"):
+        build(cfg)
+    assert sorted(closed) == ["model", "store"]
