@@ -36,6 +36,24 @@ def require_module(name: str, why: str):
         pytest.skip(f"{name} not installed: {why}", allow_module_level=True)
 
 
+OPT_IN = "opt-in:"  # the reason of a skip a person chose (FIELDSCOPE_SLOW=1 and the like)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """In CI every tool and module is installed: a skip that is not an explicit opt-in hides a
+    missing one, so it fails the run (whatever skipped it: a fixture, importorskip, a mark)."""
+    outcome = yield
+    report = outcome.get_result()
+    if not CI or not report.skipped or getattr(report, "wasxfail", None):
+        return
+    reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+    if reason.removeprefix("Skipped: ").startswith(OPT_IN):
+        return
+    report.outcome = "failed"
+    report.longrepr = f"skipped in CI without an opt-in ({reason}): install what it needs"
+
+
 @pytest.fixture(scope="session")
 def shared() -> Path:
     return _need(shared_dir())

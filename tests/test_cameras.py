@@ -14,6 +14,7 @@ import pytest
 
 from edge.capture import make_source
 from edge.config import load_config
+from tests.conftest import require_module
 
 
 class FakePicamera2:
@@ -71,7 +72,7 @@ def _source(**source):
 
 
 def test_picamera2_gets_streams_rate_and_locked_exposure_and_colour(picamera2_module):
-    pytest.importorskip("cv2")  # the YUV → RGB conversion (python3-opencv on a Pi)
+    require_module("cv2", "the YUV → RGB conversion (python3-opencv on a Pi)")
     src = _source(kind="picamera2", width=320, height=240, still_width=1014, still_height=760,
                   fps=10.0, exposure_us=8000, gain=2.0, colour_gains=[1.8, 1.5])
     src.open()
@@ -144,7 +145,7 @@ class FakeCapture:
 
 @pytest.fixture
 def cv2_capture(monkeypatch):
-    cv2 = pytest.importorskip("cv2")
+    cv2 = require_module("cv2", "the V4L2 source is OpenCV's capture")
     FakeCapture.instances.clear()
     monkeypatch.setattr(cv2, "VideoCapture", FakeCapture)
     return cv2

@@ -107,6 +107,7 @@ def check_exported(out: Path, web, ids: list[int]) -> None:
     assert len(files) == 2 * len(ids)
     images = [pydicom.dcmread(f) for f in files if f.name.endswith("-image.dcm")]
     reports = [pydicom.dcmread(f) for f in files if f.name.endswith("-report.dcm")]
+    assert len(images) == len(reports) == len(ids) >= 1  # the loops below check every one
     study_uids = {ds.StudyInstanceUID for ds in images + reports}
     assert len(study_uids) == 1
     for ds in images:

@@ -167,7 +167,9 @@ def test_refused_bundle_falls_back_to_the_previous_good_one(tmp_path, blood_bund
     model = next(broken.glob("*.tflite"))
     model.write_bytes(model.read_bytes()[: model.stat().st_size // 2])
     cfg = load_config(None, {"model.bundle": str(broken), "source.path": "x"})
-    with pytest.raises(Exception, match="truncated"):
+    from edge.errors import BundleError
+
+    with pytest.raises(BundleError, match="truncated"):
         open_classifier(cfg)
     cfg = load_config(
         None,

@@ -376,11 +376,16 @@ def test_a_switch_waits_for_the_upload_in_progress(tmp_path):
         assert inside.wait(10)
         switch = threading.Thread(target=pipeline.switch_profile, args=("skin",))
         switch.start()
-        switch.join(2.0)
+        # Waiting for the upload: still on the old profile, its model open, while the upload
+        # is held; then the switch ends right after the upload is let go.
+        time.sleep(1.0)
         assert switch.is_alive(), "the switch closed the model under an upload"
+        assert pipeline.profile.profile.id == "blood-smear"
+        assert clf.backend.interpreter is not None
         release.set()
         upload.join(10)
         switch.join(10)
+        assert not switch.is_alive(), "the switch did not finish once the upload was done"
         assert stored[0]["profile"] == "blood-smear" and stored[0]["model"].startswith("blood")
         assert store.get(stored[0]["id"])["profile"] == "blood-smear"
         assert pipeline.status()["profile"]["id"] == "skin"

@@ -134,6 +134,7 @@ def test_config_error_under_systemd_serves_an_error_page(tmp_path, notify_socket
         assert len(pings) >= 3, pings
         try:
             get(base + "/")
+            raise AssertionError("the error page answered 200: it must say 503")
         except urllib.error.HTTPError as exc:
             assert exc.code == 503
         proc.send_signal(signal.SIGTERM)

@@ -130,14 +130,17 @@ def test_api_token_lets_a_script_post_without_cookies_or_csrf(daemon, blood_samp
     assert upload({"X-CSRFToken": csrf_of(c)}).status_code == 201  # the new session's token
 
 
-def test_api_token_from_the_environment_is_kept_hashed(monkeypatch):
-    from edge.config import load_config
+def test_api_token_from_the_environment_is_kept_hashed(monkeypatch, daemon):  # noqa: F811
+    """What the running app keeps of a token is its digest, never the token."""
     from edge.web.auth import token_digest
 
     monkeypatch.setenv("FIELDSCOPE_API_TOKEN", TOKEN)
-    cfg = load_config(None, {"source.path": "x"})
-    assert cfg.web.api_tokens == [TOKEN]
-    assert token_digest(TOKEN) != TOKEN and len(token_digest(TOKEN)) == 64
+    _, app = daemon(**{"web.password": "correct horse"})
+    kept = app.extensions["fieldscope_auth"]["tokens"]
+    assert kept == [token_digest(TOKEN)] and TOKEN not in kept
+    assert len(kept[0]) == 64 and TOKEN not in repr(app.extensions["fieldscope_auth"])
+    c = app.test_client()
+    assert c.get("/api/status", headers={"Authorization": f"Bearer {TOKEN}"}).status_code == 200
 
 
 def test_short_api_tokens_are_refused():
