@@ -22,7 +22,8 @@ def hammer(
     client: Client, images: list[bytes], acked: list[int], stop: threading.Event, errors: list
 ) -> None:
     i = 0
-    while not stop.is_set():
+    deadline = time.monotonic() + 240  # never past the test's own limit, whatever happens
+    while not stop.is_set() and time.monotonic() < deadline:
         try:
             status, doc = client.upload(images[i % len(images)], sample_code="LOAD-1")
         except OSError as exc:  # the daemon died mid-request: not acknowledged

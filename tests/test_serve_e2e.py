@@ -57,13 +57,16 @@ def start_daemon(tmp_path, bundle, samples, extra_env=None, args=(), source=None
     return proc, f"http://127.0.0.1:{port}"
 
 
-def drain(sock) -> list[str]:
+def drain(sock, limit_s: float = 30.0) -> list[str]:
+    """What the socket holds now (it has a short timeout), read for at most ``limit_s``."""
     out = []
-    while True:
+    end = time.monotonic() + limit_s
+    while time.monotonic() < end:
         try:
             out.append(sock.recv(4096).decode())
         except TimeoutError:
             return out
+    return out
 
 
 def test_daemon_serves_notifies_and_stops_on_sigterm(
