@@ -21,8 +21,13 @@ install-edge:
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet -e '.[edge]'
 
+# ruff, then the architecture's checkers: import contracts (layers, no cycles, no TensorFlow
+# in edge/), mypy on the clean part of edge/, declared vs used dependencies.
 lint: $(STAMP)
 	$(PY) -m ruff check edge training scripts tests
+	$(VENV)/bin/lint-imports
+	$(VENV)/bin/mypy
+	$(VENV)/bin/deptry .
 
 format: $(STAMP)
 	$(PY) -m ruff format edge training scripts tests

@@ -19,11 +19,9 @@ import sqlite3
 import threading
 import time
 import uuid
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from .store import Store
+from typing import Any, Protocol
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS outbox (
@@ -98,10 +96,22 @@ def enqueue(
     return queued
 
 
+class Database(Protocol):
+    """What the outbox needs of the store: its connection under its lock (so results and
+    their messages are written by one connection), and whether the clock can be trusted."""
+
+    def locked(self) -> AbstractContextManager[sqlite3.Connection]: ...
+
+    def locked_transaction(self) -> AbstractContextManager[sqlite3.Connection]: ...
+
+    def clock_problem_locked(self, now: float) -> str | None: ...
+
+
 class Outbox:
     """The senders' side of the queue (the store's connection and lock)."""
 
-    def __init__(self, store: Store, max_age_days: int = 30, max_messages: int = 100000) -> None:
+    def __init__(self, store: Database, max_age_days: int = 30,
+                 max_messages: int = 100000) -> None:
         self._store = store
         self.max_age_s = max_age_days * 86400.0
         self.max_messages = max_messages
@@ -124,25 +134,26 @@ class Outbox:
     # -- the senders' calls ----------------------------------------------------------------------
     def due(self, destination: str, limit: int = 20, now: float | None = None) -> list[Message]:
         now = time.time() if now is None else now
-        with self._store._lock:
-            rows = self._store._db.execute(
+        with self._store.locked() as db:
+            rows = db.execute(
                 "SELECT id, destination, kind, message_id, result_id, sample_code, created, "
                 "attempts FROM outbox WHERE destination=? AND next_try<=? ORDER BY id LIMIT ?",
                 (destination, now, limit),
             ).fetchall()
         return [Message(*tuple(r)) for r in rows]
 
-    def _count(self, destination: str, what: str, n: int = 1) -> None:
-        self._store._db.execute(
+    @staticmethod
+    def _count(db: sqlite3.Connection, destination: str, what: str, n: int = 1) -> None:
+        db.execute(
             "INSERT INTO outbox_counts (destination, what, n) VALUES (?,?,?) "
             "ON CONFLICT(destination, what) DO UPDATE SET n = n + excluded.n",
             (destination, what, n),
         )
 
     def _remove(self, msg: Message, what: str) -> None:
-        with self._store._lock, self._store.transaction() as db:
+        with self._store.locked_transaction() as db:
             db.execute("DELETE FROM outbox WHERE id=?", (msg.id,))
-            self._count(msg.destination, what)
+            self._count(db, msg.destination, what)
         self.changed()
 
     def delivered(self, msg: Message) -> None:
@@ -156,20 +167,20 @@ class Outbox:
         self.last_error[msg.destination] = why
 
     def retry(self, msg: Message, error: str, delay_s: float) -> None:
-        with self._store._lock:
-            self._store._db.execute(
+        with self._store.locked() as db:
+            db.execute(
                 "UPDATE outbox SET attempts = attempts + 1, next_try = ?, last_error = ? "
                 "WHERE id = ?",
                 (time.time() + delay_s, error[:500], msg.id),
             )
-            self._count(msg.destination, "failed")
+            self._count(db, msg.destination, "failed")
         self.changed()
         self.last_error[msg.destination] = error
 
     def unreachable(self, destination: str, error: str) -> None:
         """A try to reach the destination failed (nothing was sent): counted as failed."""
-        with self._store._lock:
-            self._count(destination, "failed")
+        with self._store.locked() as db:
+            self._count(db, destination, "failed")
         self.changed()
         self.last_error[destination] = error
 
@@ -178,7 +189,7 @@ class Outbox:
         """Drop what is too old or too many (oldest first); returns how many. A kit whose
         clock cannot be trusted drops nothing by age (like retention)."""
         now = time.time() if now is None else now
-        with self._store._lock, self._store.transaction() as db:
+        with self._store.locked_transaction() as db:
             clock_ok = self._store.clock_problem_locked(now) is None
             victims = []
             if clock_ok:
@@ -196,7 +207,7 @@ class Outbox:
                 victims += [r for r in extra if r[0] not in seen]
             for rid, dest in victims:
                 db.execute("DELETE FROM outbox WHERE id=?", (rid,))
-                self._count(dest, "dropped")
+                self._count(db, dest, "dropped")
             dropped = len(victims)
         self.changed()
         return dropped
@@ -212,8 +223,7 @@ class Outbox:
         generation = self._generation
         if self._cached is not None and self._cached[0] == generation:
             return self._cached[1], self._cached[2]
-        with self._store._lock:
-            db = self._store._db
+        with self._store.locked() as db:
             queued = db.execute(
                 "SELECT destination, COUNT(*), MIN(created) FROM outbox GROUP BY destination"
             ).fetchall()

@@ -26,15 +26,15 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from typing import Any
 
 from ..capture import Source
-from ..config import Config, Profile
+from ..config import Config
 from ..errors import FieldScopeError
 from ..inference.bundle import Bundle
 from ..inference.classifier import Classifier
 from . import notify
+from .active import Active
 from .budget import DecodeBudget
 from .capture_loop import CaptureLoop
 from .frames import Frame, encode_jpeg  # noqa: F401  (re-exported for scripts and tests)
@@ -56,28 +56,6 @@ class ProfileError(FieldScopeError):
 
 class UnknownProfile(ProfileError):
     """No profile of that id in the configuration."""
-
-
-@dataclass
-class Active:
-    """The running profile: its resolved configuration, its model and camera, the capture and
-    inference threads and the event that stops just them."""
-
-    profile: Profile
-    cfg: Config
-    classifier: Classifier
-    capture: CaptureLoop
-    worker: InferenceWorker
-    stop: threading.Event
-    threads: list[threading.Thread] = field(default_factory=list)
-
-    @property
-    def name(self) -> str:
-        return self.profile.name or self.classifier.bundle.name
-
-    def describe(self) -> dict[str, Any]:
-        b = self.classifier.bundle
-        return {"id": self.profile.id, "name": self.name, "model": b.name, "version": b.version}
 
 
 class Pipeline:
@@ -125,7 +103,7 @@ class Pipeline:
             first_id=self._next_frame_id,
         )
         worker = InferenceWorker(
-            cfg, classifier, capture, self.board, self.results, stop,
+            cfg, classifier, capture, self.board, self.results.store_live, stop,
             mark_ready=self._mark_ready,
         )
         profile = cfg.all_profiles()[cfg.profile]
@@ -412,12 +390,6 @@ class Pipeline:
             "storage": self.results.storage_status(),
             "outbox": self.outbox_status(),
         }
-
-    def sample_fhir(self, code: str) -> dict[str, Any]:
-        """A stored sample as a FHIR R4 Bundle (raises outbound.messages.Gone)."""
-        from ..outbound.fhir import sample_bundle
-
-        return sample_bundle(self.store, code, self.base_cfg.kit_id, self.profile_bundle)
 
     def outbox_status(self) -> dict[str, Any]:
         """Per destination: queued, delivered, failed, dropped, oldest waiting, connected."""

@@ -12,6 +12,7 @@ A result is stored with the profile that made it; a sample belongs to one profil
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import logging
 import threading
@@ -29,7 +30,7 @@ from .frames import encode_jpeg, prepare_frame
 from .store import StorageError, Store
 
 if TYPE_CHECKING:
-    from .pipeline import Active
+    from .active import Active
 
 log = logging.getLogger(__name__)
 DEFAULT_DECODE_BUDGET = 192 * 2**20
@@ -140,10 +141,10 @@ class ResultsService:
 
     def list(
         self, limit: int = 50, before: int | None = None, sample_code: str | None = None
-    ) -> list[dict[str, Any]]:
+    ) -> builtins.list[dict[str, Any]]:
         return self.store.list(limit=limit, before=before, sample_code=sample_code)
 
-    def samples(self) -> list[dict[str, Any]]:
+    def samples(self) -> builtins.list[dict[str, Any]]:
         return self.store.samples()
 
     def sample_summary(self, code: str) -> dict[str, Any] | None:

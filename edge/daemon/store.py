@@ -160,6 +160,19 @@ class Store:
                 self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
 
     @contextmanager
+    def locked(self) -> Iterator[sqlite3.Connection]:
+        """The connection, under the store's lock: how the outbox reads and writes beside the
+        results (one connection, one lock)."""
+        with self._lock:
+            yield self._db
+
+    @contextmanager
+    def locked_transaction(self) -> Iterator[sqlite3.Connection]:
+        """:meth:`transaction` under the store's lock."""
+        with self._lock, self.transaction() as db:
+            yield db
+
+    @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
         """BEGIN IMMEDIATE … COMMIT, rolled back on any error, so a failed write never leaves
         the connection inside a transaction that every later write would trip on. The caller

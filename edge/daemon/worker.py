@@ -19,7 +19,6 @@ from . import notify
 from .capture_loop import CaptureLoop
 from .frames import Frame
 from .live import LiveBoard
-from .results import ResultsService
 from .smoothing import Smoother
 
 log = logging.getLogger("edge.daemon.pipeline")
@@ -32,7 +31,7 @@ class InferenceWorker:
         classifier: Classifier,
         capture: CaptureLoop,
         board: LiveBoard,
-        results: ResultsService,
+        store_live: Callable[[dict, str, str], None],
         stop: threading.Event,
         mark_ready: Callable[[], None],
     ) -> None:
@@ -40,7 +39,7 @@ class InferenceWorker:
         self.classifier = classifier
         self.capture = capture
         self.board = board
-        self.results = results
+        self._store_live = store_live  # (result, profile, source): the results service's
         self._stop = stop
         self._mark_ready = mark_ready
         self.smoother = Smoother(
@@ -162,4 +161,4 @@ class InferenceWorker:
         self._mark_ready()
         if p.store_every_s > 0 and time.time() - self._last_store >= p.store_every_s:
             self._last_store = time.time()
-            self.results.store_live(doc, self.cfg.profile, self.capture.source.describe())
+            self._store_live(doc, self.cfg.profile, self.capture.source.describe())

@@ -224,7 +224,7 @@ def opencv():
     """OpenCV when installed (python3-opencv on Raspberry Pi OS, or the usb-camera extra)."""
     if not _CV2:
         try:
-            import cv2  # type: ignore[import-not-found]
+            import cv2
 
             cv2.setNumThreads(1)  # the interpreter owns the cores
             _CV2.append(cv2)

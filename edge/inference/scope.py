@@ -84,6 +84,7 @@ class Head:
             x = np.maximum(pre, 0) if relu else pre
             wl = w * (pre > 0)[None, :] if relu else w
             eff = wl if eff is None else eff @ wl
+        assert eff is not None, "a head has at least one dense layer"
         return x, eff
 
 
@@ -183,7 +184,7 @@ def load_scope(path: Path, where: str) -> ScopeModel:
         taps.append(Tap(shape, mean, proj, centres, float(stats[0]), float(stats[1])))
     if not taps:
         raise BundleError(f"{where}: scope file has no taps", "rebuild it")
-    layers = []
+    layers: list[tuple[np.ndarray, np.ndarray, bool]] = []
     for j in range(int(z["n_dense"]) if "n_dense" in z.files else 0):
         w = _arr(z, f"dense{j}_w", where).astype(np.float64)
         b = _arr(z, f"dense{j}_b", where).astype(np.float64)
@@ -218,7 +219,10 @@ def load_scope(path: Path, where: str) -> ScopeModel:
 def save_scope(path: Path, model: dict[str, np.ndarray]) -> None:
     """Write the arrays ``training`` fitted (see :func:`load_scope` for the keys)."""
     buf = io.BytesIO()
-    np.savez(buf, format=np.int64(SCOPE_FORMAT), **model)
+    arrays: dict[str, np.ndarray] = {"format": np.asarray(SCOPE_FORMAT, dtype=np.int64),
+                                      **model}
+    savez: Any = np.savez  # numpy's stub types **kwds as its allow_pickle flag
+    savez(buf, **arrays)
     path.write_bytes(buf.getvalue())
 
 

@@ -150,7 +150,7 @@ def result_map(result_id: int):
     values = row["map"].get(kind) or row["map"]["class"]
     bundle = pipe.profile_bundle(row.get("profile"))
     spec = bundle.input_spec if bundle is not None else {"size": [1, 1], "resize": "squash"}
-    png = overlay_png(path, values, tuple(spec["size"]), spec["resize"])
+    png = overlay_png(path, values, tuple(spec["size"]), str(spec["resize"]))
     return Response(png, mimetype="image/png")
 
 
@@ -229,12 +229,13 @@ def sample(code: str):
 @bp.get("/api/samples/<code>/fhir")
 def sample_fhir(code: str):
     """The sample as a FHIR R4 Bundle (a DiagnosticReport and an Observation per field)."""
+    from ..outbound.fhir import sample_bundle
     from ..outbound.messages import Gone
 
-    pipe, _ = _ctx()
+    pipe, cfg = _ctx()
     code = _sample_code(code) or ""
     try:
-        doc = pipe.sample_fhir(code)
+        doc = sample_bundle(pipe.store, code, cfg.kit_id, pipe.profile_bundle)
     except Gone:
         return _error(f"no sample {code}", 404)
     return Response(json.dumps(doc), mimetype="application/fhir+json")

@@ -61,6 +61,7 @@ class GuardedServer(BaseWSGIServer):
 
     limits: Limits = Limits()
     _last_warning = 0.0
+    next_channel_cleanup: float  # waitress's, set in its constructor
 
     def readable(self) -> bool:
         now = time.time()
@@ -98,8 +99,11 @@ class GuardedServer(BaseWSGIServer):
             conn.close()
             return
         if len(channels) >= self.limits.limit:
-            waiting = [(c.waiting_since(), c) for c in channels
-                       if isinstance(c, GuardedChannel) and c.waiting_since() is not None]
+            waiting: list[tuple[float, GuardedChannel]] = []
+            for c in channels:
+                since = c.waiting_since() if isinstance(c, GuardedChannel) else None
+                if since is not None:
+                    waiting.append((since, c))
             if not waiting:
                 self._warn("%d connections all busy: refusing a new one", len(channels))
                 conn.close()

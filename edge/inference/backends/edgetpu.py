@@ -51,7 +51,7 @@ def parse_device(device: str | None) -> str | None:
 def runtime_version() -> str | None:
     """libedgetpu's version, from pycoral when installed, else from the package manager."""
     try:
-        from pycoral.utils import edgetpu as pycoral_edgetpu  # type: ignore[import-not-found]
+        from pycoral.utils import edgetpu as pycoral_edgetpu
 
         return str(pycoral_edgetpu.get_runtime_version())
     except Exception:  # pycoral absent or broken: not required

@@ -1,0 +1,1 @@
+"""The running kit: capture and inference threads, the live state, storage and the outbox."""

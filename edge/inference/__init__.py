@@ -1,0 +1,1 @@
+"""Image → result, no threads: the runtime, bundles, backends, pre- and post-processing."""
