@@ -30,6 +30,8 @@ TINY = {
     "train.finetune_epochs": 1,
     "train.batch_size": 8,
     "export.representative_images": 16,
+    # The small CNN's middle and last feature maps: the scope step runs as in a real build.
+    "export.scope_layers": ["relu1", "relu2"],
 }
 
 
@@ -60,6 +62,11 @@ def test_pipeline_writes_a_valid_bundle(tiny_run):
     assert len(list((out / "samples").glob("*.jpg"))) == 4
     assert "Aria M." in (out / "samples" / "ATTRIBUTION.md").read_text()
     assert (run_dir / "split.csv").is_file() and (run_dir / "history.csv").is_file()
+    # Trained bundles get their scope check: fitted, thresholded, reported in the card.
+    assert bundle.scope is not None and len(bundle.scope.taps) == 2
+    report = m["scope"]["evaluation"]
+    assert report["in_scope_test"]["n"] == ev["n"] and "synthetic" in report["sets"]
+    assert "Scope check" in (out / "CARD.md").read_text()
 
 
 def test_int8_runs_in_the_edge_runtime_and_agrees_with_float(tiny_run):

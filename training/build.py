@@ -134,6 +134,12 @@ def build_bundle(
     cfg: Config, run_dir: Path, out_dir: Path, keep_float: bool = False, samples_per_class: int = 0
 ) -> dict:
     files = export_artifacts(cfg, run_dir)
+    if cfg.export.scope_layers and "int8" in files:
+        # The scope check's feature outputs before anything is evaluated or compiled (the
+        # class output is unchanged; the Edge TPU model then carries them too).
+        from .scope import add_taps
+
+        add_taps(files["int8"], files["int8"], cfg.export.scope_layers)
     parts = read_split(run_dir / "split.csv")
     staging = run_dir / "bundle"
     if staging.exists():
@@ -220,6 +226,10 @@ def build_bundle(
     write_card(out_dir, manifest, ev, run_dir / "history.csv", cfg, extra)
     if samples_per_class:
         add_samples(out_dir, cfg, parts["test"], samples_per_class)
+    if cfg.export.scope_layers and "int8" in final_files:
+        from .scope import add_scope
+
+        add_scope(out_dir, cfg, parts)  # fitted on train, threshold on val; a card section
     load_bundle(out_dir)  # the result must load on the Pi side
     ev.pop("_probs")
     ev.pop("_y")

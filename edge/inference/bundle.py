@@ -113,7 +113,10 @@ class Bundle:
 
     def only(self, kind: str) -> Bundle:
         """The same bundle restricted to one artifact (to evaluate or time it alone)."""
-        return Bundle(self.root, self.manifest, {kind: self.artifacts[kind]}, self.scope)
+        # The scope check reads the int8 model's feature outputs (and the Edge TPU's, compiled
+        # from it); a float artifact is evaluated without it.
+        scope = self.scope if kind in ("int8", "edgetpu") else None
+        return Bundle(self.root, self.manifest, {kind: self.artifacts[kind]}, scope)
 
     def cpu_artifact(self) -> Artifact | None:
         """The artifact the CPU runs: int8 when present (fast on a Pi's ARM cores), else float."""
