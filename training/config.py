@@ -11,7 +11,8 @@ from edge.paths import shared_dir
 
 __all__ = ["ConfigError", "Config", "load_config"]
 
-BACKBONES = ("mobilenetv2", "mobilenet_edgetpu", "inceptionv3", "small_cnn")
+BACKBONES = ("mobilenetv2", "mobilenet_edgetpu", "efficientnet_lite0", "efficientnet_lite1",
+             "efficientnet_lite2", "inceptionv3", "small_cnn")
 SAMPLING = ("none", "sqrt", "balanced")
 
 
