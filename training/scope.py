@@ -95,8 +95,11 @@ def head_layers(path: Path) -> list[tuple[np.ndarray, np.ndarray, bool]]:
         op = graph.operators[i]
         w, (ws, wz) = const(int(op.inputs[1]), np.int8)
         wf = (w.astype(np.float64) - wz.reshape(-1, 1)) * ws.reshape(-1, 1)  # per out channel
-        b, (bs, _) = const(int(op.inputs[2]), np.int32)
-        bf = b.astype(np.float64) * bs
+        if len(op.inputs) > 2 and int(op.inputs[2]) >= 0:
+            b, (bs, _) = const(int(op.inputs[2]), np.int32)
+            bf = b.astype(np.float64) * bs
+        else:  # the converter leaves out a bias that is all zeros
+            bf = np.zeros(wf.shape[0])
         relu = op.builtinOptions is not None and op.builtinOptions.fusedActivationFunction == 1
         layers.append((wf.T, bf, bool(relu)))
     if not layers:
