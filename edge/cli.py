@@ -52,10 +52,12 @@ def _format(result, top_k: int) -> str:
 def cmd_classify(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
+    from .inference.backends.edgetpu import parse_device
     from .inference.bundle import load_model
     from .inference.classifier import Classifier
     from .paths import default_bundle
 
+    parse_device(args.device)  # a typo is an error even where no Edge TPU is attached
     model = args.model or default_bundle()
     bundle = load_model(model, args.labels)
     clf = Classifier(bundle, backend=args.backend, threads=args.threads, device=args.device)

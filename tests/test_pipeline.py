@@ -38,12 +38,12 @@ def _pipeline(blood_bundle, tmp_path, frames, source=None, **overrides):
     cfg = load_config(
         None,
         {
-            **overrides,
             "model.bundle": str(blood_bundle),
             "source.path": "x",
             "storage.data_dir": str(tmp_path / "data"),
             "pipeline.min_focus": 0.0,
             "pipeline.max_clipped": 1.0,
+            **overrides,
         },
     )
     clf = Classifier(load_bundle(blood_bundle), backend="cpu", threads=1)
