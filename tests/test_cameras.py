@@ -233,3 +233,29 @@ def test_a_camera_raising_something_unexpected_comes_back(blood_bundle, blood_sa
         pipe.store.close()
     lost = [r for r in caplog.records if "camera lost" in r.getMessage()]
     assert len(lost) == 1 and "RuntimeError: VIDIOC_DQBUF" in lost[0].getMessage()
+
+
+def test_a_video_written_by_opencv_replays_and_finishes(tmp_path):
+    """A real video file (MJPG in AVI, written by OpenCV): every frame once, RGB, then the
+    replay finishes when it does not loop."""
+    cv2 = require_module("cv2", "video replay reads through OpenCV")
+    from edge.capture import SourceFinished
+    from edge.capture.replay import ReplaySource
+
+    path = tmp_path / "fields.avi"
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 10.0, (64, 48))
+    for i in range(5):
+        frame = np.zeros((48, 64, 3), np.uint8)
+        frame[..., 2] = 40 * i + 20  # BGR: red grows frame by frame
+        writer.write(frame)
+    writer.release()
+    src = ReplaySource(path, fps=100.0, loop=False)
+    src.open()
+    reds = []
+    with pytest.raises(SourceFinished):
+        for _ in range(10):
+            rgb = src.read()
+            assert rgb.shape == (48, 64, 3)
+            reds.append(int(rgb[..., 0].mean()))
+    src.close()
+    assert len(reds) == 5 and reds == sorted(reds) and reds[0] < 40 < reds[-1]

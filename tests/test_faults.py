@@ -7,6 +7,7 @@ import resource
 import shutil
 import signal
 import sqlite3
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -333,3 +334,50 @@ def test_sqlite_itself_failing_to_write_is_a_storage_error_and_recovers(tmp_path
     ids = [r[0] for r in db.execute("SELECT id FROM results ORDER BY id")]
     assert ids[0] == out["first"] and ids[-1] == out["after"] and len(ids) == out["count"]
     assert db.execute("SELECT code FROM samples").fetchall() == [("S-1",)]
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 3 MB tmpfs: a real file system that really runs out (ENOSPC). CI runs as root."""
+    mnt = tmp_path / "card"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mnt)], check=True)
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_a_full_disk_is_enospc_answered_507_and_storing_resumes(small_disk, blood_bundle,
+                                                                 blood_samples, tmp_path):
+    from edge.serve import build
+    from tests.daemon_helpers import make_config, replay_folder
+
+    cfg = make_config(blood_bundle, replay_folder(tmp_path / "r", blood_samples[:2]),
+                      small_disk / "data", **{"storage.min_free_mb": 0})
+    pipeline, app, store = build(cfg)
+    pipeline.start()
+    try:
+        c = app.test_client()
+        token = c.get("/api/session").get_json()["csrf_token"]
+        image = blood_samples[0].read_bytes()
+
+        def upload():
+            return c.post("/api/classify", headers={"X-CSRFToken": token},
+                          data={"image": (io.BytesIO(image), "x.jpg")})
+
+        assert upload().status_code == 201
+        filler = small_disk / "filler"
+        with open(filler, "wb") as fh:  # fill the card to the last block
+            try:
+                while True:
+                    fh.write(b"\0" * 65536)
+            except OSError as exc:
+                assert exc.errno == 28  # ENOSPC, the real thing
+        r = upload()
+        assert r.status_code == 507 and "not stored" in r.get_json()["error"]
+        assert c.get("/api/health").get_json()["storage"]["ok"] is False
+        filler.unlink()
+        assert upload().status_code == 201
+        assert c.get("/api/health").get_json()["storage"]["ok"] is True
+    finally:
+        pipeline.stop()
+        store.close()
