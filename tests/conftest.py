@@ -137,6 +137,11 @@ class FakeLib:
         return self.lib.fake_delegate_created()
 
     @property
+    def attempts(self) -> int:
+        """Calls to create a delegate, refused ones included."""
+        return self.lib.fake_delegate_attempts()
+
+    @property
     def last_device(self) -> str:
         return self.lib.fake_delegate_last_device().decode()
 

@@ -189,12 +189,13 @@ print(len(os.listdir("/proc/self/task")) - before, clf.describe()["artifact"])
 
 
 def test_tpu_that_fails_then_returns_is_used_again(
-    coral, coral_bundle, parrot, host_with_tpu, fake_tpu_lib, monkeypatch
+    coral, coral_bundle, parrot, host_with_tpu, fake_tpu_lib, monkeypatch, tmp_path
 ):
     """A USB reset: the TPU fails mid-run, the CPU stands in (degraded, with the reason), the
-    TPU is tried again after its backoff, and once it opens inference is back on it."""
-    import edge.inference.classifier as classifier_mod
-
+    TPU is tried again after its backoff, and once it opens inference is back on it. "Still
+    unplugged" comes from the stand-in library itself (its delegate cannot be created)."""
+    unplugged = tmp_path / "unplugged"
+    monkeypatch.setenv("FAKE_EDGETPU_UNPLUGGED", str(unplugged))
     clf = Classifier(_bundle_running_on_fake_tpu(coral, coral_bundle))
     clf.reprobe_s = 0.2
     assert clf.classify(str(parrot)).backend == "edgetpu"
@@ -205,13 +206,17 @@ def test_tpu_that_fails_then_returns_is_used_again(
     clf.backend.interpreter.invoke = usb_reset
     assert clf.classify(str(parrot)).backend == "cpu"
     assert clf.degraded and "USB transfer error" in clf.describe()["degraded"]["reason"]
-    # Still unplugged at the first retry: stays on the CPU and backs off.
-    with monkeypatch.context() as m:
-        m.setattr(classifier_mod, "open_edgetpu", _raise_no_tpu)
-        time.sleep(0.25)
-        assert clf.classify(str(parrot)).backend == "cpu"
-        assert clf.reprobe_s == pytest.approx(0.4)
+    # Still unplugged at the first retry: the library refuses to open it; the CPU stays, the
+    # wait doubles.
+    unplugged.touch()
+    created, attempts = fake_tpu_lib.created, fake_tpu_lib.attempts
+    time.sleep(0.25)
+    assert clf.classify(str(parrot)).backend == "cpu"
+    assert clf.reprobe_s == pytest.approx(0.4)
+    # The try reached the library, which refused it.
+    assert fake_tpu_lib.attempts == attempts + 1 and fake_tpu_lib.created == created
     # Plugged back in: after the backoff the next classification runs on the TPU again.
+    unplugged.unlink()
     time.sleep(0.45)
     r = clf.classify(str(parrot))
     assert r.backend == "edgetpu" and r.label == "macaw"

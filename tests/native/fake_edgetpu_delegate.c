@@ -8,12 +8,14 @@
  * because nothing provides edgetpu-custom-op -- just as on a machine whose TPU is unusable.
  *
  * Options: a device index of 99 (usb:99, :99) makes creation fail, as asking for a TPU that is
- * not there does.
+ * not there does; so does any creation while the file named by FAKE_EDGETPU_UNPLUGGED exists
+ * (a TPU pulled out: the test plugs it back in by removing the file).
  * Counters are exported for the tests to read with ctypes.
  */
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 /* Mirrors TfLiteDelegate's layout (tensorflow/lite/core/c/common.h); pointers to TFLite types
  * are opaque here because this delegate never touches them. */
@@ -29,6 +31,7 @@ typedef struct FakeDelegate {
   void *opaque_delegate_builder;
 } FakeDelegate;
 
+static int attempt_count = 0;
 static int created_count = 0;
 static int destroyed_count = 0;
 static int prepare_count = 0;
@@ -43,7 +46,13 @@ static int fake_prepare(void *context, FakeDelegate *delegate) {
 
 FakeDelegate *tflite_plugin_create_delegate(char **keys, char **values, size_t n,
                                             void (*report_error)(const char *)) {
+  attempt_count++;
   last_device[0] = '\0';
+  const char *unplugged = getenv("FAKE_EDGETPU_UNPLUGGED");
+  if (unplugged && *unplugged && access(unplugged, F_OK) == 0) {
+    if (report_error) report_error("Failed to open Edge TPU (fake: unplugged)");
+    return NULL;
+  }
   for (size_t i = 0; i < n; i++) {
     if (strcmp(keys[i], "device") == 0) {
       strncpy(last_device, values[i], sizeof(last_device) - 1);
@@ -69,6 +78,7 @@ void tflite_plugin_destroy_delegate(FakeDelegate *delegate) {
   }
 }
 
+int fake_delegate_attempts(void) { return attempt_count; }
 int fake_delegate_created(void) { return created_count; }
 int fake_delegate_destroyed(void) { return destroyed_count; }
 int fake_delegate_prepared(void) { return prepare_count; }
