@@ -259,3 +259,35 @@ def test_a_video_written_by_opencv_replays_and_finishes(tmp_path):
             reds.append(int(rgb[..., 0].mean()))
     src.close()
     assert len(reds) == 5 and reds == sorted(reds) and reds[0] < 40 < reds[-1]
+
+
+class PaddedPicamera2(FakePicamera2):
+    """Like the Pi's ISP: each YUV420 row padded past the width (here by 64 bytes of luma and
+    32 of each chroma), padding filled with values that would show."""
+
+    PAD = 64
+
+    def capture_array(self, stream: str):
+        if stream != "lores":
+            return super().capture_array(stream)
+        self.calls.append(("capture_array", stream))
+        w, h = self.config["lores"]["size"]
+        s = w + self.PAD
+        y = np.zeros((h, s), np.uint8)
+        y[:, :w] = 200
+        chroma = np.full((h // 2, s // 2), 255, np.uint8)
+        chroma[:, : w // 2] = 128
+        planes = [y.reshape(-1), chroma.reshape(-1), chroma.reshape(-1)]
+        return np.concatenate(planes).reshape(h * 3 // 2, s)
+
+
+def test_picamera2_frames_with_row_padding_come_out_at_their_own_width(picamera2_module):
+    require_module("cv2", "the YUV → RGB conversion (python3-opencv on a Pi)")
+    picamera2_module.Picamera2 = PaddedPicamera2
+    src = _source(kind="picamera2", width=320, height=240)
+    src.open()
+    rgb = src.read()
+    src.close()
+    assert rgb.shape == (240, 320, 3)
+    # Only the picture: grey everywhere, no padding columns, chroma rows aligned.
+    assert int(rgb.max()) - int(rgb.min()) <= 2 and rgb.min() > 180, (rgb.min(), rgb.max())

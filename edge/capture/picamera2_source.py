@@ -93,7 +93,11 @@ class Picamera2Source(Source):
             raise SourceError(f"camera read failed: {exc}") from exc
         import cv2  # type: ignore[import-not-found]  (apt: python3-opencv, pulled by picamera2)
 
-        return cv2.cvtColor(yuv, cv2.COLOR_YUV420p2RGB)
+        rgb = cv2.cvtColor(yuv, cv2.COLOR_YUV420p2RGB)
+        # picamera2 hands YUV420 as (height × 3/2, stride): rows padded past the width (to the
+        # ISP's alignment) convert as extra columns, cut here.
+        width = self.size[0]
+        return np.ascontiguousarray(rgb[:, :width]) if rgb.shape[1] > width else rgb
 
     def capture_still(self) -> np.ndarray:
         if self._cam is None:
