@@ -4,6 +4,7 @@ blurred field through the live worker."""
 
 from __future__ import annotations
 
+import io
 import json
 import socket
 import subprocess
@@ -93,3 +94,31 @@ def test_a_blurred_field_through_the_live_worker_is_not_assessable(blood_bundle,
     assert st.result["assessable"] is False and st.smoothed is None
     assert pipe.store.count() == 0  # never stored, never flagged
     pipe.store.close()
+
+
+def test_max_fps_caps_the_live_rate(blood_bundle, blood_samples, tmp_path):
+    frame = np.asarray(Image.open(blood_samples[0]).convert("RGB"))
+    pipe, _ = _pipeline(blood_bundle, tmp_path, [frame], **{"pipeline.max_fps": 4.0})
+    pipe.start()
+    deadline = time.monotonic() + 20
+    while pipe.state.classified < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    first, t0 = pipe.state.classified, time.monotonic()
+    time.sleep(2.0)
+    rate = (pipe.state.classified - first) / (time.monotonic() - t0)
+    pipe.stop()
+    pipe.store.close()
+    assert 0 < rate <= 4.0 * 1.25, rate  # the source offers 100 frames a second
+
+
+def test_snapshot_quality_sets_the_stored_jpeg(daemon, blood_samples, tmp_path):  # noqa: F811
+    sizes = {}
+    for quality in (20, 95):
+        pipeline, app = daemon(**{"storage.snapshot_quality": quality,
+                                  "storage.data_dir": str(tmp_path / f"d{quality}")})
+        c = app.test_client()
+        r = c.post("/api/classify", headers={"X-CSRFToken": csrf_of(c)},
+                   data={"image": (io.BytesIO(blood_samples[0].read_bytes()), "x.jpg")})
+        row = pipeline.results.get(r.get_json()["id"])
+        sizes[quality] = pipeline.results.snapshot_path(row["snapshot"]).stat().st_size
+    assert sizes[20] < sizes[95] * 0.6, sizes
