@@ -14,7 +14,7 @@ import pytest
 from tests.conftest import require_module
 from tests.daemon_helpers import Client, eventually
 from tests.servers import Collector, Mosquitto, make_pki, need
-from tests.test_profiles import BLOOD, start, stop, write_config
+from tests.test_profiles import BLOOD, SKIN, start, stop, write_config
 
 require_module("paho", "MQTT delivery (the edge extra)")
 IMAGES = sorted((BLOOD / "samples").glob("*.jpg"))
@@ -78,6 +78,20 @@ def test_results_and_samples_arrive_with_their_ids_and_the_status_is_retained(tm
         last = collector.on("samples")[-1]
         assert last["code"] == "SMEAR-1" and sorted(last["result_ids"]) == sorted(ids)
         assert len({s["message_id"] for s in samples}) == len(samples)
+        # A dermoscopy image in the smear's sample: out of scope, so the summary counts it
+        # as such and never as flagged or in the scores; its result message says so.
+        flagged = last["flagged"]
+        skin = sorted((SKIN / "samples").glob("*.jpg"))[0]
+        status, odd = client.upload(skin.read_bytes(), sample_code="SMEAR-1")
+        assert status == 201 and odd["scope"]["in_scope"] is False
+        eventually(lambda: collector.on("samples")[-1]["fields"] == 4, 20,
+                   lambda: collector.on("samples"))
+        last = collector.on("samples")[-1]
+        assert last["out_of_scope"] == 1 and last["not_assessable"] >= 1
+        assert last["flagged"] == flagged
+        message = next(r for r in collector.wait_for("results", 4) if r["id"] == odd["id"])
+        assert message["in_scope"] is False and message["assessable"] is False
+        assert message["decision_outcome"] == "out of scope"
         assert collector.on("status")[0]["state"] == "online"
         eventually(lambda: outbox(client)["queued"] == 0, 10, lambda: outbox(client))
         o = outbox(client)
