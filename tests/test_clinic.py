@@ -62,23 +62,27 @@ def test_samples_reach_the_pacs_after_it_comes_up_and_export_the_same(tmp_path):
         assert client.post_json("/api/profile", {"profile": "skin"})[0] == 200
         lesion = client.upload(sorted((SKIN / "samples").glob("*.jpg"))[0].read_bytes(),
                                sample_code="LESION-4")[1]["id"]
+        # A smear field in the lesion's sample: out of scope for the skin model.
+        status, odd = client.upload(blood[1].read_bytes(), sample_code="LESION-4")
+        assert status == 201 and odd["scope"]["in_scope"] is False
         client.upload(blood[0].read_bytes())  # no sample code: nothing for a PACS
         eventually(lambda: outbox(client, "dicom")["failed"] >= 1, 20,
                    lambda: outbox(client, "dicom"))
         waiting = outbox(client, "dicom")
-        assert waiting["queued"] == 3 and not waiting["connected"]
+        assert waiting["queued"] == 4 and not waiting["connected"]
         pacs.start()
         eventually(lambda: outbox(client, "dicom")["queued"] == 0, 60,
                    lambda: outbox(client, "dicom"))
         done = outbox(client, "dicom")
-        assert done["delivered"] == 3 and done["dropped"] == 0
+        assert done["delivered"] == 4 and done["dropped"] == 0
 
         session = requests.Session()
         session.auth = PACS_USER
         web = DICOMwebClient(pacs.dicomweb, session=session)
         assert requests.get(pacs.dicomweb + "/studies", timeout=10).status_code == 401
         for code, ids, sop_class, modality in (("SMEAR-9", smear, VL_MICROSCOPIC, "GM"),
-                                               ("LESION-4", [lesion], VL_PHOTOGRAPHIC, "XC")):
+                                               ("LESION-4", [lesion, odd["id"]],
+                                                VL_PHOTOGRAPHIC, "XC")):
             studies = web.search_for_studies(search_filters={"PatientID": code})
             assert len(studies) == 1
             study_uid = studies[0]["0020000D"]["Value"][0]
@@ -88,6 +92,12 @@ def test_samples_reach_the_pacs_after_it_comes_up_and_export_the_same(tmp_path):
             instances = web.search_for_instances(study_uid)
             classes = sorted(i["00080016"]["Value"][0] for i in instances)
             assert classes == sorted([sop_class] * len(ids) + [COMPREHENSIVE_SR] * len(ids))
+            if code == "LESION-4":  # the PACS holds the out-of-scope field's SR as such
+                reports = [web.retrieve_instance(study_uid, i["0020000E"]["Value"][0],
+                                                 i["00080018"]["Value"][0])
+                           for i in instances if i["00080016"]["Value"][0] == COMPREHENSIVE_SR]
+                findings = [str(r) for r in reports]
+                assert sum("out of scope" in f for f in findings) == 1, findings
 
         # The same sample exported for a USB stick: the very objects the PACS has.
         out = tmp_path / "usb"
