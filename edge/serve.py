@@ -38,7 +38,7 @@ def build(cfg: Config, profile: str | None = None):
     from contextlib import ExitStack
 
     from .daemon.pipeline import Pipeline
-    from .daemon.profiles import open_profile
+    from .daemon.profiles import ProfileBundles, open_profile
     from .daemon.store import Store
     from .outbound import Delivery
     from .web import create_app
@@ -66,8 +66,11 @@ def build(cfg: Config, profile: str | None = None):
         classifier, source = open_profile(run_cfg)
         opened.callback(classifier.close)
         opened.callback(source.close)
-        pipeline = Pipeline(run_cfg, classifier, source, store, opener=open_profile)
-        pipeline.delivery = Delivery(cfg, store, pipeline.profile_bundle)
+        # In order, each handed what it needs: no part is patched into another afterwards.
+        bundles = ProfileBundles(cfg)
+        delivery = Delivery(cfg, store, bundles)
+        pipeline = Pipeline(run_cfg, classifier, source, store, opener=open_profile,
+                            delivery=delivery, bundles=bundles)
         app = create_app(pipeline, cfg)
         opened.pop_all()  # all built: the caller owns them now
     return pipeline, app, store

@@ -40,6 +40,7 @@ from .capture_loop import CaptureLoop
 from .frames import Frame, encode_jpeg  # noqa: F401  (re-exported for scripts and tests)
 from .gate import Gate
 from .live import LiveBoard, LiveState
+from .profiles import ProfileBundles
 from .results import ResultsService
 from .store import Store
 from .worker import InferenceWorker
@@ -67,6 +68,7 @@ class Pipeline:
         store: Store,
         opener: Opener | None = None,
         delivery: Any = None,
+        bundles: ProfileBundles | None = None,
     ) -> None:
         """``cfg`` is resolved for the starting profile (or has no profiles); ``opener`` opens
         another profile's model and source for ``switch_profile`` (the daemon's is
@@ -85,7 +87,7 @@ class Pipeline:
         self._gate = Gate()
         self._opener = opener
         self.delivery = delivery
-        self._bundles: dict[str, Bundle] = {}
+        self.bundles = bundles if bundles is not None else ProfileBundles(cfg)
         self._housekeeping: threading.Thread | None = None
         self.started = time.time()
         self.results = ResultsService(
@@ -107,6 +109,7 @@ class Pipeline:
             mark_ready=self._mark_ready,
         )
         profile = cfg.all_profiles()[cfg.profile]
+        self.bundles.set_running(profile.id, classifier.bundle)
         return Active(profile, cfg, classifier, capture, worker, stop)
 
     @contextmanager
@@ -252,17 +255,7 @@ class Pipeline:
     def profile_bundle(self, profile_id: str | None) -> Bundle | None:
         """The bundle of a profile (the running one's, or read from its folder), for pages
         about results it made; None for a profile no longer configured."""
-        run = self._run
-        if not profile_id or profile_id == run.profile.id:
-            return run.classifier.bundle
-        if profile_id not in self._bundles:
-            from .profiles import profile_bundle
-
-            bundle = profile_bundle(self.base_cfg, profile_id)
-            if bundle is None:
-                return None
-            self._bundles[profile_id] = bundle
-        return self._bundles[profile_id]
+        return self.bundles(profile_id)
 
     @property
     def running(self) -> bool:

@@ -7,6 +7,7 @@ go through :func:`open_profile`, so a switch builds exactly what a fresh start w
 from __future__ import annotations
 
 import logging
+import threading
 
 from ..capture import Source, make_source
 from ..config import Config
@@ -52,3 +53,32 @@ def profile_bundle(cfg: Config, profile_id: str | None) -> Bundle | None:
         return load_model(run.bundle_path, run.model.labels or None)
     except FieldScopeError:
         return None
+
+
+class ProfileBundles:
+    """Each profile's bundle, for pages and exports about the results it made: the running
+    profile's is the one its classifier runs (a fallback bundle included), the others are read
+    from their folders once. Built before the pipeline and the delivery, which both use it."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self._cache: dict[str, Bundle] = {}
+        self._running: tuple[str, Bundle] | None = None
+        self._lock = threading.Lock()
+
+    def set_running(self, profile_id: str, bundle: Bundle) -> None:
+        with self._lock:
+            self._running = (profile_id, bundle)
+
+    def __call__(self, profile_id: str | None) -> Bundle | None:
+        with self._lock:
+            running = self._running
+            if running is not None and (not profile_id or profile_id == running[0]):
+                return running[1]
+            pid = profile_id or self.cfg.first_profile()
+            if pid not in self._cache:
+                bundle = profile_bundle(self.cfg, pid)
+                if bundle is None:
+                    return None
+                self._cache[pid] = bundle
+            return self._cache[pid]
