@@ -193,6 +193,22 @@ def check_bundles(folder: Path) -> list[Check]:
     return out
 
 
+def check_platform(machine: str | None = None, version: tuple[int, int] | None = None) -> Check:
+    """A 32-bit OS or an old Python: the kit's wheels and code need 64-bit and 3.11+."""
+    import platform
+    import sys
+
+    machine = machine or platform.machine()
+    version = version or sys.version_info[:2]
+    if machine in ("armv7l", "armv6l", "armhf", "i686", "i386"):
+        return Check("platform", "fail", f"a 32-bit OS ({machine})",
+                     "flash 64-bit Raspberry Pi OS (Bookworm, arm64) with Raspberry Pi Imager")
+    if version < (3, 11):
+        return Check("platform", "fail", f"Python {version[0]}.{version[1]}",
+                     "FieldScope needs Python 3.11 or newer: Raspberry Pi OS Bookworm has it")
+    return Check("platform", "ok", f"{machine}, Python {version[0]}.{version[1]}")
+
+
 def check_kit_name(hostname: str | None = None) -> Check:
     """A host name every fresh Pi has makes a poor kit id (MQTT client ids and topics)."""
     import socket
@@ -214,6 +230,7 @@ def check_kit_name(hostname: str | None = None) -> Check:
 def run_checks(models: str | None = None, data_dir: str | None = None) -> list[Check]:
     folder = Path(models) if models else models_dir()
     checks = [
+        check_platform(),
         check_runtime(),
         check_libedgetpu(),
         check_edgetpu(),

@@ -63,6 +63,29 @@ if [ "$DRY_RUN" = 0 ] && [ "$(id -u)" != 0 ]; then
   echo "run as root (sudo), or with --dry-run to see what it would do" >&2
   exit 1
 fi
+# What the kit runs on: a 64-bit OS (the wheels it needs exist for aarch64 and x86-64 only) and
+# Python 3.11 or newer (Raspberry Pi OS Bookworm has 3.11).
+check_platform() {
+  local arch py
+  arch=$(dpkg --print-architecture 2>/dev/null || uname -m)
+  case $arch in
+    arm64|aarch64|amd64|x86_64) ;;
+    armhf|armel|armv7l|armv6l)
+      echo "this is a 32-bit OS ($arch): FieldScope needs 64-bit Raspberry Pi OS (Bookworm," \
+           "arm64); flash it with Raspberry Pi Imager (Raspberry Pi OS (64-bit)) and run this" \
+           "again (Pi 3, 4, 5, 400, Zero 2 W and CM4 all run it)" >&2
+      exit 3 ;;
+    *) echo "unsupported architecture $arch: FieldScope runs on arm64 or amd64" >&2; exit 3 ;;
+  esac
+  py=$(python3 -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null || echo none)
+  if ! python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
+    echo "FieldScope needs Python 3.11 or newer (found: $py); Raspberry Pi OS Bookworm has" \
+         "3.11: upgrade the OS image (Bullseye and older are too old)" >&2
+    exit 3
+  fi
+}
+[ "$UNINSTALL" = 1 ] || check_platform
+
 if [ -n "$OFFLINE" ] && [ ! -d "$OFFLINE" ]; then
   echo "offline folder $OFFLINE not found (make it with scripts/make-wheelhouse.sh)" >&2
   exit 1

@@ -191,3 +191,42 @@ def test_example_config_is_valid_and_complete():
         for f in fields(cls):
             assert re.search(rf"^{f.name} = ", text, re.M), f"[{name}].{f.name} undocumented"
     assert cfg.web.host == "127.0.0.1"
+
+
+def _fake_tools(tmp_path, arch: str, python: str | None = None) -> dict:
+    """A PATH whose dpkg reports ``arch`` (and whose python3 is ``python`` when given)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "dpkg").write_text(f"#!/bin/sh\necho {arch}\n")
+    if python:
+        (bin_dir / "python3").write_text(
+            "#!/bin/sh\n"
+            f'case "$*" in *"print("*) echo {python} ;; *) exit 1 ;; esac\n')
+    for f in bin_dir.iterdir():
+        f.chmod(0o755)
+    return {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+
+
+def test_install_refuses_a_32_bit_os_with_the_fix(tmp_path):
+    proc = subprocess.run(["bash", str(ROOT / "scripts/install.sh"), "--dry-run"],
+                          capture_output=True, text=True, timeout=60,
+                          env=_fake_tools(tmp_path, "armhf"))
+    assert proc.returncode == 3
+    assert "32-bit" in proc.stderr and "64-bit Raspberry Pi OS" in proc.stderr
+
+
+def test_install_refuses_an_old_python_with_the_fix(tmp_path):
+    proc = subprocess.run(["bash", str(ROOT / "scripts/install.sh"), "--dry-run"],
+                          capture_output=True, text=True, timeout=60,
+                          env=_fake_tools(tmp_path, "arm64", python="3.9"))
+    assert proc.returncode == 3
+    assert "Python 3.11" in proc.stderr and "3.9" in proc.stderr
+
+
+def test_doctor_names_a_32_bit_os_and_an_old_python():
+    from edge.doctor import check_platform
+
+    assert check_platform("armv7l", (3, 11)).status == "fail"
+    assert "64-bit" in check_platform("armv7l", (3, 11)).fix
+    assert check_platform("aarch64", (3, 9)).status == "fail"
+    assert check_platform("aarch64", (3, 11)).status == "ok"
