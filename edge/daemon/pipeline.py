@@ -369,7 +369,9 @@ class Pipeline:
             },
             "backend": run.classifier.describe(),
             "runtime": run.classifier.runtime.label,
-            "model": {"name": bundle.name, "version": bundle.version},
+            "model": {"name": bundle.name, "version": bundle.version,
+                      "members": [run.classifier.backend.artifact.path.name]
+                      + [m.path.name for m in bundle.members]},
             "fps": round(self.fps(), 2),
             "latency_ms": self.latency_ms(),
             "frame_id": st.frame_id,

@@ -102,7 +102,8 @@ class ResultsService:
             rgb = np.asarray(decoded, dtype=np.uint8)
         # On demand a few more invokes cost nothing a user notices: average the bundle's
         # test-time views (the live stream never does).
-        result = clf.infer(small, times, top_k=p.top_k, name=mode, tta=True, explain=True)
+        result = clf.infer(small, times, top_k=p.top_k, name=mode, tta=True, explain=True,
+                           members=True)
         doc = result.to_dict()
         doc["quality"] = quality.to_dict()
         # Out of scope counts like a failed quality gate: no finding, never flagged.

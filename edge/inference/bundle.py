@@ -52,6 +52,9 @@ class Bundle:
     artifacts: dict[str, Artifact]
     # The scope check and activation maps (None: the bundle has none and says so).
     scope: ScopeModel | None = None
+    # More int8 models averaged with the first (an ensemble; manifest "members"): on-demand
+    # classifications use them all, the live stream the first alone.
+    members: tuple[Artifact, ...] = ()
 
     @property
     def scope_texts(self) -> dict[str, str]:
@@ -116,7 +119,7 @@ class Bundle:
         # The scope check reads the int8 model's feature outputs (and the Edge TPU's, compiled
         # from it); a float artifact is evaluated without it.
         scope = self.scope if kind in ("int8", "edgetpu") else None
-        return Bundle(self.root, self.manifest, {kind: self.artifacts[kind]}, scope)
+        return Bundle(self.root, self.manifest, {kind: self.artifacts[kind]}, scope)  # no members
 
     def cpu_artifact(self) -> Artifact | None:
         """The artifact the CPU runs: int8 when present (fast on a Pi's ARM cores), else float."""
@@ -256,7 +259,11 @@ def load_bundle(path: Path | str, verify: bool = True) -> Bundle:
         kind: _check_artifact(root, kind, info, verify)
         for kind, info in manifest["artifacts"].items()
     }
-    return Bundle(root, manifest, artifacts, _check_scope(root, manifest.get("scope"), verify))
+    members = tuple(
+        _check_artifact(root, "int8", info, verify) for info in manifest.get("members", [])
+    )
+    return Bundle(root, manifest, artifacts, _check_scope(root, manifest.get("scope"), verify),
+                  members)
 
 
 def _check_scope(root: Path, spec: dict[str, Any] | None, verify: bool) -> ScopeModel | None:

@@ -47,7 +47,7 @@ class Result:
     model: str = ""
     image: str | None = None
     notes: list[str] = field(default_factory=list)
-    # How many views were averaged (test-time augmentation); 1 for a plain classification.
+    # How many model outputs were averaged: test-time views × ensemble members (1: plain).
     views: int = 1
     # {"in_scope", "score", "threshold"} when the bundle has a scope check, else None.
     scope: dict[str, Any] | None = None
@@ -102,6 +102,7 @@ class Classifier:
         self.reprobe_s = REPROBE_FIRST_S
         self._reprobe_at = 0.0
         self._use(selection.backend)
+        self._members = [self._open_member(art) for art in bundle.members]
 
     # -- setup ---------------------------------------------------------------------------
     def _use(self, backend: Backend) -> None:
@@ -151,6 +152,31 @@ class Classifier:
         self.adapter = InputAdapter.for_model(backend.input_detail, spec)
         self.backend = backend
 
+    def _open_member(self, art: Any) -> tuple[Backend, InputAdapter]:
+        """An ensemble member on the CPU: same input and the bundle's labels, or refused."""
+        from .backends.cpu import CpuBackend
+
+        backend = CpuBackend(art, self.runtime, self.threads)
+        shape = backend.input_shape
+        if tuple(shape[1:3]) != tuple(self.adapter.size):
+            raise BundleError(
+                f"member {art.path.name}: input {shape[1]}×{shape[2]}, the bundle's is "
+                f"{self.adapter.size[0]}×{self.adapter.size[1]}",
+                "every member takes the same input; re-export it at the bundle's size",
+            )
+        if backend.output_size != len(self.bundle.labels):
+            raise BundleError(
+                f"member {art.path.name} has {backend.output_size} outputs but the bundle has "
+                f"{len(self.bundle.labels)} labels",
+                "an ensemble's members share the bundle's labels",
+            )
+        return backend, InputAdapter.for_model(backend.input_detail, self.spec)
+
+    @property
+    def members(self) -> int:
+        """How many models an on-demand classification averages."""
+        return 1 + len(self._members)
+
     @property
     def input_size(self) -> tuple[int, int]:
         return self.adapter.size
@@ -164,6 +190,7 @@ class Classifier:
             "degraded": dict(self.degraded) if self.degraded else None,
             "model": self.bundle.name,
             "model_version": self.bundle.version,
+            "members": self.members,
         }
 
     # -- inference -----------------------------------------------------------------------
@@ -275,11 +302,14 @@ class Classifier:
         name: str | None = None,
         tta: bool = False,
         explain: bool = False,
+        members: bool = True,
     ) -> Result:
+        """Classify an image as a capture would: every ensemble member (with ``tta``, over
+        every view too)."""
         rgb, times = self.prepare(source)
         if name is None and isinstance(source, str):
             name = source
-        return self.infer(rgb, times, top_k, name, tta=tta, explain=explain)
+        return self.infer(rgb, times, top_k, name, tta=tta, explain=explain, members=members)
 
     def infer(
         self,
@@ -289,8 +319,10 @@ class Classifier:
         name: str | None = None,
         tta: bool = False,
         explain: bool = False,
+        members: bool = False,
     ) -> Result:
         """Classify an already prepared (H, W, 3) model-size input (see :meth:`prepare`).
+        ``members``: average every ensemble member too (on-demand; the live stream does not).
 
         ``tta``: average the probabilities over the bundle's test-time views (a few times the
         invoke cost; for on-demand classifications, not the live stream). Without ``tta`` in
@@ -313,6 +345,10 @@ class Classifier:
                         dequantize_map(t, self.backend.tap_details[j])
                         for t, j in zip(taps, self._taps, strict=True)
                     ]
+            if members:
+                for backend, adapter in self._members:
+                    for view in views:
+                        outputs.append((backend.invoke(adapter(view)), backend.output_detail))
             t1 = time.perf_counter()
             backend_name = self.backend.name
         kind, bias = self.bundle.output_kind, self._bias
@@ -355,7 +391,7 @@ class Classifier:
             model=f"{self.bundle.name} {self.bundle.version}",
             image=name,
             notes=notes,
-            views=len(views),
+            views=len(outputs),
             scope=scope_result,
             map=cam,
         )
@@ -381,3 +417,5 @@ class Classifier:
         """Free the interpreter (and an Edge TPU); waits for an inference in progress."""
         with self._lock:
             self.backend.close()
+            for backend, _ in self._members:
+                backend.close()

@@ -1,0 +1,123 @@
+"""Ensemble bundles: a manifest naming more int8 members loads (or is refused with the
+reason), captures and uploads average exactly members × views, the live stream one model."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edge.errors import BundleError
+from edge.inference import postprocess
+from edge.inference.bundle import load_bundle
+from edge.inference.classifier import Classifier
+from edge.inference.tflite_file import sha256_file
+
+ROOT = Path(__file__).resolve().parents[1]
+SKIN = ROOT / "models" / "skin-lesion"
+BLOOD = ROOT / "models" / "blood-smear"
+
+
+def _second_member(src: Path, dst: Path) -> None:
+    """Another model with the same labels and input: the first with its output scale changed
+    (its probabilities differ, its architecture does not)."""
+    from tests.conftest import require_module
+
+    require_module("tensorflow", "the test edits a model file with TensorFlow's tools")
+    from tensorflow.lite.tools import flatbuffer_utils as fu
+
+    model = fu.read_model(str(src))
+    graph = model.subgraphs[0]
+    out = graph.tensors[int(graph.outputs[0])]
+    out.quantization.scale = np.asarray(out.quantization.scale) * 1.7
+    fu.write_model(model, str(dst))
+
+
+def _with_members(tmp_path: Path, *files: Path) -> Path:
+    copy = tmp_path / "ensemble"
+    shutil.copytree(SKIN, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["members"] = []
+    for f in files:
+        shutil.copyfile(f, copy / f.name)
+        manifest["members"].append({"file": f.name, "sha256": sha256_file(copy / f.name),
+                                    "size": (copy / f.name).stat().st_size})
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    return copy
+
+
+@pytest.fixture(scope="module")
+def member(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("member") / "member2_int8.tflite"
+    _second_member(SKIN / "skin-lesion_int8.tflite", out)
+    return out
+
+
+def test_a_two_member_bundle_averages_members_times_views(tmp_path, member):
+    bundle = load_bundle(_with_members(tmp_path, member))
+    assert len(bundle.members) == 1
+    clf = Classifier(bundle, backend="cpu", threads=1)
+    assert clf.members == 2 and clf.describe()["members"] == 2
+    first = Classifier(load_bundle(SKIN), backend="cpu", threads=1)
+    second_only = json.loads((bundle.root / "manifest.json").read_text())
+    sample = sorted((SKIN / "samples").glob("*.jpg"))[0]
+    small, _ = clf.prepare(str(sample))
+    r = clf.infer(small, tta=True, members=True)
+    assert r.views == 2 * len(bundle.tta)
+    # By hand: each member's probabilities on each view, then their mean.
+    from edge.inference.preprocess import tta_views
+
+    by_hand = []
+    for backend, adapter in [(first.backend, first.adapter)] + clf._members:
+        for view in tta_views(small, bundle.tta):
+            raw = backend.invoke(adapter(view))
+            values = postprocess.dequantize(raw, backend.output_detail)
+            by_hand.append(postprocess.to_probabilities(values, bundle.output_kind,
+                                                        bundle.class_bias))
+    expected = np.mean(by_hand, axis=0)
+    got = np.array([r.probabilities[lab] for lab in bundle.labels])
+    assert np.allclose(got, expected, atol=1e-6)
+    assert second_only["members"][0]["file"] == member.name
+    # The live stream: the first member alone, one view.
+    live = clf.infer(small)
+    assert live.views == 1
+    assert live.probabilities == first.infer(small).probabilities
+
+
+def test_members_are_refused_with_the_reason(tmp_path, member):
+    wrong_hash = _with_members(tmp_path / "a", member)
+    manifest = json.loads((wrong_hash / "manifest.json").read_text())
+    manifest["members"][0]["sha256"] = "0" * 64
+    (wrong_hash / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="sha256 of member2_int8.tflite"):
+        load_bundle(wrong_hash)
+
+    missing = _with_members(tmp_path / "b", member)
+    (missing / member.name).unlink()
+    with pytest.raises(BundleError, match="member2_int8.tflite is missing"):
+        load_bundle(missing)
+
+    other_labels = _with_members(tmp_path / "c", BLOOD / "blood-smear_int8.tflite")
+    with pytest.raises(BundleError, match="(outputs but the bundle has 7 labels|input)"):
+        Classifier(load_bundle(other_labels), backend="cpu")
+
+
+def test_the_model_page_and_status_list_the_members(tmp_path, member):
+    from edge.serve import build
+    from tests.daemon_helpers import make_config, replay_folder
+
+    bundle = _with_members(tmp_path, member)
+    cfg = make_config(bundle, replay_folder(tmp_path / "r", sorted((SKIN / "samples")
+                                                                   .glob("*.jpg"))[:2]),
+                      tmp_path / "data")
+    pipeline, app, store = build(cfg)
+    try:
+        c = app.test_client()
+        assert "member2_int8.tflite" in c.get("/model").get_data(as_text=True)
+        members = c.get("/api/status").get_json()["model"]["members"]
+        assert members == ["skin-lesion_int8.tflite", "member2_int8.tflite"]
+    finally:
+        store.close()
