@@ -336,8 +336,9 @@ def render_section(report: dict, cfg: Config) -> str:
         "",
         "Where the model looked: each capture and upload stores a class activation map for the "
         "top class and for the decision group (the head's dense layers linearised at the "
-        "pooled features, so the map averages to the logit), shown as an overlay on the "
-        "result and sample pages and in the printed report. It is coarse (one cell per 32 "
+        "pooled features, so the map averages to the logit less its bias), shown as an "
+        "overlay on the result and sample pages and in the printed report. It is coarse (one "
+        "cell per 32 "
         "pixels of the model input) and shows evidence, not a segmentation.",
         "",
         "Limits: a new camera, stain or dermatoscope can move in-scope images past the "
