@@ -68,6 +68,48 @@ def threshold_for_sensitivity(y_true: np.ndarray, score: np.ndarray, target: flo
     return float(pos[max(k, 1) - 1])
 
 
+def threshold_with_bound(
+    y_true: np.ndarray, score: np.ndarray, groups: np.ndarray, target: float,
+    confidence: float = 0.95, n_boot: int = 2000, seed: int = 0,
+) -> tuple[float, np.ndarray]:
+    """A threshold whose sensitivity reaches ``target`` with ``confidence`` on new lesions:
+    lesions (``groups``) are resampled with replacement, each resample's own threshold for the
+    target is found, and the threshold that reaches it in ``confidence`` of them is kept (a
+    lower bound, so a split's luck does not set it). Returns it and the resampled thresholds."""
+    y = np.asarray(y_true).astype(bool)
+    s = np.asarray(score, dtype=np.float64)
+    g = np.asarray(groups)
+    names, index = np.unique(g, return_inverse=True)
+    members = [np.flatnonzero(index == i) for i in range(len(names))]
+    rng = np.random.default_rng(seed)
+    ts = np.empty(n_boot)
+    for b in range(n_boot):
+        pick = np.concatenate([members[i] for i in rng.integers(0, len(members), len(members))])
+        ts[b] = threshold_for_sensitivity(y[pick], s[pick], target)
+    return float(np.quantile(ts, 1 - confidence)), ts
+
+
+def sensitivity_interval(
+    y_true: np.ndarray, score: np.ndarray, groups: np.ndarray, threshold: float,
+    n_boot: int = 2000, seed: int = 1,
+) -> tuple[float, float, float]:
+    """Sensitivity at ``threshold`` and its 95 % interval by lesion-level bootstrap."""
+    y = np.asarray(y_true).astype(bool)
+    hit = np.asarray(score) >= threshold
+    g = np.asarray(groups)
+    names, index = np.unique(g, return_inverse=True)
+    members = [np.flatnonzero(index == i) for i in range(len(names))]
+    rng = np.random.default_rng(seed)
+    values = []
+    for _ in range(n_boot):
+        pick = np.concatenate([members[i] for i in rng.integers(0, len(members), len(members))])
+        pos = y[pick]
+        if pos.any():
+            values.append(hit[pick][pos].mean())
+    lo, hi = np.quantile(values, [0.025, 0.975])
+    return float(hit[y].mean()), float(lo), float(hi)
+
+
 def specificity_at_sensitivity(y_true: np.ndarray, score: np.ndarray, target: float) -> float:
     """The best specificity any threshold reaches while keeping sensitivity ≥ ``target``
     (read off this split's own ROC: what the rule could do here, not what the shipped
