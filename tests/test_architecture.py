@@ -23,6 +23,14 @@ def _copy(tmp_path: Path) -> Path:
     return work
 
 
+def _plant(tmp_path: Path, module: str, line: str) -> Path:
+    """A copy of the project with ``line`` appended to ``module`` (a path under it)."""
+    work = _copy(tmp_path)
+    target = work / module
+    target.write_text(target.read_text() + f"\n{line}\n")
+    return work
+
+
 def _lint_imports(cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run([str(BIN / "lint-imports")], cwd=cwd, capture_output=True, text=True,
                           timeout=300, env={"PYTHONPATH": str(cwd), "PATH": str(BIN)})
@@ -35,26 +43,20 @@ def test_the_import_contracts_hold():
 
 
 def test_an_upward_import_breaks_a_contract(tmp_path):
-    work = _copy(tmp_path)
-    quality = work / "edge" / "inference" / "quality.py"
-    quality.write_text(quality.read_text() + "\nfrom ..web import api  # planted\n")
+    work = _plant(tmp_path, "edge/inference/quality.py", "from ..web import api  # planted")
     out = _lint_imports(work)
     assert out.returncode != 0
     assert "edge.inference.quality -> edge.web" in out.stdout
 
 
 def test_tensorflow_in_edge_breaks_a_contract(tmp_path):
-    work = _copy(tmp_path)
-    labels = work / "edge" / "inference" / "labels.py"
-    labels.write_text(labels.read_text() + "\nimport tensorflow  # noqa  planted\n")
+    work = _plant(tmp_path, "edge/inference/labels.py", "import tensorflow  # noqa  planted")
     out = _lint_imports(work)
     assert out.returncode != 0 and "tensorflow" in out.stdout
 
 
 def test_an_import_cycle_breaks_a_contract(tmp_path):
-    work = _copy(tmp_path)
-    gate = work / "edge" / "daemon" / "gate.py"
-    gate.write_text(gate.read_text() + "\nfrom . import pipeline  # noqa  planted\n")
+    work = _plant(tmp_path, "edge/daemon/gate.py", "from . import pipeline  # noqa  planted")
     out = _lint_imports(work)
     assert out.returncode != 0 and "No cycles are allowed in edge.daemon" in out.stdout
 
@@ -68,9 +70,7 @@ def _tool(name: str, cwd: Path, *args: str) -> subprocess.CompletedProcess:
 def test_mypy_passes_and_fails_on_a_planted_type_error(tmp_path):
     out = _tool("mypy", ROOT)
     assert out.returncode == 0, out.stdout[-3000:]
-    work = _copy(tmp_path)
-    gate = work / "edge" / "daemon" / "gate.py"
-    gate.write_text(gate.read_text() + "\nPLANTED: int = 'not a number'\n")
+    work = _plant(tmp_path, "edge/daemon/gate.py", "PLANTED: int = 'not a number'")
     out = _tool("mypy", work)
     assert out.returncode != 0 and "gate.py" in out.stdout, out.stdout[-2000:]
 
@@ -78,8 +78,6 @@ def test_mypy_passes_and_fails_on_a_planted_type_error(tmp_path):
 def test_deptry_passes_and_fails_on_an_undeclared_import(tmp_path):
     out = _tool("deptry", ROOT, ".")
     assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
-    work = _copy(tmp_path)
-    labels = work / "edge" / "inference" / "labels.py"
-    labels.write_text(labels.read_text() + "\nimport yaml  # noqa  planted\n")
+    work = _plant(tmp_path, "edge/inference/labels.py", "import yaml  # noqa  planted")
     out = _tool("deptry", work, ".")
     assert out.returncode != 0 and "yaml" in out.stdout + out.stderr

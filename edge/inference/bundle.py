@@ -191,6 +191,17 @@ def validate_manifest(manifest: Any, source: str = "manifest") -> None:
         )
 
 
+def _check_digest(root: Path, path: Path, info: dict[str, Any]) -> None:
+    """The file's sha256 is the one the manifest names for it (``info["sha256"]``)."""
+    digest = sha256_file(path)
+    if digest != info["sha256"]:
+        raise BundleError(
+            f"bundle {root.name}: sha256 of {info['file']} is {digest[:12]}…, "
+            f"manifest says {info['sha256'][:12]}…",
+            "the file is corrupt or was replaced; copy the bundle again",
+        )
+
+
 def _check_artifact(root: Path, kind: str, info: dict[str, Any], verify: bool) -> Artifact:
     path = root / info["file"]
     if not path.is_file():
@@ -206,13 +217,7 @@ def _check_artifact(root: Path, kind: str, info: dict[str, Any], verify: bool) -
                 "the file is truncated or was replaced; copy the bundle again",
             )
         if "sha256" in info:
-            digest = sha256_file(path)
-            if digest != info["sha256"]:
-                raise BundleError(
-                    f"bundle {root.name}: sha256 of {info['file']} is {digest[:12]}…, "
-                    f"manifest says {info['sha256'][:12]}…",
-                    "the file is corrupt or was replaced; copy the bundle again",
-                )
+            _check_digest(root, path, info)
         data = read_model_bytes(path)
         compiled = is_edgetpu_compiled(data)
         if kind == "edgetpu" and not compiled:
@@ -278,13 +283,7 @@ def _check_scope(root: Path, spec: dict[str, Any] | None, verify: bool) -> Scope
             "then classifies without a scope check)",
         )
     if verify:
-        digest = sha256_file(path)
-        if digest != spec["sha256"]:
-            raise BundleError(
-                f"bundle {root.name}: sha256 of {spec['file']} is {digest[:12]}…, manifest "
-                f"says {spec['sha256'][:12]}…",
-                "the file is corrupt or was replaced; copy the bundle again",
-            )
+        _check_digest(root, path, spec)
     return load_scope(path, f"bundle {root.name}")
 
 
