@@ -54,6 +54,20 @@ def eventually(check, timeout: float, what=None):
     return value
 
 
+def poll(done, timeout: float, every: float = 0.02) -> bool:
+    """Wait until ``done()`` is true or ``timeout`` seconds pass; returns whether it came true.
+    Unlike :func:`eventually` it never raises, so a test can stop its threads before it
+    asserts."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not done():
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(every)
+    return True
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

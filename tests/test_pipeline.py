@@ -15,6 +15,7 @@ from edge.daemon.pipeline import Pipeline
 from edge.daemon.store import Store
 from edge.inference.bundle import load_bundle
 from edge.inference.classifier import Classifier
+from tests.daemon_helpers import poll
 
 
 class ListSource(Source):
@@ -126,9 +127,7 @@ def test_live_state_is_one_frame_at_a_time(blood_bundle, tmp_path, blood_samples
     for t in threads:
         t.start()
     try:
-        deadline = time.monotonic() + 30
-        while pipe.state.classified < 40 and time.monotonic() < deadline:
-            time.sleep(0.02)
+        poll(lambda: pipe.state.classified >= 40, 30, 0.02)
     finally:
         stop.set()
         for t in threads:
@@ -155,9 +154,7 @@ def test_out_of_scope_frames_are_not_smoothed_stored_or_counted_as_classified(
     every = {"pipeline.store_every_s": 0.001}
     pipe, clf = _pipeline(blood_bundle, tmp_path, skin, **every)
     pipe.start()
-    deadline = time.monotonic() + 30
-    while pipe.state.out_of_scope < 8 and time.monotonic() < deadline:
-        time.sleep(0.02)
+    poll(lambda: pipe.state.out_of_scope >= 8, 30, 0.02)
     st = pipe.state
     pipe.stop()
     assert st.out_of_scope >= 8
@@ -194,9 +191,7 @@ def test_a_replay_without_loop_finishes_once_and_for_all(blood_bundle, blood_sam
     source = ReplaySource(replay, fps=50, loop=False)
     pipe, _ = _pipeline(blood_bundle, tmp_path, [], source=source)
     pipe.start()
-    deadline = time.monotonic() + 20
-    while pipe.state.camera != "finished" and time.monotonic() < deadline:
-        time.sleep(0.02)
+    poll(lambda: pipe.state.camera == "finished", 20, 0.02)
     assert pipe.state.camera == "finished"
     seen = []
     end = time.monotonic() + 3  # a replay that starts over would be back within a second

@@ -9,6 +9,7 @@ import numpy as np
 from PIL import Image
 
 from edge.capture.base import Source
+from tests.daemon_helpers import poll
 from tests.test_pipeline import _pipeline
 from tests.test_web import daemon  # noqa: F401  (the fixture)
 
@@ -33,9 +34,7 @@ def test_25_unusable_frames_in_a_row_reopen_the_camera(blood_bundle, tmp_path):
     source = UnusableSource()
     pipe, _ = _pipeline(blood_bundle, tmp_path, [], source=source)
     pipe.start()
-    deadline = time.monotonic() + 30
-    while source.opens < 2 and time.monotonic() < deadline:
-        time.sleep(0.02)
+    poll(lambda: source.opens >= 2, 30, 0.02)
     errors = pipe.state.errors
     pipe.stop()
     pipe.store.close()
@@ -70,9 +69,7 @@ def test_stopping_while_a_read_hangs_for_ever(blood_bundle, blood_samples, tmp_p
     source = ForeverSource(frame)
     pipe, _ = _pipeline(blood_bundle, tmp_path, [], source=source)
     pipe.start()
-    deadline = time.monotonic() + 20
-    while source.reads < 3 and time.monotonic() < deadline:
-        time.sleep(0.02)
+    poll(lambda: source.reads >= 3, 20, 0.02)
     assert source.reads >= 3
     t0 = time.monotonic()
     pipe.stop(timeout=1.5)
@@ -127,9 +124,7 @@ def test_retention_runs_while_the_kit_runs_not_only_at_start(blood_bundle, blood
     pipe.store._db.execute("INSERT INTO results (created, mode, label, score, probabilities) "
                            "VALUES (?, 'upload', 'Benign', 1.0, '{}')", (time.time(),))
     pipe.start()
-    deadline = time.monotonic() + 10
-    while pipe.store.get(old) is not None and time.monotonic() < deadline:
-        time.sleep(0.05)
+    poll(lambda: pipe.store.get(old) is None, 10, 0.05)
     gone = pipe.store.get(old) is None
     pipe.stop()
     pipe.store.close()

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFilter
 
+from tests.daemon_helpers import poll
 from tests.test_pipeline import _pipeline
 from tests.test_web import csrf_of, daemon  # noqa: F401  (the fixture)
 
@@ -28,9 +29,7 @@ def test_a_capture_while_the_camera_is_lost_is_503(daemon, tmp_path):  # noqa: F
     pipeline, app = daemon()
     c = app.test_client()
     shutil.rmtree(tmp_path / "replay")  # the camera goes away
-    deadline = time.monotonic() + 20
-    while pipeline.state.camera != "lost" and time.monotonic() < deadline:
-        time.sleep(0.05)
+    poll(lambda: pipeline.state.camera == "lost", 20, 0.05)
     r = c.post("/api/capture", json={"sample_code": "S-1"}, headers={"X-CSRFToken": csrf_of(c)})
     assert r.status_code == 503 and "camera not available" in r.get_json()["error"]
 
@@ -85,9 +84,7 @@ def test_a_blurred_field_through_the_live_worker_is_not_assessable(blood_bundle,
     pipe, _ = _pipeline(blood_bundle, tmp_path, [blurred], **{"pipeline.min_focus": 5.0,
                                                             "pipeline.store_every_s": 0.001})
     pipe.start()
-    deadline = time.monotonic() + 20
-    while pipe.state.not_assessable < 3 and time.monotonic() < deadline:
-        time.sleep(0.02)
+    poll(lambda: pipe.state.not_assessable >= 3, 20, 0.02)
     st = pipe.state
     pipe.stop()
     assert st.not_assessable >= 3 and st.classified == 0
@@ -100,9 +97,7 @@ def test_max_fps_caps_the_live_rate(blood_bundle, blood_samples, tmp_path):
     frame = np.asarray(Image.open(blood_samples[0]).convert("RGB"))
     pipe, _ = _pipeline(blood_bundle, tmp_path, [frame], **{"pipeline.max_fps": 4.0})
     pipe.start()
-    deadline = time.monotonic() + 20
-    while pipe.state.classified < 2 and time.monotonic() < deadline:
-        time.sleep(0.01)
+    poll(lambda: pipe.state.classified >= 2, 20, 0.01)
     first, t0 = pipe.state.classified, time.monotonic()
     time.sleep(2.0)
     rate = (pipe.state.classified - first) / (time.monotonic() - t0)
