@@ -97,7 +97,9 @@ def make_server(app: Any, host: str, port: int, threads: int, limits: Any = None
 
 
 def _serve_app(app: Any, host: str, port: int, threads: int, on_ready=None,
-               limits: Any = None) -> None:
+               limits: Any = None, must_end: Any = None) -> None:
+    """Serve until SIGTERM/SIGINT, or until `must_end()` is true (checked every second, so
+    the answer that said why has gone out first)."""
     try:
         server = make_server(app, host, port, threads, limits)
     except OSError as exc:
@@ -121,7 +123,9 @@ def _serve_app(app: Any, host: str, port: int, threads: int, on_ready=None,
     if on_ready:
         on_ready()
     while not stop.wait(1.0):
-        pass
+        if must_end is not None and must_end():
+            notify.notify("STOPPING=1")
+            break
     server.close()
 
 
@@ -189,11 +193,14 @@ def serve(cfg: Config, profile: str | None = None) -> int:
         limits = Limits(cfg.web.connection_limit, cfg.web.per_client_connections,
                         cfg.web.header_timeout_s)
         _serve_app(app, cfg.web.host, cfg.web.port, cfg.web.threads + cfg.web.max_streams,
-                   limits=limits)
+                   limits=limits, must_end=lambda: pipeline.fatal is not None)
     finally:
         pipeline.stop()
         store.close()
         log.info("stopped")
+    if pipeline.fatal:
+        log.critical("stopped with an error: %s", pipeline.fatal)
+        return 1
     return 0
 
 

@@ -355,6 +355,42 @@ def test_a_profile_that_will_not_open_leaves_the_kit_on_the_old_one(tmp_path):
     assert "would not open" in err
 
 
+def test_a_switch_where_the_old_profile_will_not_reopen_either_ends_the_daemon(tmp_path):
+    """The new profile's model is broken and, meanwhile, so is the running one's copy on disk
+    (a failing card): nothing can classify any more, so the switch answers 503 naming both, and
+    the daemon ends with an error for systemd to start it again (Restart=on-failure) instead of
+    serving a kit that classifies nothing."""
+    import os
+    import shutil
+
+    blood, broken = tmp_path / "blood", tmp_path / "broken"
+    shutil.copytree(BLOOD, blood)
+    shutil.copytree(SKIN, broken)
+    tflite = next(broken.glob("*.tflite"))
+    tflite.write_bytes(tflite.read_bytes()[:1000])
+    extra = f'[profiles.broken]\nbundle = "{broken}"\n[profiles.broken.source]\npath = "{SKIN}"\n'
+    config = write_config(tmp_path, extra)
+    config.write_text(config.read_text().replace(f'bundle = "{BLOOD}"', f'bundle = "{blood}"'))
+    proc, base = start(tmp_path, config)
+    try:
+        client = Client(base)
+        assert client.get_json("/api/status")[1]["profile"]["id"] == "blood-smear"
+        # The running model's file goes bad on disk (a new file: the open one is untouched).
+        model = next(p for p in blood.glob("*.tflite") if "edgetpu" not in p.name)
+        bad = model.with_suffix(".bad")
+        bad.write_bytes(model.read_bytes()[:1000])
+        os.replace(bad, model)
+        status, body = client.post_json("/api/profile", {"profile": "broken"})
+        assert status == 503, body
+        assert "could not start" in body["error"] and "nor could 'blood-smear'" in body["error"]
+        assert proc.wait(timeout=30) == 1
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        _, err = proc.communicate(timeout=30)
+    assert "would not open again either" in err and "stopped with an error" in err
+
+
 def test_a_switch_waits_for_the_upload_in_progress(tmp_path):
     """An upload inside the model when the switch is asked finishes on the model it started
     with (the switch waits for it) and is stored with that profile."""

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.daemon_helpers import free_port, replay_folder, stop_limit_s
+from tests.daemon_helpers import free_port, poll, replay_folder, stop_limit_s
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -145,6 +145,42 @@ def test_config_error_under_systemd_serves_an_error_page(tmp_path, notify_socket
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_error_page_flag_serves_the_reason_outside_systemd(tmp_path):
+    """`--error-page` in a terminal (no systemd): a start-up error is served as a 503 page and
+    health saying why, instead of a one-line exit; SIGTERM ends it cleanly."""
+    env = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "INVOCATION_ID")}
+    env = {**env, "PYTHONPATH": str(ROOT)}
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "edge", "serve", "--model", str(tmp_path / "no-such-bundle"),
+         "--source", f"replay:{tmp_path}", "--port", str(port), "--error-page"],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        seen: list[tuple[int, dict]] = []
+
+        def health() -> bool:
+            try:
+                get(base + "/api/health")
+                seen.append((200, {}))
+            except urllib.error.HTTPError as exc:
+                seen.append((exc.code, json.loads(exc.read())))
+            except OSError:
+                return proc.poll() is not None  # not up yet, unless it has exited
+            return True
+
+        assert poll(health, 60, every=0.2) and seen, "the error page never answered"
+        code, body = seen[-1]
+        assert code == 503 and body["status"] == "error"
+        assert "model bundle not found" in body["error"]
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 1  # still a failed start, for whoever runs it
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 def test_error_page_binds_where_the_config_says(tmp_path):

@@ -81,6 +81,8 @@ class Pipeline:
         self.store = store
         self.board = LiveBoard()
         self._stop = threading.Event()
+        # Why the daemon must end (set when no profile can be opened any more), else None.
+        self.fatal: str | None = None
         self._ready_sent = False
         self._ready_lock = threading.Lock()
         self._switch_lock = threading.Lock()
@@ -227,11 +229,21 @@ class Pipeline:
                               old.profile.id)
                     try:
                         classifier, source = self._opener(old.cfg)
-                    except Exception:
-                        # Neither opens (the model's storage failed?): nothing classifies, the
-                        # watchdog pings stop and systemd restarts the kit on the saved profile.
-                        log.critical("profile %s would not open again either", old.profile.id)
-                        raise
+                    except Exception as again:
+                        # Neither opens (the model's storage failed?): nothing can classify, so
+                        # the daemon ends with an error (serve() sees `fatal`) and systemd
+                        # starts it again on the saved profile, the old one.
+                        log.critical("profile %s would not open again either: %s",
+                                     old.profile.id, again)
+                        self.fatal = (f"profile {profile_id!r} would not open ({exc}) and "
+                                      f"{old.profile.id!r} would not open again ({again})")
+                        self._stop.set()
+                        raise ProfileError(
+                            f"profile {profile_id!r} could not start ({exc}), nor could "
+                            f"{old.profile.id!r} again ({again})",
+                            "the kit stops now: under systemd it starts again by itself on "
+                            f"{old.profile.id!r}; otherwise start it again",
+                        ) from again
                     self._run = self._make_run(old.cfg, classifier, source)
                     self._start_run(self._run)
                     raise ProfileError(
