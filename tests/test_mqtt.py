@@ -6,7 +6,6 @@ uploads made while the broker is down arrive once it is back, once per id; a dae
 from __future__ import annotations
 
 import signal
-import time
 from pathlib import Path
 
 import pytest
@@ -123,12 +122,15 @@ def test_uploads_while_the_broker_is_down_arrive_once_when_it_is_back(tmp_path, 
         collector.wait_for("results", 1)
         broker.stop()
         ids = upload(client, 5, "SMEAR-2")  # every one stored (201) while the broker is down
-        time.sleep(1.0)
-        o = outbox(client)
-        assert o["queued"] >= 5 and not o["connected"] and o["oldest_age_s"] is not None
+        o = eventually(lambda: (x := outbox(client))["queued"] >= 5 and not x["connected"] and x,
+                       30, lambda: outbox(client))
+        assert o["oldest_age_s"] is not None
         broker.start()
-        results = collector.wait_for("results", 6, timeout=60)
-        time.sleep(2.0)  # anything sent twice would have arrived by now
+        collector.wait_for("results", 6, timeout=60)
+        # The kit has nothing left to send (every message acknowledged): a message sent twice
+        # would have been sent by now, so what arrived is all that will.
+        eventually(lambda: (x := outbox(client))["queued"] == 0 and x["delivered"] >= 6, 60,
+                   lambda: outbox(client))
         results = collector.on("results")
         assert sorted(r["id"] for r in results) == sorted(first + ids)
         assert len({r["message_id"] for r in results}) == len(results) == 6
@@ -208,8 +210,10 @@ def test_a_tls_broker_with_client_certificates_and_a_password(tmp_path):
                            lambda: outbox(client))
             assert o["queued"] >= 1 and not o["connected"]
             assert "refused" in o["last_error"] and "Not authorized" in o["last_error"]
-            time.sleep(1.0)
-            assert len(collector.on("results")) == 2  # nothing more arrived
+            # A second refused try (the retry, after its backoff), and still nothing arrived.
+            eventually(lambda: outbox(client)["failed"] >= o["failed"] + 1, 30,
+                       lambda: outbox(client))
+            assert len(collector.on("results")) == 2
         finally:
             stop(proc)
     finally:
