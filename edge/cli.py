@@ -160,7 +160,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     """A sample as DICOM files (image + report per field) or a FHIR bundle, read beside a
     running daemon without disturbing it."""
     from .config import load_config
-    from .daemon.profiles import profile_bundle
+    from .daemon.profiles import ProfileBundles
     from .daemon.store import Store
     from .outbound.messages import Gone
 
@@ -173,21 +173,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     # Without a config the kit's id is the one the daemon wrote there (UIDs and FHIR ids
     # derive from it: the same field exports the same objects).
     kit_id = cfg.kit_id if args.config else (store.setting("kit_id") or cfg.kit_id)
-    cache: dict = {}
-
-    def bundle_for(pid):
-        if pid not in cache:
-            remembered = None if args.config else store.setting(f"bundle:{pid}")
-            if remembered:
-                from .inference.bundle import load_model
-
-                try:
-                    cache[pid] = load_model(remembered)
-                except FieldScopeError:
-                    cache[pid] = None
-            else:
-                cache[pid] = profile_bundle(cfg, pid)
-        return cache[pid]
+    remembered = None if args.config else (lambda pid: store.setting(f"bundle:{pid}"))
+    bundle_for = ProfileBundles(cfg, remembered)
 
     try:
         if args.format == "dicom":

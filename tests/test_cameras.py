@@ -219,7 +219,7 @@ def test_a_camera_raising_something_unexpected_comes_back(blood_bundle, blood_sa
 
     frames = [np.asarray(Image.open(blood_samples[0]).convert("RGB"))]
     pipe, _ = _pipeline(blood_bundle, tmp_path, frames, source=Flaky(frames))
-    caplog.set_level(logging.WARNING, logger="edge.daemon.pipeline")
+    caplog.set_level(logging.WARNING, logger="edge.daemon.capture_loop")
     pipe.start()
     try:
         seen_lost = False

@@ -22,7 +22,7 @@ from ..inference.classifier import Classifier
 from .frames import Frame, encode_jpeg, prepare_frame
 from .live import LiveBoard
 
-log = logging.getLogger("edge.daemon.pipeline")
+log = logging.getLogger(__name__)
 BAD_FRAMES_LIMIT = 25
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 
 from ..capture import Source, make_source
 from ..config import Config
@@ -58,10 +59,14 @@ def profile_bundle(cfg: Config, profile_id: str | None) -> Bundle | None:
 class ProfileBundles:
     """Each profile's bundle, for pages and exports about the results it made: the running
     profile's is the one its classifier runs (a fallback bundle included), the others are read
-    from their folders once. Built before the pipeline and the delivery, which both use it."""
+    from their folders once. Built before the pipeline and the delivery, which both use it;
+    an export without a config passes ``remembered``, the folder the store recorded for each
+    profile's bundle, read instead of the (default) config's profiles."""
 
-    def __init__(self, cfg: Config) -> None:
+    def __init__(self, cfg: Config,
+                 remembered: Callable[[str], str | None] | None = None) -> None:
         self.cfg = cfg
+        self._remembered = remembered
         self._cache: dict[str, Bundle] = {}
         self._running: tuple[str, Bundle] | None = None
         self._lock = threading.Lock()
@@ -77,8 +82,17 @@ class ProfileBundles:
                 return running[1]
             pid = profile_id or self.cfg.first_profile()
             if pid not in self._cache:
-                bundle = profile_bundle(self.cfg, pid)
+                bundle = self._read(pid)
                 if bundle is None:
                     return None
                 self._cache[pid] = bundle
             return self._cache[pid]
+
+    def _read(self, pid: str) -> Bundle | None:
+        folder = self._remembered(pid) if self._remembered is not None else None
+        if not folder:
+            return profile_bundle(self.cfg, pid)
+        try:
+            return load_model(folder)
+        except FieldScopeError:
+            return None

@@ -21,7 +21,7 @@ from .frames import Frame
 from .live import LiveBoard
 from .smoothing import Smoother
 
-log = logging.getLogger("edge.daemon.pipeline")
+log = logging.getLogger(__name__)
 
 
 class InferenceWorker:

@@ -9,15 +9,16 @@ from ...errors import EdgeTpuError, ModelError
 from ...hardware import find_edgetpus
 from ..bundle import Bundle
 from ..runtime import Runtime, resolve_runtime
-from . import cpu, edgetpu  # noqa: F401  (registers the backends)
 from .base import Backend
-from .registry import BACKENDS
+from .cpu import CpuBackend
+from .edgetpu import EdgeTpuBackend
 
 log = logging.getLogger(__name__)
 POLICIES = ("auto", "cpu", "edgetpu")
 
 __all__ = [
-    "BACKENDS",
+    "CpuBackend",
+    "EdgeTpuBackend",
     "POLICIES",
     "Backend",
     "Selection",
@@ -41,7 +42,7 @@ def open_cpu(bundle: Bundle, runtime: Runtime, threads: int | None, why: str) ->
             f"and cannot run on the CPU, and no Edge TPU is usable here ({why})",
             "attach a Coral, or use the plain int8 model (the file without _edgetpu) for the CPU",
         )
-    return Selection(BACKENDS["cpu"](artifact, runtime, threads), why)
+    return Selection(CpuBackend(artifact, runtime, threads), why)
 
 
 def open_edgetpu(
@@ -58,7 +59,7 @@ def open_edgetpu(
             "no Edge TPU found (no USB device 1a6e:089a or 18d1:9302, no /dev/apex_*)",
             "plug the Coral into a USB 3 port or a powered hub; `python -m edge doctor` checks it",
         )
-    backend = BACKENDS["edgetpu"](artifact, runtime, threads, device=device)
+    backend = EdgeTpuBackend(artifact, runtime, threads, device=device)
     return Selection(backend, f"Edge TPU ({backend.device or 'first device'})")
 
 

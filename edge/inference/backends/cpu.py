@@ -7,10 +7,8 @@ from typing import Any
 from ...errors import ModelError
 from ..tflite_file import is_edgetpu_compiled, read_model_bytes
 from .base import Backend
-from .registry import register
 
 
-@register
 class CpuBackend(Backend):
     name = "cpu"
 

@@ -17,7 +17,6 @@ from typing import Any
 from ...errors import EdgeTpuError
 from ..tflite_file import is_edgetpu_compiled, read_model_bytes
 from .base import Backend
-from .registry import register
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +101,6 @@ def load_edgetpu_delegate(runtime: Any, device: str | None = None) -> Any:
         ) from exc
 
 
-@register
 class EdgeTpuBackend(Backend):
     name = "edgetpu"
 
