@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 # Where the datasets and reference models live (never committed).
 export FIELDSCOPE_SHARED ?= $(abspath ../shared)
 
-.PHONY: install install-edge test lint format demo doctor clean
+.PHONY: install install-edge test test-arm64 lint format demo doctor clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,11 @@ format: $(STAMP)
 
 test: $(STAMP) lint
 	$(PY) -m pytest -q -rs
+
+# The Raspberry Pi path on an emulated arm64 Raspberry Pi OS: offline install, the installed
+# daemon, both bundles' answers against this machine's (root; tests/arm64/run.py says what).
+test-arm64: $(STAMP)
+	$(PY) tests/arm64/run.py
 
 doctor: $(STAMP)
 	$(PY) -m edge doctor

@@ -196,6 +196,8 @@ config_files() {
   run chgrp "$SERVICE_USER" "$CONF_DIR" "$CONF_DIR/fieldscope.toml"
   run install -d -m 0750 -o "$SERVICE_USER" -g "$SERVICE_USER" "$STATE_DIR"
   sed -e "s#/opt/fieldscope#$PREFIX#g" "$SRC/systemd/fieldscope.service" | write_file "$UNIT" 0644
+  # An image without udev yet (a minimal or chroot-built one) has no rules folder.
+  run install -d -m 0755 "$(dirname "$UDEV")"
   write_file "$UDEV" 0644 <"$SRC/systemd/99-fieldscope-coral.rules"
   run udevadm control --reload-rules || true
   run udevadm trigger --subsystem-match=usb || true
