@@ -110,17 +110,17 @@ def camera_frames(bundle, n: int = 8) -> list[np.ndarray]:
 @contextmanager
 def held(pipe) -> Iterator:
     """The pipeline's backend, with its camera quiet and its classification waiting."""
-    pipe.source.running.clear()
+    pipe.profile.capture.source.running.clear()
     try:
-        with pipe.classifier.exclusive() as backend:
+        with pipe.profile.classifier.exclusive() as backend:
             yield backend
     finally:
-        pipe.source.running.set()
+        pipe.profile.capture.source.running.set()
 
 
 def run_bare(pipe, seconds: float) -> dict:
     """The interpreter alone, on the pipeline's own backend while the pipeline waits."""
-    clf = pipe.classifier
+    clf = pipe.profile.classifier
     with held(pipe) as backend:
         x = clf.adapter(np.zeros((*clf.input_size, 3), np.uint8))
         for _ in range(3):
@@ -136,7 +136,7 @@ def run_bare(pipe, seconds: float) -> dict:
 def run_bare_paced(pipe, seconds: float, fps: float) -> dict:
     """The bare loop at a camera's rate: one invoke per frame interval. Its CPU per frame and
     its invoke time are what the pipeline at the same rate is compared with."""
-    clf = pipe.classifier
+    clf = pipe.profile.classifier
     gap = 1.0 / fps
     with held(pipe) as backend:
         x = clf.adapter(np.zeros((*clf.input_size, 3), np.uint8))
@@ -159,12 +159,12 @@ def run_bare_paced(pipe, seconds: float, fps: float) -> dict:
 
 def measure_at_rate(pipe, seconds: float, fps: float) -> dict:
     """The pipeline with the camera at ``fps``: CPU per classified frame, frame-to-result."""
-    pipe.source.set_fps(fps)
+    pipe.profile.capture.source.set_fps(fps)
     try:
         measure_pipeline(pipe, min(0.3, seconds))  # settle at the new rate
         return measure_pipeline(pipe, seconds)
     finally:
-        pipe.source.set_fps(0.0)
+        pipe.profile.capture.source.set_fps(0.0)
 
 
 class NaiveLoop:
@@ -207,7 +207,7 @@ def measure_pipeline(pipe, seconds: float) -> dict:
     time.sleep(seconds)
     n1, c1, t1 = pipe.state.classified, time.process_time(), time.perf_counter()
     done = max(1, n1 - n0)
-    recent = pipe.recent_latencies()
+    recent = pipe.board.recent_latencies()
     lat = recent[-min(len(recent), done) :]
     result = pipe.state.result or {}
     return {
@@ -300,7 +300,7 @@ def main() -> int:
     bundle = load_model(args.model)
     frames = camera_frames(bundle)
     pipe, base, stop = start_pipeline(args.model, args.threads, frames)
-    artifact = pipe.classifier.backend.artifact
+    artifact = pipe.profile.classifier.backend.artifact
     naive = NaiveLoop(artifact.path, args.threads, frames)
     block = args.seconds / args.rounds
     rounds = []

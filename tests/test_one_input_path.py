@@ -37,7 +37,7 @@ def _upload_input(bundle: Path, data: bytes, tmp_path: Path) -> np.ndarray:
     clf.infer = spy
     pipe = Pipeline(cfg, clf, ListSource([np.zeros((8, 8, 3), np.uint8)]), Store(tmp_path))
     try:
-        pipe.classify_and_store(data, "upload", None)
+        pipe.results.classify_and_store(data, "upload", None)
     finally:
         pipe.store.close()
     assert len(seen) == 1

@@ -399,7 +399,7 @@ def test_a_switch_waits_for_the_upload_in_progress(tmp_path):
     pipeline, _, store = build(load_config(write_config(tmp_path)))
     pipeline.start()
     try:
-        clf = pipeline.classifier
+        clf = pipeline.profile.classifier
         inside, release = threading.Event(), threading.Event()
         real_infer = clf.infer
 
@@ -413,7 +413,7 @@ def test_a_switch_waits_for_the_upload_in_progress(tmp_path):
         img = sorted((BLOOD / "samples").glob("*.jpg"))[0].read_bytes()
         stored: list[dict] = []
         upload = threading.Thread(
-            target=lambda: stored.append(pipeline.classify_and_store(img, "upload", None)))
+            target=lambda: stored.append(pipeline.results.classify_and_store(img, "upload", None)))
         upload.start()
         assert inside.wait(10)
         switch = threading.Thread(target=pipeline.switch_profile, args=("skin",))

@@ -83,7 +83,7 @@ def test_a_tpu_fallback_shows_in_health_metrics_and_the_model_page(daemon):  # n
     """The fallback itself is tested at the backend (tests/test_backends.py); here: what it
     sets is shown everywhere the docs say."""
     pipeline, app = daemon()
-    clf = pipeline.classifier
+    clf = pipeline.profile.classifier
     why = "the Edge TPU failed during inference (USB transfer error); switched to the CPU"
     clf.degraded = {"since": time.time(), "reason": why}
     clf.fallback_events.append(why)

@@ -122,7 +122,7 @@ def test_daemon_uses_tta_for_uploads_not_for_the_live_stream(skin_tta, tmp_path)
             time.sleep(0.02)
         assert pipe.state.classified >= 3
         assert pipe.state.result["views"] == 1  # live: one view per frame
-        upload = pipe.classify_and_store(_sample(skin_tta).read_bytes(), "upload", None)
+        upload = pipe.results.classify_and_store(_sample(skin_tta).read_bytes(), "upload", None)
         assert upload["views"] == 4
     finally:
         pipe.stop()

@@ -129,8 +129,8 @@ def test_capture_lands_in_a_sample_with_summary_and_exports(daemon, blood_sample
     )
     assert r.status_code == 201
     ids.append(r.get_json()["id"])
-    pro_rule = _score_of(pipeline.classifier, pro.read_bytes())
-    benign_rule = _score_of(pipeline.classifier, benign.read_bytes())
+    pro_rule = _score_of(pipeline.profile.classifier, pro.read_bytes())
+    benign_rule = _score_of(pipeline.profile.classifier, benign.read_bytes())
     assert pro_rule["positive"] and not benign_rule["positive"]  # what these fields are
     s = c.get("/api/samples/P-001").get_json()
     assert s["fields"] == 3 and {x["id"] for x in s["results"]} == set(ids)
@@ -296,7 +296,7 @@ def test_mjpeg_stream_yields_jpeg_frames(daemon):
     from edge.web.stream import mjpeg
 
     pipeline, _ = daemon()
-    wait_for(lambda: pipeline.latest_frame())
+    wait_for(lambda: pipeline.profile.capture.latest_frame())
     parts = []
     for chunk in mjpeg(pipeline, fps=20, max_seconds=3):
         parts.append(chunk)

@@ -12,10 +12,13 @@ The model, the camera and the two threads belong to the running *profile* (:clas
 ``switch_profile`` replaces them without a restart while the store, the live board and the web
 server stay (see docs/profiles.md).
 
-``Pipeline`` wires them and is what the web layer gets: a narrow set of methods (``status``,
-``health``, ``model``, ``backend``, ``preview_jpeg``, ``capture``, ``classify_and_store``,
-``results``, ``profiles``, ``switch_profile``), never the parts' internals. See
-docs/architecture.md.
+``Pipeline`` wires them and is what the web layer gets, one route per service: ``results``
+(every store and every read of stored results: uploads, captures, samples), ``store`` (the
+database itself, for the exports that walk a whole sample), ``bundles
+(each profile's bundle), ``state`` (the live board's snapshot), the running ``profile`` and
+``cfg``, ``profiles`` and ``switch_profile``, ``status``, ``health``, ``model``, ``backend``
+and ``preview_jpeg``; ``start``, ``stop``, ``running`` and ``fatal`` for the daemon. Never the
+parts' internals. See docs/architecture.md.
 """
 
 from __future__ import annotations
@@ -37,7 +40,6 @@ from . import notify
 from .active import Active
 from .budget import DecodeBudget
 from .capture_loop import CaptureLoop
-from .frames import Frame, encode_jpeg  # noqa: F401  (re-exported for scripts and tests)
 from .gate import Gate
 from .live import LiveBoard, LiveState
 from .profiles import ProfileBundles
@@ -46,7 +48,7 @@ from .store import Store
 from .worker import InferenceWorker
 
 log = logging.getLogger(__name__)
-__all__ = ["Pipeline", "LiveState", "Frame", "Active", "ProfileError", "UnknownProfile"]
+__all__ = ["Pipeline", "LiveState", "Active", "ProfileError", "UnknownProfile"]
 Opener = Callable[[Config], tuple[Classifier, Source]]
 
 
@@ -194,7 +196,7 @@ class Pipeline:
             if active:
                 name = run.name
             else:  # unnamed: its bundle's name, as the running one shows
-                bundle = None if p.name else self.profile_bundle(pid)
+                bundle = None if p.name else self.bundles(pid)
                 name = p.name or (bundle.name if bundle else pid)
             out.append({"id": pid, "name": name, "active": active})
         return out
@@ -264,11 +266,6 @@ class Pipeline:
                      (time.monotonic() - t0) * 1e3, self._run.classifier.bundle.name)
             return self._run.describe()
 
-    def profile_bundle(self, profile_id: str | None) -> Bundle | None:
-        """The bundle of a profile (the running one's, or read from its folder), for pages
-        about results it made; None for a profile no longer configured."""
-        return self.bundles(profile_id)
-
     @property
     def running(self) -> bool:
         return not self._stop.is_set()
@@ -292,22 +289,6 @@ class Pipeline:
         return self._run.cfg
 
     @property
-    def classifier(self) -> Classifier:
-        return self._run.classifier
-
-    @property
-    def capture_loop(self) -> CaptureLoop:
-        return self._run.capture
-
-    @property
-    def worker(self) -> InferenceWorker:
-        return self._run.worker
-
-    @property
-    def source(self) -> Source:
-        return self._run.capture.source
-
-    @property
     def model(self) -> Bundle:
         """The bundle in use (its manifest, labels, card and plots)."""
         return self._run.classifier.bundle
@@ -315,32 +296,11 @@ class Pipeline:
     def backend(self) -> dict[str, Any]:
         """Which backend runs the model, why, and on which runtime (no storage or camera
         queries, unlike status())."""
-        return self.classifier.describe()
-
-    @property
-    def last_heartbeat(self) -> float:
-        return self.worker.last_heartbeat
+        return self._run.classifier.describe()
 
     def preview_jpeg(self, max_width: int = 640) -> tuple[int, bytes] | None:
-        return self.capture_loop.preview_jpeg(max_width)
-
-    def latest_frame(self) -> Frame | None:
-        return self.capture_loop.latest_frame()
-
-    def capture(self, sample_code: str | None) -> dict[str, Any]:
-        return self.results.capture(sample_code)
-
-    def classify_and_store(self, image: Any, mode: str, sample_code: str | None) -> dict[str, Any]:
-        return self.results.classify_and_store(image, mode, sample_code)
-
-    def fps(self) -> float:
-        return self.board.fps()
-
-    def latency_ms(self) -> float | None:
-        return self.board.latency_ms()
-
-    def recent_latencies(self) -> list[float]:
-        return self.board.recent_latencies()
+        """The newest frame as a JPEG for the live view (None before the first)."""
+        return self._run.capture.preview_jpeg(max_width)
 
     def health(self) -> tuple[dict[str, Any], bool]:
         """What the open health endpoint says (states only, no error texts), and whether
@@ -384,8 +344,8 @@ class Pipeline:
             "model": {"name": bundle.name, "version": bundle.version,
                       "members": [run.classifier.backend.artifact.path.name]
                       + [m.path.name for m in bundle.members]},
-            "fps": round(self.fps(), 2),
-            "latency_ms": self.latency_ms(),
+            "fps": round(self.board.fps(), 2),
+            "latency_ms": self.board.latency_ms(),
             "frame_id": st.frame_id,
             "frames_classified": st.classified,
             "frames_not_assessable": st.not_assessable,
@@ -395,9 +355,6 @@ class Pipeline:
             "smoothed": st.smoothed,
             "quality": st.quality,
             "storage": self.results.storage_status(),
-            "outbox": self.outbox_status(),
+            # Per destination: queued, delivered, failed, dropped, oldest waiting, connected.
+            "outbox": self.delivery.status() if self.delivery is not None else {},
         }
-
-    def outbox_status(self) -> dict[str, Any]:
-        """Per destination: queued, delivered, failed, dropped, oldest waiting, connected."""
-        return self.delivery.status() if self.delivery is not None else {}

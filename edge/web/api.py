@@ -148,7 +148,7 @@ def result_map(result_id: int):
     if path is None:
         return _error(f"no snapshot for result {result_id}", 404)
     values = row["map"].get(kind) or row["map"]["class"]
-    bundle = pipe.profile_bundle(row.get("profile"))
+    bundle = pipe.bundles(row.get("profile"))
     spec = bundle.input_spec if bundle is not None else {"size": [1, 1], "resize": "squash"}
     png = overlay_png(path, values, tuple(spec["size"]), str(spec["resize"]))
     return Response(png, mimetype="image/png")
@@ -193,7 +193,7 @@ def classify():
     if not data:
         return _error("the uploaded image is empty", 400)
     code = _sample_code(request.form.get("sample_code"))
-    return _stored(pipe.classify_and_store, data, "upload", code)
+    return _stored(pipe.results.classify_and_store, data, "upload", code)
 
 
 @bp.post("/api/capture")
@@ -208,7 +208,7 @@ def capture():
     if pipe.state.camera != "ok":
         return _error(f"camera not available: {pipe.state.camera_error or pipe.state.camera}", 503)
     try:
-        return _stored(pipe.capture, code)
+        return _stored(pipe.results.capture, code)
     except SourceError as exc:
         return _error(str(exc), 503)
 
@@ -235,7 +235,7 @@ def sample_fhir(code: str):
     pipe, cfg = _ctx()
     code = _sample_code(code) or ""
     try:
-        doc = sample_bundle(pipe.store, code, cfg.kit_id, pipe.profile_bundle)
+        doc = sample_bundle(pipe.store, code, cfg.kit_id, pipe.bundles)
     except Gone:
         return _error(f"no sample {code}", 404)
     return Response(json.dumps(doc), mimetype="application/fhir+json")

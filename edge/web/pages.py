@@ -89,7 +89,7 @@ def report(code: str):
     return render_template(
         "report.html",
         s=summary,
-        bundle=pipe.profile_bundle(summary.get("profile")),
+        bundle=pipe.bundles(summary.get("profile")),
         profile=_profile_name(pipe, summary),
         models=sorted({r["model"] for r in summary["results"] if r["model"]}),
         backends=sorted({r["backend"] for r in summary["results"] if r["backend"]}),
