@@ -37,6 +37,7 @@ def build(cfg: Config, profile: str | None = None):
     on the page (kept in the store), else the config's ``[profiles] default``, else the first."""
     from contextlib import ExitStack
 
+    from .daemon.outbox import Outbox
     from .daemon.pipeline import Pipeline
     from .daemon.profiles import ProfileBundles, open_profile
     from .daemon.store import Store
@@ -46,11 +47,11 @@ def build(cfg: Config, profile: str | None = None):
     # Everything opened here is closed again if a later step fails (a bad web option, a model
     # that loads and a camera that does not construct): nothing is left open behind an error.
     with ExitStack() as opened:
-        store = Store(cfg.data_dir, cfg.storage.retention_days, cfg.storage.min_free_mb,
-                      destinations=cfg.destinations,
-                      outbox_max_age_days=cfg.outbox.max_age_days,
-                      outbox_max_messages=cfg.outbox.max_messages)
+        store = Store(cfg.data_dir, cfg.storage.retention_days, cfg.storage.min_free_mb)
         opened.callback(store.close)
+        # Before anything is saved: every result from now on queues its messages.
+        outbox = Outbox(store, cfg.destinations, cfg.outbox.max_age_days,
+                        cfg.outbox.max_messages)
         known = cfg.all_profiles()
         if profile is not None and profile not in known:
             cfg.for_profile(profile)  # raises the ConfigError naming the profiles
@@ -68,7 +69,7 @@ def build(cfg: Config, profile: str | None = None):
         opened.callback(source.close)
         # In order, each handed what it needs: no part is patched into another afterwards.
         bundles = ProfileBundles(cfg)
-        delivery = Delivery(cfg, store, bundles)
+        delivery = Delivery(cfg, store, outbox, bundles)
         pipeline = Pipeline(run_cfg, classifier, source, store, opener=open_profile,
                             delivery=delivery, bundles=bundles)
         app = create_app(pipeline, cfg)

@@ -27,6 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 from edge import hardware  # noqa: E402
 from edge.config import MqttSection  # noqa: E402
+from edge.daemon.outbox import Outbox  # noqa: E402
 from edge.daemon.store import Store  # noqa: E402
 from edge.outbound.mqtt import MqttDestination  # noqa: E402
 from edge.outbound.sender import Destination, Sender  # noqa: E402
@@ -90,21 +91,22 @@ class OneAtATime(MqttDestination):
 
 def drain(kind, port: int, n: int) -> float:
     with tempfile.TemporaryDirectory() as data:
-        store = Store(Path(data), destinations=("mqtt",))
+        store = Store(Path(data))
+        outbox = Outbox(store, ("mqtt",))
         for i in range(n):
             store.save(RESULT, "capture", sample_code=f"S-{i // 20}")
-        queued = store.outbox.status()["mqtt"]["queued"]
+        queued = outbox.status()["mqtt"]["queued"]
         dest = kind(MqttSection(url=f"mqtt://127.0.0.1:{port}"), "bench", store)
         stop = threading.Event()
-        sender = Sender(dest, store.outbox, stop)
+        sender = Sender(dest, outbox, stop)
         t0 = time.perf_counter()
         thread = threading.Thread(target=sender.run)
         thread.start()
-        while store.outbox.status()["mqtt"]["queued"]:
+        while outbox.status()["mqtt"]["queued"]:
             time.sleep(0.01)
         took = time.perf_counter() - t0
         stop.set()
-        store.outbox.notify()
+        outbox.notify()
         thread.join(10)
         store.close()
     return queued / took

@@ -6,6 +6,7 @@ import os
 import socket
 import sqlite3
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -271,6 +272,85 @@ def test_fields_that_failed_the_quality_gate_are_not_flagged_or_scored(tmp_path)
     assert (row["fields"], row["flagged"]) == (3, 1)
     assert row["mean"] == pytest.approx(0.5) and row["max"] == pytest.approx(0.9)
     store.close()
+
+
+def test_a_sample_counts_its_out_of_scope_fields_in_the_list_and_the_summary(tmp_path):
+    store = Store(tmp_path)
+    away = {**RESULT, "assessable": False, "scope": {"in_scope": False, "score": 9.0,
+                                                     "threshold": 3.0}}
+    inside = {**RESULT, "scope": {"in_scope": True, "score": 1.0, "threshold": 3.0}}
+    for r in (away, inside, RESULT):
+        store.save(r, "capture", "S-10")
+    s = store.sample_summary("S-10")
+    (row,) = store.samples()
+    assert (s["fields"], s["not_assessable"], s["out_of_scope"]) == (3, 1, 1)
+    assert (row["fields"], row["not_assessable"], row["out_of_scope"]) == (3, 1, 1)
+    assert store.sample_summary("NO-SUCH") is None
+    store.close()
+
+
+def test_reads_do_not_wait_for_a_slow_snapshot_write(tmp_path):
+    """An SD card's fsync can take hundreds of milliseconds: the file is written before the
+    store's lock is taken, so health, status and pages (reads) go on meanwhile."""
+    store = Store(tmp_path)
+    store.save(RESULT, "capture", "S-1")
+    writing, release = threading.Event(), threading.Event()
+    real_write = store.files.write
+
+    def slow_write(jpeg):
+        writing.set()
+        assert release.wait(10)
+        return real_write(jpeg)
+
+    store.files.write = slow_write
+    saver = threading.Thread(target=store.save, args=(RESULT, "capture", "S-1"),
+                             kwargs={"jpeg": b"\xff\xd8jpeg"})
+    saver.start()
+    try:
+        assert writing.wait(10)
+        t0 = time.monotonic()
+        assert store.count() == 1 and store.sample_summary("S-1")["fields"] == 1
+        assert store.clock_problem() is None
+        took = time.monotonic() - t0
+    finally:
+        release.set()
+        saver.join(10)
+    assert took < 1.0, f"a read waited {took:.1f} s for the snapshot's write"
+    assert store.count() == 2
+    store.close()
+
+
+def test_close_lets_a_save_in_flight_finish_and_leaves_no_file_behind(tmp_path):
+    store = Store(tmp_path)
+    writing, release = threading.Event(), threading.Event()
+    real_write = store.files.write
+
+    def slow_write(jpeg):
+        writing.set()
+        assert release.wait(10)
+        return real_write(jpeg)
+
+    store.files.write = slow_write
+    ids: list[int] = []
+    saver = threading.Thread(target=lambda: ids.append(
+        store.save(RESULT, "capture", "S-1", jpeg=b"\xff\xd8jpeg")))
+    saver.start()
+    assert writing.wait(10)
+    closer = threading.Thread(target=store.close)
+    closer.start()
+    time.sleep(0.1)
+    assert closer.is_alive()  # waiting for the save in flight
+    release.set()
+    saver.join(10)
+    closer.join(10)
+    assert len(ids) == 1 and not closer.is_alive()
+    db = sqlite3.connect(tmp_path / "fieldscope.db")
+    (name,) = db.execute("SELECT snapshot FROM results").fetchone()
+    files = [p.relative_to(tmp_path / "snapshots").as_posix()
+             for p in (tmp_path / "snapshots").rglob("*") if p.is_file()]
+    assert files == [name]
+    with pytest.raises(StorageError, match="closed"):
+        store.save(RESULT, "capture", "S-1")
 
 
 def test_storage_status_of_a_vanished_data_folder_is_low_space_not_an_error(tmp_path):

@@ -189,6 +189,7 @@ def test_refused_bundle_falls_back_to_the_previous_good_one(tmp_path, blood_bund
 KILLER = """
 import io, os, signal, sys
 from PIL import Image
+from edge.daemon.outbox import Outbox
 from edge.daemon.store import Store
 
 def jpeg(colour):
@@ -197,7 +198,8 @@ def jpeg(colour):
     return buf.getvalue()
 
 result = {"label": "Benign", "score": 0.9, "probabilities": {"Benign": 0.9}}
-store = Store(sys.argv[1], destinations=("mqtt", "dicom"))
+store = Store(sys.argv[1])
+Outbox(store, ("mqtt", "dicom"))
 print(store.save(result, "capture", "S-1", jpeg=jpeg("red")), flush=True)
 
 def hook(step):

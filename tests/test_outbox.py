@@ -7,13 +7,20 @@ from __future__ import annotations
 import threading
 import time
 
-from edge.daemon.outbox import Message
+from edge.daemon.outbox import Message, Outbox
 from edge.daemon.store import Store
 from edge.outbound.messages import Gone, Refused, result_message, sample_message
 from edge.outbound.sender import Destination, Sender
 
 RESULT = {"label": "Benign", "score": 0.9, "probabilities": {"Benign": 0.9, "Pro": 0.1},
           "assessable": True}
+
+
+def open_store(tmp_path, destinations: tuple[str, ...], retention_days: int = 90,
+               **bounds) -> tuple[Store, Outbox]:
+    """A store and its outbox, as the daemon builds them (serve.build)."""
+    store = Store(tmp_path, retention_days=retention_days)
+    return store, Outbox(store, destinations, **bounds)
 
 
 def queued(store: Store) -> list[tuple]:
@@ -23,7 +30,7 @@ def queued(store: Store) -> list[tuple]:
 
 
 def test_a_result_queues_its_messages_and_a_sample_one_summary_at_a_time(tmp_path):
-    store = Store(tmp_path, destinations=("mqtt", "dicom"))
+    store, outbox = open_store(tmp_path, ("mqtt", "dicom"))
     a = store.save(RESULT, "upload", sample_code="S-1", jpeg=b"\xff\xd8fake")
     b = store.save(RESULT, "upload", sample_code="S-1")  # no snapshot: nothing for a PACS
     c = store.save(RESULT, "live")  # no sample: a result message only
@@ -32,28 +39,28 @@ def test_a_result_queues_its_messages_and_a_sample_one_summary_at_a_time(tmp_pat
                              ("mqtt", "result", b, "S-1"), ("mqtt", "sample", None, "S-1"),
                              ("mqtt", "result", c, None)]
     store.close()
-    assert Store(tmp_path).outbox.status()["mqtt"]["queued"] == 4  # survives a restart
+    assert Outbox(Store(tmp_path)).status()["mqtt"]["queued"] == 4  # survives a restart
 
 
 def test_a_summary_already_taken_by_the_sender_is_followed_by_a_new_one(tmp_path):
     """The sender reads a batch, then a field is added to the sample before the batch is
     acknowledged: a new summary must still be queued, or the programme never hears of it."""
-    store = Store(tmp_path, destinations=("mqtt",))
+    store, outbox = open_store(tmp_path, ("mqtt",))
     store.save(RESULT, "upload", sample_code="S-3")
-    in_flight = store.outbox.due("mqtt")  # read (and its summary built) by the sender
+    in_flight = outbox.due("mqtt")  # read (and its summary built) by the sender
     store.save(RESULT, "upload", sample_code="S-3")
     for msg in in_flight:
-        store.outbox.delivered(msg)  # then acknowledged
-    left = [m for m in store.outbox.due("mqtt") if m.kind == "sample"]
+        outbox.delivered(msg)  # then acknowledged
+    left = [m for m in outbox.due("mqtt") if m.kind == "sample"]
     assert len(left) == 1 and left[0].message_id not in {m.message_id for m in in_flight}
     assert sample_message(store, left[0], "kit")["fields"] == 2
     store.close()
 
 
 def test_messages_carry_what_is_stored_now(tmp_path):
-    store = Store(tmp_path, destinations=("mqtt",))
+    store, outbox = open_store(tmp_path, ("mqtt",))
     rid = store.save(RESULT, "upload", sample_code="S-2", profile="blood-smear")
-    msgs = store.outbox.due("mqtt")
+    msgs = outbox.due("mqtt")
     doc = result_message(store, msgs[0], "kit-1")
     assert doc["id"] == rid and doc["kit"] == "kit-1" and doc["profile"] == "blood-smear"
     assert doc["message_id"] == msgs[0].message_id and len(doc["message_id"]) == 32
@@ -69,26 +76,25 @@ def test_messages_carry_what_is_stored_now(tmp_path):
 
 
 def test_bounds_drop_the_oldest_and_count_them(tmp_path):
-    store = Store(tmp_path, destinations=("mqtt",), outbox_max_age_days=1,
-                  outbox_max_messages=100)
+    store, outbox = open_store(tmp_path, ("mqtt",), max_age_days=1, max_messages=100)
     for _ in range(120):
         store.save(RESULT, "live")
     now = time.time()
-    assert store.outbox.enforce_bounds(now) == 20  # too many: the oldest go
-    assert store.outbox.status(now)["mqtt"]["dropped"] == 20
+    assert outbox.enforce_bounds(now) == 20  # too many: the oldest go
+    assert outbox.status(now)["mqtt"]["dropped"] == 20
     assert [r[2] for r in queued(store)][0] == 21
-    assert store.outbox.enforce_bounds(now + 2 * 86400) == 100  # too old
-    st = store.outbox.status()["mqtt"]
+    assert outbox.enforce_bounds(now + 2 * 86400) == 100  # too old
+    st = outbox.status()["mqtt"]
     assert st["queued"] == 0 and st["dropped"] == 120 and st["oldest_age_s"] is None
     store.close()
 
 
 def test_no_age_drop_while_the_clock_cannot_be_trusted(tmp_path):
-    store = Store(tmp_path, destinations=("mqtt",), outbox_max_age_days=1)
+    store, outbox = open_store(tmp_path, ("mqtt",), max_age_days=1)
     store.save(RESULT, "live")
     # A Pi without RTC after a power cut: its clock reads 1970.
-    assert store.outbox.enforce_bounds(now=86400.0 * 400) == 0
-    assert store.outbox.status()["mqtt"]["queued"] == 1
+    assert outbox.enforce_bounds(now=86400.0 * 400) == 0
+    assert outbox.status()["mqtt"]["queued"] == 1
     store.close()
 
 
@@ -115,9 +121,9 @@ class Recorder(Destination):
         self.sent.append(msg.result_id)
 
 
-def run_sender(store: Store, dest: Destination, until) -> None:
+def run_sender(outbox: Outbox, dest: Destination, until) -> None:
     stop = threading.Event()
-    sender = Sender(dest, store.outbox, stop, retry_max_s=1.0, poll_s=0.05)
+    sender = Sender(dest, outbox, stop, retry_max_s=1.0, poll_s=0.05)
     t = threading.Thread(target=sender.run)
     t.start()
     deadline = time.monotonic() + 20
@@ -127,16 +133,16 @@ def run_sender(store: Store, dest: Destination, until) -> None:
             time.sleep(0.02)
     finally:
         stop.set()
-        store.outbox.notify()
+        outbox.notify()
         t.join(5)
 
 
 def test_the_sender_retries_in_order_and_drops_what_can_never_go(tmp_path):
-    store = Store(tmp_path, destinations=("mqtt",))
+    store, outbox = open_store(tmp_path, ("mqtt",))
     ids = [store.save(RESULT, "live") for _ in range(5)]
     dest = Recorder(failures=2, refuse=ids[3])
-    run_sender(store, dest, lambda: store.outbox.status()["mqtt"]["queued"] == 0)
-    st = store.outbox.status()["mqtt"]
+    run_sender(outbox, dest, lambda: outbox.status()["mqtt"]["queued"] == 0)
+    st = outbox.status()["mqtt"]
     assert dest.sent == [i for i in ids if i != ids[3]]  # in order, each once
     assert st["delivered"] == 4 and st["dropped"] == 1 and st["failed"] == 2
     assert dest.opened == 3  # reconnected after each failure
@@ -146,7 +152,7 @@ def test_the_sender_retries_in_order_and_drops_what_can_never_go(tmp_path):
 def test_a_message_whose_result_retention_removed_is_dropped(tmp_path):
     from edge.outbound.mqtt import MqttDestination
 
-    store = Store(tmp_path, destinations=("mqtt",), retention_days=1)
+    store, outbox = open_store(tmp_path, ("mqtt",), retention_days=1)
     store.save(RESULT, "live")
     store.enforce_retention(now=time.time() + 3 * 86400)
 
@@ -161,20 +167,20 @@ def test_a_message_whose_result_retention_removed_is_dropped(tmp_path):
     from edge.config import MqttSection
 
     dest = Offline(MqttSection(url="mqtt://127.0.0.1:1"), "kit", store)
-    run_sender(store, dest, lambda: store.outbox.status()["mqtt"]["queued"] == 0)
-    st = store.outbox.status()["mqtt"]
+    run_sender(outbox, dest, lambda: outbox.status()["mqtt"]["queued"] == 0)
+    st = outbox.status()["mqtt"]
     assert st["dropped"] == 1 and "no longer stored" in st["last_error"]
     store.close()
 
 
 def test_the_status_follows_each_change_although_it_is_cached(tmp_path):
-    store = Store(tmp_path, destinations=("mqtt",))
+    store, outbox = open_store(tmp_path, ("mqtt",))
     seen = []
     for _ in range(3):
         store.save(RESULT, "live")
-        seen.append(store.outbox.status()["mqtt"]["queued"])
-    msg = store.outbox.due("mqtt")[0]
-    store.outbox.delivered(msg)
-    st = store.outbox.status()["mqtt"]
+        seen.append(outbox.status()["mqtt"]["queued"])
+    msg = outbox.due("mqtt")[0]
+    outbox.delivered(msg)
+    st = outbox.status()["mqtt"]
     assert seen == [1, 2, 3] and (st["queued"], st["delivered"]) == (2, 1)
     store.close()

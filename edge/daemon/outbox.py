@@ -1,6 +1,7 @@
 """The outbox: what the kit owes its destinations (an MQTT broker, a PACS), kept in its SQLite.
 
-A message is queued by :meth:`Store.save` in the same transaction that stores its result, so a
+A message is queued inside the transaction of :meth:`Store.save` that stores its result (the
+outbox registers with :meth:`Store.on_save`; the store knows nothing of destinations), so a
 result that has an id also has its messages, through a crash or a power cut, and a result that
 was never stored is never announced. The senders (``edge/outbound``) take what is due, and a
 message leaves the outbox only when its destination acknowledged it (a PUBACK, a STOW-RS 200).
@@ -19,6 +20,7 @@ import sqlite3
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -102,17 +104,26 @@ class Database(Protocol):
 
     def locked(self) -> AbstractContextManager[sqlite3.Connection]: ...
 
+    def on_save(self, in_transaction: Callable[[sqlite3.Connection, Any], None],
+                after_commit: Callable[[], None] | None = None) -> None: ...
+
     def locked_transaction(self) -> AbstractContextManager[sqlite3.Connection]: ...
 
     def clock_problem_locked(self, now: float) -> str | None: ...
 
 
 class Outbox:
-    """The senders' side of the queue (the store's connection and lock)."""
+    """The queue of what each destination is owed, in the store's database (its connection and
+    lock). Built with the destinations in use, it hooks into every save of the store."""
 
-    def __init__(self, store: Database, max_age_days: int = 30,
-                 max_messages: int = 100000) -> None:
+    def __init__(self, store: Database, destinations: tuple[str, ...] = (),
+                 max_age_days: int = 30, max_messages: int = 100000) -> None:
         self._store = store
+        self.destinations = tuple(destinations)
+        with store.locked() as db:
+            db.executescript(SCHEMA)
+        if self.destinations:
+            store.on_save(self._queue, self.notify)
         self.max_age_s = max_age_days * 86400.0
         self.max_messages = max_messages
         self._events: dict[str, threading.Event] = {}
@@ -120,6 +131,10 @@ class Outbox:
         self._cached: tuple[int, list, list] | None = None
         self._changes = itertools.count(1)
         self._generation = 0
+
+    def _queue(self, db: sqlite3.Connection, saved: Any) -> None:
+        enqueue(db, self.destinations, saved.result_id, saved.sample_code, saved.has_snapshot,
+                saved.created)
 
     # -- waking the senders ----------------------------------------------------------------------
     def event(self, destination: str) -> threading.Event:

@@ -22,11 +22,13 @@ log = logging.getLogger(__name__)
 def open_classifier(cfg: Config) -> Classifier:
     """The configured bundle, or the previous good one when it is refused."""
     m = cfg.model
-    kwargs = dict(backend=m.backend, threads=m.threads, device=m.device or None,
-                  max_pixels=int(cfg.web.max_megapixels * 1_000_000))
+    def classifier(bundle: Bundle) -> Classifier:
+        return Classifier(bundle, backend=m.backend, threads=m.threads,
+                          device=m.device or None,
+                          max_pixels=int(cfg.web.max_megapixels * 1_000_000))
+
     try:
-        bundle = load_model(cfg.bundle_path, m.labels or None)
-        return Classifier(bundle, **kwargs)
+        return classifier(load_model(cfg.bundle_path, m.labels or None))
     except FieldScopeError as exc:
         if not m.fallback_bundle:
             raise
@@ -36,7 +38,7 @@ def open_classifier(cfg: Config) -> Classifier:
             exc,
             m.fallback_bundle,
         )
-        clf = Classifier(load_model(m.fallback_bundle), **kwargs)
+        clf = classifier(load_model(m.fallback_bundle))
         clf.backend_reason += f" · configured bundle refused: {exc.message}"
         return clf
 

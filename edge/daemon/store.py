@@ -12,26 +12,29 @@ Retention only ever deletes results past their age (and their snapshots). It nev
 results to make room: a disk filled by something else must not wipe the kit's records, so low
 space is reported (health, System page) and a store that cannot write fails with
 :class:`StorageError` while classification goes on.
+
+The store knows nothing of where results go next: the outbox (``edge/daemon/outbox.py``)
+registers with :meth:`Store.on_save` and queues its messages inside the save's transaction.
+Snapshot files are :mod:`edge.daemon.snapshots`' job, done before the lock is taken.
 """
 
 from __future__ import annotations
 
+import builtins  # `list` is also a method of Store
 import json
 import logging
-import os
-import re
 import shutil
 import sqlite3
 import threading
 import time
-import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..errors import FieldScopeError
-from . import outbox
+from .snapshots import Snapshots
 
 log = logging.getLogger(__name__)
 
@@ -81,9 +84,6 @@ class StorageError(FieldScopeError):
     """Could not store (disk full, read-only, write limit); the result is not acknowledged."""
 
 
-# What this kit names its snapshots: day folders and a random hex name. Reconciliation touches
-# nothing else in the folder.
-SNAPSHOT_NAME = re.compile(r"^\d{4}/\d{2}/\d{2}/[0-9a-f]{32}\.jpg$")
 STEPS = ("snapshot-temp-written", "snapshot-renamed", "rows-inserted", "committed")
 # A Pi has no real-time clock unless one is fitted: until NTP (rarely reachable in the field)
 # or an RTC sets it, the clock starts where fake-hwclock saved it, or in 1970. Times before
@@ -92,12 +92,31 @@ EARLIEST_PLAUSIBLE = 1767225600.0
 MAX_ID = 2**63 - 1  # SQLite's largest integer
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+@dataclass(frozen=True)
+class Saved:
+    """A result just stored, as a save hook sees it (inside the save's transaction)."""
+
+    result_id: int
+    sample_code: str | None
+    has_snapshot: bool
+    created: float
+
+
+SaveHook = Callable[[sqlite3.Connection, Saved], None]
+# The aggregates of a sample's fields, computed once, here, in SQL (the sample list and a
+# sample's summary both read them). A field that failed the quality gate (blurred,
+# over-exposed) says nothing about the sample: counted as not assessable, never as flagged or
+# in the scores. Over ``results r``.
+SAMPLE_AGGREGATES = (
+    "COUNT(r.id) AS fields, "
+    "COALESCE(SUM(CASE WHEN r.assessable THEN COALESCE(r.decision_positive, 0) ELSE 0 END), 0) "
+    "AS flagged, "
+    "COALESCE(SUM(CASE WHEN r.assessable THEN 0 ELSE 1 END), 0) AS not_assessable, "
+    "COALESCE(SUM(CASE WHEN json_extract(r.scope, '$.in_scope') = 0 THEN 1 ELSE 0 END), 0) "
+    "AS out_of_scope, "
+    "AVG(CASE WHEN r.assessable THEN r.group_score END) AS mean_score, "
+    "MAX(CASE WHEN r.assessable THEN r.group_score END) AS max_score"
+)
 
 
 class Store:
@@ -106,15 +125,11 @@ class Store:
         data_dir: Path,
         retention_days: int = 90,
         min_free_mb: int = 500,
-        destinations: tuple[str, ...] = (),
-        outbox_max_age_days: int = 30,
-        outbox_max_messages: int = 100000,
         read_only: bool = False,
     ) -> None:
-        """``destinations``: where each stored result is also queued for delivery (the
-        outbox, in the same transaction; see :mod:`edge.daemon.outbox`). ``read_only``: for a
-        command that reads beside a running daemon (an export): nothing is created, migrated
-        or reconciled (reconciling then could remove a snapshot whose row is being written)."""
+        """``read_only``: for a command that reads beside a running daemon (an export):
+        nothing is created, migrated or reconciled (reconciling then could remove a snapshot
+        whose row is being written)."""
         self.root = Path(data_dir)
         self.snapshots = self.root / "snapshots"
         if read_only and not (self.root / "fieldscope.db").is_file():
@@ -138,18 +153,21 @@ class Store:
             isolation_level=None,
         )
         self._db.row_factory = sqlite3.Row
-        self.destinations = tuple(destinations)
-        self.outbox = outbox.Outbox(self, outbox_max_age_days, outbox_max_messages)
+        self._in_transaction: list[SaveHook] = []
+        self._after_commit: list[Callable[[], None]] = []
         # Tests set this to stop the process between two steps of a store (see STEPS).
-        self.step_hook = None
+        self.step_hook: Callable[[str], None] | None = None
+        self.files = Snapshots(self.snapshots, step=self._step)
         self._closed = read_only  # nothing is ever saved through a read-only store
+        self._closing = read_only
+        self._flight = threading.Condition()
+        self._in_flight = 0
         self.reconciled = {"temp_files": 0, "orphan_snapshots": 0}
         if read_only:
             return
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(SCHEMA)
-        self._db.executescript(outbox.SCHEMA)
         self._migrate()
         self.reconciled = self.reconcile()
 
@@ -158,6 +176,14 @@ class Store:
             have = {r[1] for r in self._db.execute(f"PRAGMA table_info({table})")}
             if column not in have:
                 self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
+
+    def on_save(self, in_transaction: SaveHook,
+                after_commit: Callable[[], None] | None = None) -> None:
+        """Have ``in_transaction(db, saved)`` run inside every save's transaction (what it
+        writes commits or rolls back with the result) and ``after_commit()`` after it."""
+        self._in_transaction.append(in_transaction)
+        if after_commit is not None:
+            self._after_commit.append(after_commit)
 
     @contextmanager
     def locked(self) -> Iterator[sqlite3.Connection]:
@@ -193,65 +219,14 @@ class Store:
     def reconcile(self) -> dict[str, int]:
         """Remove what an interrupted store left: temp files, and snapshots no row names.
         Returns the counts (logged when not zero)."""
-        temps = 0
-        for leftover in self.snapshots.rglob(".*.tmp"):
-            leftover.unlink(missing_ok=True)
-            temps += 1
         with self._lock:
             named = {
                 r[0]
                 for r in self._db.execute("SELECT snapshot FROM results WHERE snapshot IS NOT NULL")
             }
-        orphans = 0
-        for path in self.snapshots.rglob("*.jpg"):
-            rel = path.relative_to(self.snapshots).as_posix()
-            if SNAPSHOT_NAME.match(rel) and rel not in named:
-                path.unlink(missing_ok=True)
-                orphans += 1
-        if temps or orphans:
-            log.warning(
-                "start-up: removed %d unfinished and %d unreferenced snapshot files "
-                "(a store was interrupted)",
-                temps,
-                orphans,
-            )
-        return {"temp_files": temps, "orphan_snapshots": orphans}
+        return self.files.reconcile(named)
 
     # -- writing ---------------------------------------------------------------------------
-    def _day_folder(self, day: str) -> Path:
-        """The day's folder, each newly made level synced in its parent (a new directory entry
-        is only durable once its parent is synced)."""
-        folder = self.snapshots / day
-        if not folder.is_dir():
-            missing = []
-            p = folder
-            while not p.is_dir():
-                missing.append(p)
-                p = p.parent
-            for level in reversed(missing):
-                level.mkdir(exist_ok=True)
-                _fsync_dir(level.parent)
-        return folder
-
-    def _write_snapshot(self, jpeg: bytes) -> str:
-        day = time.strftime("%Y/%m/%d")
-        folder = self._day_folder(day)
-        name = f"{uuid.uuid4().hex}.jpg"
-        tmp = folder / f".{name}.tmp"
-        try:
-            with open(tmp, "wb") as fh:
-                fh.write(jpeg)
-                fh.flush()
-                os.fsync(fh.fileno())
-            self._step("snapshot-temp-written")
-            tmp.replace(folder / name)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        _fsync_dir(folder)
-        self._step("snapshot-renamed")
-        return f"{day}/{name}"
-
     def save(
         self,
         result: dict[str, Any],
@@ -262,14 +237,30 @@ class Store:
         profile: str | None = None,
     ) -> int:
         """Store one result (and its snapshot); returns the durable id or raises StorageError.
-        A new sample remembers the profile that made its first result."""
+        A new sample remembers the profile that made its first result. :meth:`close` waits
+        for the saves in flight (their files are written before the lock is taken)."""
+        with self._flight:
+            self._in_flight += 1
+        try:
+            return self._save(result, mode, sample_code, jpeg, source, profile)
+        finally:
+            with self._flight:
+                self._in_flight -= 1
+                self._flight.notify_all()
+
+    def _save(self, result: dict[str, Any], mode: str, sample_code: str | None,
+              jpeg: bytes | None, source: str, profile: str | None) -> int:
         decision = result.get("decision") or {}
         snapshot = None
         try:
+            if self._closing:  # shutting down: write nothing a closed database can't name
+                raise sqlite3.ProgrammingError("the store is closed (the daemon is stopping)")
+            # The file first, outside the lock that reads and health checks wait on (an SD
+            # card's fsync can take hundreds of milliseconds); no row names it yet.
+            snapshot = self.files.write(jpeg) if jpeg else None
             with self._lock:
-                if self._closed:  # shutting down: write nothing a closed database can't name
+                if self._closed:
                     raise sqlite3.ProgrammingError("the store is closed (the daemon is stopping)")
-                snapshot = self._write_snapshot(jpeg) if jpeg else None
                 now = time.time()
                 # One transaction: the result and its sample exist together or not at all.
                 with self.transaction():
@@ -305,20 +296,18 @@ class Store:
                             "INSERT OR IGNORE INTO samples (code, created, profile) VALUES (?,?,?)",
                             (sample_code, now, profile),
                         )
-                    # Its messages to the kit's destinations, in the same transaction.
-                    outbox.enqueue(
-                        self._db,
-                        self.destinations,
-                        int(cur.lastrowid),
-                        sample_code,
-                        snapshot is not None,
-                        now,
-                    )
+                    # What else must exist with it (the outbox's messages), in the same
+                    # transaction.
+                    result_id = cur.lastrowid
+                    assert result_id is not None  # an INSERT always sets it
+                    saved = Saved(result_id, sample_code, snapshot is not None, now)
+                    for hook in self._in_transaction:
+                        hook(self._db, saved)
                     self._step("rows-inserted")
                 self._step("committed")
         except (sqlite3.Error, OSError) as exc:
             if snapshot:  # renamed but never referenced: do not leave a patient image behind
-                (self.snapshots / snapshot).unlink(missing_ok=True)
+                self.files.remove(snapshot)
             self.last_error = f"{type(exc).__name__}: {exc}"
             self.last_error_at = time.time()
             log.error("storage failed: %s", self.last_error)
@@ -329,9 +318,9 @@ class Store:
         if self.last_error:
             log.info("storage works again")
         self.last_error = None
-        if self.destinations:
-            self.outbox.notify()
-        return int(cur.lastrowid)
+        for notify in self._after_commit:
+            notify()
+        return result_id
 
     # -- reading ---------------------------------------------------------------------------
     @staticmethod
@@ -355,7 +344,7 @@ class Store:
     def list(
         self, limit: int = 50, before: int | None = None, sample_code: str | None = None
     ) -> list[dict[str, Any]]:
-        sql, args = "SELECT * FROM results WHERE 1=1", []
+        sql, args = "SELECT * FROM results WHERE 1=1", list[object]()
         if before is not None:  # 0 is a cursor too (nothing is older)
             before = max(-MAX_ID, min(before, MAX_ID))
             sql += " AND id < ?"
@@ -369,19 +358,22 @@ class Store:
             rows = self._db.execute(sql, args).fetchall()
         return [self._row(r) for r in rows]
 
-    def samples(self) -> list[dict[str, Any]]:
+    def samples(self) -> builtins.list[dict[str, Any]]:
+        """Every sample, newest first, with its aggregates (``mean``/``max``: its scores)."""
         with self._lock:
             rows = self._db.execute(
-                "SELECT s.code, s.created, s.profile, COUNT(r.id) AS fields, "
-                "SUM(CASE WHEN r.assessable THEN COALESCE(r.decision_positive, 0) ELSE 0 END) "
-                "AS flagged, AVG(CASE WHEN r.assessable THEN r.group_score END) AS mean, "
-                "MAX(CASE WHEN r.assessable THEN r.group_score END) AS max "
+                f"SELECT s.code, s.created, s.profile, {SAMPLE_AGGREGATES} "
                 "FROM samples s LEFT JOIN results r "
                 "ON r.sample_code = s.code GROUP BY s.code ORDER BY s.created DESC"
             ).fetchall()
-        return [dict(r) for r in rows]
+        out = []
+        for r in rows:
+            doc = dict(r)
+            doc["mean"], doc["max"] = doc.pop("mean_score"), doc.pop("max_score")
+            out.append(doc)
+        return out
 
-    def fields_of(self, code: str) -> list[dict[str, Any]]:
+    def fields_of(self, code: str) -> builtins.list[dict[str, Any]]:
         """Every field of a sample, newest first (a scanned smear can have thousands: every
         export holds them all)."""
         with self._lock:
@@ -391,24 +383,15 @@ class Store:
         return [self._row(r) for r in rows]
 
     def sample_summary(self, code: str) -> dict[str, Any] | None:
-        fields = self.fields_of(code)
-        if not fields:
+        """A sample's aggregates (the same SQL as :meth:`samples`) and every field."""
+        with self._lock:
+            agg = self._db.execute(
+                f"SELECT {SAMPLE_AGGREGATES} FROM results r WHERE r.sample_code = ?", (code,)
+            ).fetchone()
+        if not agg or not agg["fields"]:
             return None
-        # A field that failed the quality gate (blurred, over-exposed) says nothing about the
-        # sample: it is counted as not assessable, never as flagged or in the scores.
-        usable = [f for f in fields if f["assessable"]]
-        scores = [f["group_score"] for f in usable if f["group_score"] is not None]
-        return {
-            "code": code,
-            "profile": self.sample_profile(code),
-            "fields": len(fields),
-            "flagged": sum(1 for f in usable if f["decision_positive"]),
-            "not_assessable": sum(1 for f in fields if not f["assessable"]),
-            "out_of_scope": sum(1 for f in fields if not f["in_scope"]),
-            "mean_score": sum(scores) / len(scores) if scores else None,
-            "max_score": max(scores) if scores else None,
-            "results": fields,
-        }
+        return {"code": code, "profile": self.sample_profile(code), **dict(agg),
+                "results": self.fields_of(code)}
 
     def sample_created(self, code: str) -> float | None:
         with self._lock:
@@ -442,10 +425,7 @@ class Store:
 
     def snapshot_path(self, rel: str) -> Path | None:
         """Resolve a stored snapshot name; None for anything outside the snapshot folder."""
-        from werkzeug.security import safe_join
-
-        joined = safe_join(str(self.snapshots), rel)
-        return Path(joined) if joined and Path(joined).is_file() else None
+        return self.files.path(rel)
 
     # -- housekeeping ----------------------------------------------------------------------
     def free_mb(self) -> float:
@@ -499,9 +479,7 @@ class Store:
                     )
             for row in rows:
                 if row["snapshot"]:
-                    path = self.snapshot_path(row["snapshot"])
-                    if path:
-                        path.unlink(missing_ok=True)
+                    self.files.remove(row["snapshot"])
             removed += len(rows)
         if removed:
             log.info(
@@ -509,7 +487,13 @@ class Store:
             )
         return removed
 
-    def close(self) -> None:
+    def close(self, wait_s: float = 10.0) -> None:
+        """Refuse new saves, let those in flight finish (a file written and no row yet would
+        be left behind), then close the database."""
+        with self._flight:
+            self._closing = True
+            if not self._flight.wait_for(lambda: self._in_flight == 0, timeout=wait_s):
+                log.warning("closing with %d save(s) still in flight", self._in_flight)
         with self._lock:
             self._closed = True
             self._db.close()

@@ -12,6 +12,7 @@ import threading
 from typing import Any
 
 from ..config import Config
+from ..daemon.outbox import Outbox
 from ..daemon.store import Store
 from .dicom import BundleFor
 from .sender import Destination, Sender
@@ -34,11 +35,12 @@ def destinations(cfg: Config, store: Store, bundle_for: BundleFor) -> list[Desti
 
 
 class Delivery:
-    def __init__(self, cfg: Config, store: Store, bundle_for: BundleFor) -> None:
+    def __init__(self, cfg: Config, store: Store, outbox: Outbox, bundle_for: BundleFor) -> None:
         self.store = store
+        self.outbox = outbox
         self._stop = threading.Event()
         self.senders = [
-            Sender(d, store.outbox, self._stop, retry_max_s=cfg.outbox.retry_max_s)
+            Sender(d, outbox, self._stop, retry_max_s=cfg.outbox.retry_max_s)
             for d in destinations(cfg, store, bundle_for)
         ]
         self._threads: list[threading.Thread] = []
@@ -56,7 +58,7 @@ class Delivery:
     def _bounds(self) -> None:
         while True:
             try:
-                dropped = self.store.outbox.enforce_bounds()
+                dropped = self.outbox.enforce_bounds()
                 if dropped:
                     log.warning("outbox: dropped %d undelivered message(s) past [outbox] "
                                 "max_age_days or max_messages", dropped)
@@ -67,14 +69,14 @@ class Delivery:
 
     def stop(self, timeout: float = 3.0) -> None:
         self._stop.set()
-        self.store.outbox.notify()
+        self.outbox.notify()
         for t in self._threads:
             t.join(timeout)
 
     def status(self) -> dict[str, Any]:
         """Per destination: the outbox's counts, the oldest waiting message, whether the
         sender is connected, and where it sends."""
-        counts = self.store.outbox.status()
+        counts = self.outbox.status()
         for s in self.senders:
             entry = counts.setdefault(s.dest.name, {})
             entry.update(connected=s.connected, target=s.dest.describe())
