@@ -10,17 +10,14 @@ import ipaddress
 import os
 import re
 import socket
-import tomllib
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from .errors import FieldScopeError
+from .configfile import ConfigError, build, check_table, read_toml
 from .paths import default_bundle
 
-
-class ConfigError(FieldScopeError):
-    """The configuration is invalid; the message names the key."""
+__all__ = ["Config", "ConfigError", "check_table", "load_config", "read_toml"]
 
 
 @dataclass
@@ -253,33 +250,6 @@ SECTIONS = {
 PROFILE_OVERRIDES = ("model.bundle", "model.labels", "model.fallback_bundle")
 
 
-def check_table(cls, raw: Any, where: str) -> None:
-    """``raw`` must be a table whose keys are fields of the dataclass ``cls`` (a typo in a
-    config file is an error, not a silently ignored option)."""
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{where}: expected a table, got {type(raw).__name__}")
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(raw) - known)
-    if unknown:
-        raise ConfigError(
-            f"{where}: unknown option(s) {', '.join(unknown)}",
-            f"known options: {', '.join(sorted(known))}",
-        )
-
-
-def _section(cls, raw: Any, where: str):
-    check_table(cls, raw, where)
-    defaults = cls()
-    for key, value in raw.items():
-        want = type(getattr(defaults, key))
-        if want is float and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        if not isinstance(value, want) or (want is int and isinstance(value, bool)):
-            raise ConfigError(f"{where}.{key}: expected {want.__name__}, got {value!r}")
-        raw[key] = value
-    return cls(**raw)
-
-
 def parse_source(spec: str) -> tuple[str, str]:
     """``picamera2``, ``v4l2:/dev/video0`` (or ``v4l2:0``), ``replay:DIR`` → (kind, path)."""
     kind, _, path = spec.partition(":")
@@ -288,17 +258,6 @@ def parse_source(spec: str) -> tuple[str, str]:
     if kind == "replay" and not path:
         raise ConfigError("--source replay needs a folder or video: replay:DIR")
     return kind, path
-
-
-def read_toml(path: str | Path) -> dict[str, Any]:
-    """A TOML file as a dict, or a ConfigError naming the file (also used by training)."""
-    p = Path(path)
-    try:
-        return tomllib.loads(p.read_text())
-    except FileNotFoundError as exc:
-        raise ConfigError(f"config file not found: {p}") from exc
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{p}: not valid TOML: {exc}") from exc
 
 
 GENERIC_HOSTNAMES = {"raspberrypi", "localhost", "fieldscope", "pi", "debian", "ubuntu"}
@@ -383,8 +342,8 @@ def _profiles(raw: Any, top: dict[str, Any], base: Path | None) -> tuple[dict[st
             bundle=own["model"]["bundle"],
             labels=own["model"].get("labels", ""),
             fallback_bundle=own["model"].get("fallback_bundle", ""),
-            source=_section(SourceSection, own["source"], f"{where}.source"),
-            pipeline=_section(PipelineSection, pipeline, f"{where}.pipeline"),
+            source=build(SourceSection, own["source"], f"{where}.source"),
+            pipeline=build(PipelineSection, pipeline, f"{where}.pipeline"),
         )
     if not profiles:
         raise ConfigError("[profiles]: no profile defined", "add a [profiles.<id>] table")
@@ -435,7 +394,7 @@ def load_config(
         raw.setdefault(section, {}).update(values)
     cfg = Config(
         **{
-            name: _section(cls, dict(raw.get(name, {})), f"[{name}]")
+            name: build(cls, dict(raw.get(name, {})), f"{path} [{name}]" if path else f"[{name}]")
             for name, cls in SECTIONS.items()
         },
         path=str(path or ""),

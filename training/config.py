@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edge.config import ConfigError, check_table, read_toml
+from edge.configfile import ConfigError, build, read_toml
 from edge.paths import shared_dir
 
 __all__ = ["ConfigError", "Config", "load_config"]
@@ -171,14 +171,6 @@ class Config:
     source: str = ""
 
 
-def _build(cls, data: Any, where: str):
-    check_table(cls, data, where)
-    try:
-        return cls(**data)
-    except TypeError as exc:
-        raise ConfigError(f"{where}: {exc}") from exc
-
-
 def load_config(path: Path | str, overrides: dict[str, Any] | None = None) -> Config:
     path = Path(path)
     raw = read_toml(path)
@@ -195,11 +187,11 @@ def load_config(path: Path | str, overrides: dict[str, Any] | None = None) -> Co
         name=raw["name"],
         version=str(raw["version"]),
         description=raw.get("description", ""),
-        dataset=_build(DatasetConfig, raw["dataset"], f"{path} [dataset]"),
-        decision=_build(DecisionConfig, raw["decision"], f"{path} [decision]"),
-        model=_build(ModelConfig, raw.get("model", {}), f"{path} [model]"),
-        train=_build(TrainConfig, raw.get("train", {}), f"{path} [train]"),
-        export=_build(ExportConfig, raw.get("export", {}), f"{path} [export]"),
+        dataset=build(DatasetConfig, raw["dataset"], f"{path} [dataset]"),
+        decision=build(DecisionConfig, raw["decision"], f"{path} [decision]"),
+        model=build(ModelConfig, raw.get("model", {}), f"{path} [model]"),
+        train=build(TrainConfig, raw.get("train", {}), f"{path} [train]"),
+        export=build(ExportConfig, raw.get("export", {}), f"{path} [export]"),
         source=str(path),
     )
     cfg.train.base_dir = path.resolve().parent
