@@ -5,7 +5,6 @@ See ``docs/fieldscope.example.toml`` for every option with a comment.
 
 from __future__ import annotations
 
-import importlib.util
 import ipaddress
 import os
 import re
@@ -15,9 +14,13 @@ from pathlib import Path
 from typing import Any
 
 from .configfile import ConfigError, build, check_table, read_toml
+from .destinations import DESTINATIONS
+from .destinations.dicom import DicomSection
+from .destinations.mqtt import MqttSection
 from .paths import default_bundle
 
-__all__ = ["Config", "ConfigError", "check_table", "load_config", "read_toml"]
+__all__ = ["Config", "ConfigError", "DicomSection", "MqttSection", "check_table", "load_config",
+           "read_toml"]
 
 
 @dataclass
@@ -118,29 +121,6 @@ class OutboxSection:
     retry_max_s: float = 300.0  # the longest wait between two tries of a destination
 
 
-@dataclass
-class MqttSection:
-    url: str = ""  # mqtt://host:1883 or mqtts://host:8883; empty: off
-    topic_prefix: str = ""  # default: fieldscope/<kit id>
-    username: str = ""
-    password: str = ""
-    ca_file: str = ""  # mqtts: the broker's CA (default: the system's)
-    cert_file: str = ""  # mqtts: a client certificate and its key
-    key_file: str = ""
-    keepalive_s: int = 30
-    timeout_s: float = 10.0  # to connect, and for each message's acknowledgement
-
-
-@dataclass
-class DicomSection:
-    stow_url: str = ""  # DICOMweb root, e.g. http://pacs:8042/dicom-web; empty: off
-    username: str = ""
-    password: str = ""
-    ca_file: str = ""  # https: the server's CA (default: the system's)
-    institution: str = ""  # InstitutionName in every object
-    timeout_s: float = 30.0
-
-
 PROFILE_ID = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
 IMPLICIT_PROFILE = "default"
 
@@ -223,9 +203,9 @@ class Config:
 
     @property
     def destinations(self) -> tuple[str, ...]:
-        """Where results are delivered (each through the outbox)."""
-        return tuple(name for name, on in (("mqtt", self.mqtt.url), ("dicom", self.dicom.stow_url))
-                     if on)
+        """Where results are delivered (each through the outbox): the destinations whose
+        section turns them on (edge/destinations)."""
+        return tuple(d.name for d in DESTINATIONS if d.enabled(getattr(self, d.name)))
 
     @property
     def network_bound(self) -> bool:
@@ -243,8 +223,7 @@ SECTIONS = {
     "web": WebSection,
     "kit": KitSection,
     "outbox": OutboxSection,
-    "mqtt": MqttSection,
-    "dicom": DicomSection,
+    **{d.name: d.section for d in DESTINATIONS},  # each destination's own (edge/destinations)
 }
 # Chosen per profile (with [profiles], these belong in each profile, not in [model]/[source]).
 PROFILE_OVERRIDES = ("model.bundle", "model.labels", "model.fallback_bundle")
@@ -279,8 +258,8 @@ def default_kit_id(hostname: str | None = None, machine_id: Path = Path("/etc/ma
 
 
 PATH_KEYS = (("model", "bundle"), ("model", "labels"), ("model", "fallback_bundle"),
-             ("storage", "data_dir"), ("mqtt", "ca_file"), ("mqtt", "cert_file"),
-             ("mqtt", "key_file"), ("dicom", "ca_file"))
+             ("storage", "data_dir"),
+             *((d.name, key) for d in DESTINATIONS for key in d.paths))
 
 
 def _absolute_paths(raw: dict[str, Any], base: Path) -> None:
@@ -501,45 +480,14 @@ def validate(cfg: Config, camera: bool = True) -> None:
 
 
 def validate_delivery(cfg: Config) -> None:
-    """[kit], [outbox], [mqtt], [dicom]."""
-    from urllib.parse import urlsplit
-
-    o, mq, dc = cfg.outbox, cfg.mqtt, cfg.dicom
+    """[kit], [outbox], and each destination's own section (its checks live with it)."""
+    o = cfg.outbox
     if cfg.kit.id and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", cfg.kit.id):
         raise ConfigError("[kit].id: 1–64 letters, digits, '.', '_' or '-'")
     if o.max_age_days < 1 or o.max_messages < 100 or o.retry_max_s < 1:
         raise ConfigError("[outbox]: max_age_days ≥ 1, max_messages ≥ 100, retry_max_s ≥ 1")
-    for on, module, extra in ((mq.url, "paho.mqtt", "edge"),
-                              (dc.stow_url, "dicomweb_client", "clinic"),
-                              (dc.stow_url, "highdicom", "clinic")):
-        if on and importlib.util.find_spec(module.split(".")[0]) is None:
-            raise ConfigError(f"[{'mqtt' if module == 'paho.mqtt' else 'dicom'}] is set but "
-                              f"{module} is not installed",
-                              f"pip install 'fieldscope[{extra}]' (or make install)")
-    if mq.url:
-        u = urlsplit(mq.url)
-        if u.scheme not in ("mqtt", "mqtts") or not u.hostname:
-            raise ConfigError(f"[mqtt].url: {mq.url!r} is not mqtt://HOST[:PORT] or "
-                              "mqtts://HOST[:PORT]")
-        if any(c in mq.topic_prefix for c in "+#") or mq.topic_prefix.endswith("/"):
-            raise ConfigError("[mqtt].topic_prefix: no '+', '#' or trailing '/'")
-        if bool(mq.cert_file) != bool(mq.key_file):
-            raise ConfigError("[mqtt]: a client certificate needs both cert_file and key_file")
-        if (mq.ca_file or mq.cert_file) and u.scheme != "mqtts":
-            raise ConfigError("[mqtt]: ca_file and cert_file need an mqtts:// url")
-        if mq.keepalive_s < 5 or mq.timeout_s <= 0:
-            raise ConfigError("[mqtt]: keepalive_s ≥ 5 and timeout_s > 0")
-    if dc.stow_url:
-        u = urlsplit(dc.stow_url)
-        if u.scheme not in ("http", "https") or not u.hostname:
-            raise ConfigError(f"[dicom].stow_url: {dc.stow_url!r} is not an http(s) URL")
-        if dc.timeout_s <= 0:
-            raise ConfigError("[dicom].timeout_s must be positive")
-    for section, key in (("mqtt", "ca_file"), ("mqtt", "cert_file"), ("mqtt", "key_file"),
-                         ("dicom", "ca_file")):
-        value = getattr(getattr(cfg, section), key)
-        if value and not Path(value).is_file():
-            raise ConfigError(f"[{section}].{key}: no file {value}")
+    for d in DESTINATIONS:
+        d.check_section(getattr(cfg, d.name))
 
 
 def password_from_env(cfg: Config) -> None:

@@ -184,3 +184,25 @@ def test_the_status_follows_each_change_although_it_is_cached(tmp_path):
     st = outbox.status()["mqtt"]
     assert seen == [1, 2, 3] and (st["queued"], st["delivered"]) == (2, 1)
     store.close()
+
+
+def test_every_registered_destination_is_whole():
+    """Each destination of edge/destinations has its config section, its sender (a Destination
+    of the same name) and its rule of what a result owes it, and config, the outbox and the
+    senders find it there (none of them names a destination)."""
+    import importlib
+    from dataclasses import fields
+
+    from edge.config import SECTIONS, Config
+    from edge.destinations import DESTINATIONS, Owed, Stored
+
+    config_fields = {f.name for f in fields(Config)}
+    for spec in DESTINATIONS:
+        assert SECTIONS[spec.name] is spec.section and spec.name in config_fields
+        module, _, name = spec.sender.partition(":")
+        cls = getattr(importlib.import_module(module), name)
+        assert issubclass(cls, Destination) and cls.name == spec.name
+        owed = spec.owes(Stored("S-1", True))
+        assert owed and all(isinstance(o, Owed) for o in owed)
+        assert not spec.enabled(spec.section())  # off unless configured
+    assert Config().destinations == ()

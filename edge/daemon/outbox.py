@@ -25,6 +25,8 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from ..destinations import BY_NAME, Stored
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS outbox (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -69,32 +71,27 @@ def enqueue(
     has_snapshot: bool,
     now: float,
 ) -> int:
-    """Queue a stored result's messages; the caller holds the store's open transaction."""
+    """Queue what a stored result owes each destination (each declares it in
+    edge/destinations); the caller holds the store's open transaction."""
     queued = 0
-
-    def add(destination: str, kind: str, rid: int | None) -> None:
-        nonlocal queued
-        db.execute(
-            "INSERT INTO outbox (destination, kind, message_id, result_id, sample_code, created, "
-            "next_try) VALUES (?,?,?,?,?,?,?)",
-            (destination, kind, uuid.uuid4().hex, rid, sample_code, now, now),
-        )
-        queued += 1
-
+    stored = Stored(sample_code, has_snapshot)
     for dest in destinations:
-        if dest == "mqtt":
-            add(dest, "result", result_id)
-            # One summary per sample waiting at a time, read when sent. The waiting one is
-            # replaced, not kept: a sender may have read it already (a batch in flight), and
-            # kept it would leave this result out of every summary.
-            if sample_code:
+        for owed in BY_NAME[dest].owes(stored):
+            if owed.per_sample:
+                # One summary per sample waiting at a time, read when sent. The waiting one is
+                # replaced, not kept: a sender may have read it already (a batch in flight),
+                # and kept it would leave this result out of every summary.
                 db.execute(
-                    "DELETE FROM outbox WHERE destination=? AND kind='sample' AND sample_code=?",
-                    (dest, sample_code),
+                    "DELETE FROM outbox WHERE destination=? AND kind=? AND sample_code=?",
+                    (dest, owed.kind, sample_code),
                 )
-                add(dest, "sample", None)
-        elif dest == "dicom" and sample_code and has_snapshot:
-            add(dest, "field", result_id)
+            db.execute(
+                "INSERT INTO outbox (destination, kind, message_id, result_id, sample_code, "
+                "created, next_try) VALUES (?,?,?,?,?,?,?)",
+                (dest, owed.kind, uuid.uuid4().hex, None if owed.per_sample else result_id,
+                 sample_code, now, now),
+            )
+            queued += 1
     return queued
 
 

@@ -7,6 +7,7 @@ capture and inference threads; a destination that is down or slow only delays it
 
 from __future__ import annotations
 
+import importlib
 import logging
 import threading
 from typing import Any
@@ -14,6 +15,7 @@ from typing import Any
 from ..config import Config
 from ..daemon.outbox import Outbox
 from ..daemon.store import Store
+from ..destinations import DESTINATIONS
 from .dicom import BundleFor
 from .sender import Destination, Sender
 
@@ -22,15 +24,15 @@ BOUNDS_EVERY_S = 60.0
 
 
 def destinations(cfg: Config, store: Store, bundle_for: BundleFor) -> list[Destination]:
+    """A sender's destination for each destination the config turns on (edge/destinations
+    says which class sends for it; it is imported only when on)."""
     out: list[Destination] = []
-    if cfg.mqtt.url:
-        from .mqtt import MqttDestination
-
-        out.append(MqttDestination(cfg.mqtt, cfg.kit_id, store))
-    if cfg.dicom.stow_url:
-        from .dicom import StowDestination
-
-        out.append(StowDestination(cfg.dicom, cfg.kit_id, store, bundle_for))
+    for spec in DESTINATIONS:
+        if spec.name not in cfg.destinations:
+            continue
+        module, _, name = spec.sender.partition(":")
+        cls = getattr(importlib.import_module(module), name)
+        out.append(cls(getattr(cfg, spec.name), cfg.kit_id, store, bundle_for))
     return out
 
 

@@ -27,9 +27,9 @@ from pathlib import Path
 from typing import Any
 
 from .. import __version__
-from ..config import DicomSection
 from ..daemon.outbox import Message
 from ..daemon.store import Store
+from ..destinations.dicom import DicomSection
 from ..inference.bundle import Bundle
 from .messages import Gone, Refused, short_reason, stable_uuid, unassessed_reason
 from .sender import Destination

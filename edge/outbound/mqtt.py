@@ -16,9 +16,9 @@ from collections.abc import Iterator
 from urllib.parse import urlsplit
 
 from .. import __version__
-from ..config import MqttSection
 from ..daemon.outbox import Message
 from ..daemon.store import Store
+from ..destinations.mqtt import MqttSection
 from .messages import Gone, Refused, encode, result_message, sample_message, status_message
 from .sender import Destination
 
@@ -26,7 +26,9 @@ from .sender import Destination
 class MqttDestination(Destination):
     name = "mqtt"
 
-    def __init__(self, cfg: MqttSection, kit_id: str, store: Store) -> None:
+    def __init__(self, cfg: MqttSection, kit_id: str, store: Store,
+                 bundle_for: object = None) -> None:
+        # bundle_for: the senders' common signature; the programme's messages need no bundle.
         u = urlsplit(cfg.url)
         self.cfg = cfg
         self.tls = u.scheme == "mqtts"
