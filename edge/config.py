@@ -9,11 +9,11 @@ import ipaddress
 import os
 import re
 import socket
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from .configfile import ConfigError, build, check_table, read_toml
+from .configfile import PATH, ConfigError, build, check_table, read_toml
 from .destinations import DESTINATIONS
 from .destinations.dicom import DicomSection
 from .destinations.mqtt import MqttSection
@@ -25,12 +25,29 @@ __all__ = ["Config", "ConfigError", "DicomSection", "MqttSection", "check_table"
 
 @dataclass
 class ModelSection:
-    bundle: str = ""  # folder or .tflite; default: models/blood-smear
-    labels: str = ""
+    bundle: str = field(default="", metadata=PATH)  # folder or .tflite; default: blood-smear
+    labels: str = field(default="", metadata=PATH)
     backend: str = "auto"
     device: str = ""
     threads: int = 2
-    fallback_bundle: str = ""  # previous good bundle, used when `bundle` is refused
+    # The previous good bundle, used when `bundle` is refused.
+    fallback_bundle: str = field(default="", metadata=PATH)
+
+    def check(self) -> None:
+        if self.backend not in ("auto", "cpu", "edgetpu"):
+            raise ConfigError(f"[model].backend: {self.backend!r} is not auto, cpu or edgetpu")
+        if not 1 <= self.threads <= 64:
+            raise ConfigError("[model].threads must be between 1 and 64")
+        if self.device:
+            # A typo here would silently mean "CPU" under backend = "auto": the backend's own
+            # check, at load time.
+            from .errors import EdgeTpuError
+            from .inference.backends.edgetpu import parse_device
+
+            try:
+                parse_device(self.device)
+            except EdgeTpuError as exc:
+                raise ConfigError(f"[model].device: {exc.message}", exc.hint) from exc
 
 
 @dataclass
@@ -50,6 +67,25 @@ class SourceSection:
     colour_gains: list = field(default_factory=list)  # [red, blue] white balance (picamera2)
     white_balance_k: int = 0  # white balance colour temperature in kelvin (V4L2)
 
+    def check(self, camera: bool = True) -> None:
+        """``camera`` False: a command that never opens it (an export) needs no source."""
+        if self.kind not in ("replay", "picamera2", "v4l2"):
+            raise ConfigError(f"[source].kind: {self.kind!r} is not replay, picamera2 or v4l2")
+        if camera and self.kind == "replay" and not self.path:
+            raise ConfigError("[source].path: replay needs a folder of images or a video file")
+        if self.exposure_us < 0 or self.gain < 0 or self.white_balance_k < 0:
+            raise ConfigError(
+                "[source] exposure_us, gain and white_balance_k must be ≥ 0 (0: auto)")
+        if self.colour_gains and not (
+            len(self.colour_gains) == 2
+            and all(isinstance(g, (int, float)) and 0 < g < 32 for g in self.colour_gains)
+        ):
+            raise ConfigError("[source].colour_gains must be [red, blue], each between 0 and 32")
+        if self.timeout_s <= 0:
+            raise ConfigError("[source].timeout_s must be positive")
+        if not 0 < self.fps <= 120:
+            raise ConfigError("[source].fps must be between 0 and 120")
+
 
 @dataclass
 class PipelineSection:
@@ -61,13 +97,23 @@ class PipelineSection:
     store_every_s: float = 30.0  # continuous mode: store a live result this often (0: never)
     top_k: int = 3
 
+    def check(self) -> None:
+        if self.smoothing < 1 or self.hold < 1:
+            raise ConfigError("[pipeline].smoothing and hold must be at least 1")
+        if not 0 <= self.max_clipped <= 1:
+            raise ConfigError("[pipeline].max_clipped is a fraction between 0 and 1")
+
 
 @dataclass
 class StorageSection:
-    data_dir: str = "data"
+    data_dir: str = field(default="data", metadata=PATH)
     retention_days: int = 90
     min_free_mb: int = 500
     snapshot_quality: int = 90
+
+    def check(self) -> None:
+        if not 10 <= self.snapshot_quality <= 100:
+            raise ConfigError("[storage].snapshot_quality must be between 10 and 100")
 
 
 @dataclass
@@ -106,6 +152,43 @@ class WebSection:
     # Reverse proxies in front of the kit whose X-Forwarded-For is trusted (0: none; the
     # client address is the connection's). Needed for a per-client login rate limit behind one.
     trusted_proxies: int = 0
+
+    def check(self) -> None:
+        if not 0 < self.port < 65536:
+            raise ConfigError(f"[web].port: {self.port} is not a TCP port")
+        if not 2 <= self.threads <= 64:
+            raise ConfigError("[web].threads must be between 2 and 64")
+        for token in self.api_tokens:
+            if not isinstance(token, str) or (
+                not token.startswith("sha256:") and len(token.strip()) < 16
+            ):
+                raise ConfigError(
+                    "[web].api_tokens: each token must be at least 16 characters (or sha256:<hex>)",
+                    'make one with: python -c "import secrets; print(secrets.token_urlsafe(32))"',
+                )
+        if not 0 <= self.trusted_proxies <= 5:
+            raise ConfigError("[web].trusted_proxies must be between 0 and 5")
+        if not 0 <= self.max_streams <= 200:
+            raise ConfigError("[web].max_streams must be between 0 (no live view) and 200")
+        if self.connection_limit < self.threads + self.max_streams:
+            raise ConfigError(
+                f"[web].connection_limit ({self.connection_limit}) must be at least threads + "
+                f"max_streams ({self.threads + self.max_streams})"
+            )
+        if not 1 <= self.per_client_connections <= self.connection_limit:
+            raise ConfigError("[web].per_client_connections must be between 1 and connection_limit")
+        if not 1 <= self.header_timeout_s <= 300:
+            raise ConfigError("[web].header_timeout_s must be between 1 and 300 seconds")
+        if not 1 <= self.session_idle_minutes <= 60 * 24 * 30:
+            raise ConfigError("[web].session_idle_minutes must be between 1 and 43200")
+        if not 0.01 <= self.session_max_days <= 365:
+            raise ConfigError("[web].session_max_days must be between 0.01 and 365")
+        if not 0.1 <= self.max_megapixels <= 500:
+            raise ConfigError("[web].max_megapixels must be between 0.1 and 500")
+        if self.decode_budget_mb < 16:
+            raise ConfigError("[web].decode_budget_mb must be at least 16")
+        if self.max_upload_mb < 1:
+            raise ConfigError("[web].max_upload_mb must be at least 1")
 
 
 @dataclass
@@ -257,9 +340,13 @@ def default_kit_id(hostname: str | None = None, machine_id: Path = Path("/etc/ma
     return f"{host}-{mid[:8]}" if re.fullmatch(r"[0-9a-f]{32}", mid) else host
 
 
-PATH_KEYS = (("model", "bundle"), ("model", "labels"), ("model", "fallback_bundle"),
-             ("storage", "data_dir"),
-             *((d.name, key) for d in DESTINATIONS for key in d.paths))
+def _path_keys() -> tuple[tuple[str, str], ...]:
+    """(section, key) of every option marked as a path (``metadata=PATH``), in every section."""
+    return tuple((name, f.name) for name, cls in SECTIONS.items() for f in fields(cls)
+                 if f.metadata.get("path"))
+
+
+PATH_KEYS = _path_keys()
 
 
 def _absolute_paths(raw: dict[str, Any], base: Path) -> None:
@@ -400,82 +487,18 @@ def load_config(
 
 
 def validate(cfg: Config, camera: bool = True) -> None:
-    m, s, p, w, st = cfg.model, cfg.source, cfg.pipeline, cfg.web, cfg.storage
-    if m.backend not in ("auto", "cpu", "edgetpu"):
-        raise ConfigError(f"[model].backend: {m.backend!r} is not auto, cpu or edgetpu")
-    if not 1 <= m.threads <= 64:
-        raise ConfigError("[model].threads must be between 1 and 64")
-    if m.device:
-        # A typo here would silently mean "CPU" under backend = "auto": the backend's own check,
-        # at load time.
-        from .errors import EdgeTpuError
-        from .inference.backends.edgetpu import parse_device
-
-        try:
-            parse_device(m.device)
-        except EdgeTpuError as exc:
-            raise ConfigError(f"[model].device: {exc.message}", exc.hint) from exc
-    if s.kind not in ("replay", "picamera2", "v4l2"):
-        raise ConfigError(f"[source].kind: {s.kind!r} is not replay, picamera2 or v4l2")
-    if camera and s.kind == "replay" and not s.path:
-        raise ConfigError("[source].path: replay needs a folder of images or a video file")
-    if s.exposure_us < 0 or s.gain < 0 or s.white_balance_k < 0:
-        raise ConfigError("[source] exposure_us, gain and white_balance_k must be ≥ 0 (0: auto)")
-    if s.colour_gains and not (
-        len(s.colour_gains) == 2
-        and all(isinstance(g, (int, float)) and 0 < g < 32 for g in s.colour_gains)
-    ):
-        raise ConfigError("[source].colour_gains must be [red, blue], each between 0 and 32")
-    if s.timeout_s <= 0:
-        raise ConfigError("[source].timeout_s must be positive")
-    if not 0 < s.fps <= 120:
-        raise ConfigError("[source].fps must be between 0 and 120")
-    if p.smoothing < 1 or p.hold < 1:
-        raise ConfigError("[pipeline].smoothing and hold must be at least 1")
-    if not 0 <= p.max_clipped <= 1:
-        raise ConfigError("[pipeline].max_clipped is a fraction between 0 and 1")
-    if not 0 < w.port < 65536:
-        raise ConfigError(f"[web].port: {w.port} is not a TCP port")
-    if not 2 <= w.threads <= 64:
-        raise ConfigError("[web].threads must be between 2 and 64")
-    for token in w.api_tokens:
-        if not isinstance(token, str) or (
-            not token.startswith("sha256:") and len(token.strip()) < 16
-        ):
-            raise ConfigError(
-                "[web].api_tokens: each token must be at least 16 characters (or sha256:<hex>)",
-                'make one with: python -c "import secrets; print(secrets.token_urlsafe(32))"',
-            )
-    if not 0 <= w.trusted_proxies <= 5:
-        raise ConfigError("[web].trusted_proxies must be between 0 and 5")
-    if not 0 <= w.max_streams <= 200:
-        raise ConfigError("[web].max_streams must be between 0 (no live view) and 200")
-    if w.connection_limit < w.threads + w.max_streams:
-        raise ConfigError(
-            f"[web].connection_limit ({w.connection_limit}) must be at least threads + "
-            f"max_streams ({w.threads + w.max_streams})"
-        )
-    if not 1 <= w.per_client_connections <= w.connection_limit:
-        raise ConfigError("[web].per_client_connections must be between 1 and connection_limit")
-    if not 1 <= w.header_timeout_s <= 300:
-        raise ConfigError("[web].header_timeout_s must be between 1 and 300 seconds")
-    if not 1 <= w.session_idle_minutes <= 60 * 24 * 30:
-        raise ConfigError("[web].session_idle_minutes must be between 1 and 43200")
-    if not 0.01 <= w.session_max_days <= 365:
-        raise ConfigError("[web].session_max_days must be between 0.01 and 365")
-    if not 0.1 <= w.max_megapixels <= 500:
-        raise ConfigError("[web].max_megapixels must be between 0.1 and 500")
-    if w.decode_budget_mb < 16:
-        raise ConfigError("[web].decode_budget_mb must be at least 16")
-    if w.max_upload_mb < 1:
-        raise ConfigError("[web].max_upload_mb must be at least 1")
+    """Each section's own checks, then what spans sections."""
+    cfg.model.check()
+    cfg.source.check(camera)
+    cfg.pipeline.check()
+    cfg.web.check()
+    cfg.storage.check()
+    w = cfg.web
     if cfg.network_bound and not w.password:
         raise ConfigError(
             f"[web].host is {w.host}: serving to the network needs a password",
             "set [web].password (or FIELDSCOPE_PASSWORD), or keep host = 127.0.0.1",
         )
-    if not 10 <= st.snapshot_quality <= 100:
-        raise ConfigError("[storage].snapshot_quality must be between 10 and 100")
     validate_delivery(cfg)
 
 

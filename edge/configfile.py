@@ -20,7 +20,11 @@ from .errors import FieldScopeError
 if TYPE_CHECKING:
     from _typeshed import DataclassInstance
 
-__all__ = ["ConfigError", "build", "check_table", "read_toml"]
+__all__ = ["PATH", "ConfigError", "build", "check_table", "read_toml"]
+# Marks an option whose value is a file or folder (``field(default="", metadata=PATH)``): the
+# daemon makes it absolute against the config file's folder, or the working directory for a
+# command-line value.
+PATH = {"path": True}
 T = TypeVar("T", bound="DataclassInstance")
 
 

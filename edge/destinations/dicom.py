@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from ..configfile import ConfigError
+from ..configfile import PATH, ConfigError
 from .spec import DestinationSpec, Owed, Stored
 
 
@@ -15,7 +15,7 @@ class DicomSection:
     stow_url: str = ""  # DICOMweb root, e.g. http://pacs:8042/dicom-web; empty: off
     username: str = ""
     password: str = ""
-    ca_file: str = ""  # https: the server's CA (default: the system's)
+    ca_file: str = field(default="", metadata=PATH)  # https: the server's CA (default: system)
     institution: str = ""  # InstitutionName in every object
     timeout_s: float = 30.0
 
@@ -38,5 +38,5 @@ def owes(stored: Stored) -> list[Owed]:
 SPEC = DestinationSpec(
     name="dicom", section=DicomSection, enabled=lambda s: bool(s.stow_url), owes=owes,
     check=check, modules=(("dicomweb_client", "clinic"), ("highdicom", "clinic")),
-    sender="edge.outbound.dicom:StowDestination", paths=("ca_file",),
+    sender="edge.outbound.dicom:StowDestination",
 )

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from ..configfile import ConfigError
+from ..configfile import PATH, ConfigError
 from .spec import DestinationSpec, Owed, Stored
 
 
@@ -16,9 +16,9 @@ class MqttSection:
     topic_prefix: str = ""  # default: fieldscope/<kit id>
     username: str = ""
     password: str = ""
-    ca_file: str = ""  # mqtts: the broker's CA (default: the system's)
-    cert_file: str = ""  # mqtts: a client certificate and its key
-    key_file: str = ""
+    ca_file: str = field(default="", metadata=PATH)  # mqtts: the broker's CA (default: system)
+    cert_file: str = field(default="", metadata=PATH)  # mqtts: a client certificate and its key
+    key_file: str = field(default="", metadata=PATH)
     keepalive_s: int = 30
     timeout_s: float = 10.0  # to connect, and for each message's acknowledgement
 
@@ -50,5 +50,4 @@ def owes(stored: Stored) -> list[Owed]:
 SPEC = DestinationSpec(
     name="mqtt", section=MqttSection, enabled=lambda s: bool(s.url), owes=owes, check=check,
     modules=(("paho.mqtt", "edge"),), sender="edge.outbound.mqtt:MqttDestination",
-    paths=("ca_file", "cert_file", "key_file"),
 )

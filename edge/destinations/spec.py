@@ -36,7 +36,6 @@ class DestinationSpec:
     check: Callable[[Any], None]  # its section's own checks (raises ConfigError)
     modules: tuple[tuple[str, str], ...]  # (module, extra) it needs once on
     sender: str  # "module:Class" of its sender in edge/outbound
-    paths: tuple[str, ...] = ()  # its options that are file paths (relative to the config)
 
     def check_section(self, section: Any) -> None:
         """The section's checks, and its modules when it is on (named with the extra)."""
