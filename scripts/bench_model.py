@@ -14,13 +14,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import resource
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
+# As the daemon does (edge/__init__.py), before numpy loads: OpenBLAS threads spinning beside
+# the interpreter doubled the CPU each frame cost here.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import numpy as np  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))

@@ -42,7 +42,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import numpy as np
+# As the daemon does (edge/__init__.py), before numpy loads: OpenBLAS threads spinning beside
+# the interpreter doubled the CPU each frame cost here.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import numpy as np  # noqa: E402
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
