@@ -128,6 +128,34 @@ def test_logits_bundle_ends_before_the_softmax_and_classifies_the_same(tiny_run,
     assert np.abs(p_logits - p_probs).mean() < 0.02
 
 
+def test_a_lesion_bound_threshold_is_chosen_recorded_and_reported(
+        tiny_run, tmp_path):
+    """decision.threshold_method = "lesion_bound": the threshold is the lower bound over
+    resampled validation groups, the manifest says how it was chosen, and the card gives the
+    test sensitivity with its interval."""
+    from training.build import build_bundle
+
+    cfg, run_dir, out, _ = tiny_run
+    cfg = load_config(ROOT / "training/configs/blood-smear.toml",
+                      {**TINY, "decision.threshold_method": "lesion_bound"})
+    bound_out = tmp_path / "bundle"
+    build_bundle(cfg, run_dir, bound_out, keep_float=False)
+    plain, bound = load_bundle(out).decision, load_bundle(bound_out).decision
+    assert bound["threshold_method"] == "lesion_bound" and bound["threshold_confidence"] == 0.95
+    assert plain["threshold_method"] == "validation"
+    from training.datasets import read_split
+    from training.evaluate import choose_threshold
+
+    val = read_split(run_dir / "split.csv")["val"]
+    again = choose_threshold(load_bundle(bound_out), val, cfg.decision.target_sensitivity,
+                             "int8", method="lesion_bound")
+    assert bound["threshold"] == round(again, 4)
+    card = (bound_out / "CARD.md").read_text()
+    assert "holds on new lesions" in card and "95 % interval" in card
+    ci = load_bundle(bound_out).manifest["artifacts"]["int8"]["metrics"]["sensitivity_ci95"]
+    assert 0 <= ci[0] <= ci[1] <= 1
+
+
 def test_preflight_flags_float_ops(tiny_run):
     _, _, out, _ = tiny_run
     reports = preflight(load_bundle(out).artifacts["float"].path)

@@ -33,6 +33,7 @@ def base_manifest(cfg: Config, threshold: float, tta_threshold: float | None = N
             "group": cfg.decision.group,
             "threshold": round(float(threshold), 4),
             "target_sensitivity": cfg.decision.target_sensitivity,
+            "threshold_method": cfg.decision.threshold_method,
             "positive": cfg.decision.positive,
             "negative": cfg.decision.negative,
         },
@@ -53,6 +54,8 @@ def base_manifest(cfg: Config, threshold: float, tta_threshold: float | None = N
         manifest["tta"] = list(cfg.export.tta)
         if tta_threshold is not None:
             manifest["decision"]["tta_threshold"] = round(float(tta_threshold), 4)
+    if cfg.decision.threshold_method == "lesion_bound":
+        manifest["decision"]["threshold_confidence"] = cfg.decision.threshold_confidence
     return manifest
 
 
@@ -153,10 +156,13 @@ def build_bundle(
         adjustment = _tune_class_bias(cfg, staged, parts, cpu_kind)
         write_bundle(staging, {**manifest, "class_bias": adjustment["bias"]}, files)
         staged = load_bundle(staging)
-    threshold = choose_threshold(staged, parts["val"], cfg.decision.target_sensitivity, cpu_kind)
+    how = {"method": cfg.decision.threshold_method,
+           "confidence": cfg.decision.threshold_confidence}
+    threshold = choose_threshold(staged, parts["val"], cfg.decision.target_sensitivity, cpu_kind,
+                                 **how)
     tta_threshold = (
         choose_threshold(
-            staged, parts["val"], cfg.decision.target_sensitivity, cpu_kind, tta=True
+            staged, parts["val"], cfg.decision.target_sensitivity, cpu_kind, tta=True, **how
         )
         if cfg.export.tta
         else None

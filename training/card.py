@@ -118,6 +118,18 @@ def _machine() -> str:
     )
 
 
+def _threshold_how(rule: dict) -> str:
+    target = rule.get("target_sensitivity", 0)
+    if rule.get("threshold_method") == "lesion_bound":
+        conf = rule.get("threshold_confidence", 0.95)
+        return (f"threshold was chosen on the validation split so that sensitivity "
+                f"{target:.2f} holds on new lesions: the validation lesions were resampled "
+                f"with replacement 2,000 times and the threshold kept is the one that reaches "
+                f"{target:.2f} in {_pct(conf)} of the resamples (a lower confidence bound, not "
+                "the validation images' own threshold).")
+    return f"threshold was chosen on the validation split to reach sensitivity {target:.2f}."
+
+
 def _pct(x: float) -> str:
     return f"{100 * x:.1f} %"
 
@@ -214,8 +226,7 @@ def write_card(out: Path, manifest: dict, ev: dict, history: Path | None, cfg, e
         "",
         f"Decision rule: {rule['group']} score (sum of {members})"
         f" ≥ {rule['threshold']:.3f} → **{rule['positive']}**; otherwise {rule['negative']}. The "
-        f"threshold was chosen on the validation split to reach sensitivity "
-        f"{rule.get('target_sensitivity', 0):.2f}."
+        + _threshold_how(rule)
         + (
             f" Uploads and captures average the model over {len(manifest['tta'])} views "
             f"({', '.join(manifest['tta'])}) and use the threshold chosen the same way on those "
@@ -271,6 +282,12 @@ def write_card(out: Path, manifest: dict, ev: dict, history: Path | None, cfg, e
             f"{100 * gain['specificity_at_target']:+.1f} points against one view "
             "(measured through `edge` on the int8 file).",
         ]
+    cis = [f"{kind.replace('+tta', ' + TTA')} {_pct(m['sensitivity'])} "
+           f"({_pct(m['sensitivity_ci95'][0])}–{_pct(m['sensitivity_ci95'][1])})"
+           for kind, m in rows if m.get("sensitivity_ci95")]
+    if cis:
+        lines += ["", "Sensitivity of the shipped threshold on the test split, with its 95 % "
+                  "interval (test lesions resampled with replacement): " + "; ".join(cis) + "."]
     lines += [
         "",
         f"Sensitivity and specificity are those of the shipped threshold on this split; "

@@ -44,6 +44,12 @@ class DecisionConfig:
     group: str
     groups: dict[str, list[str]]
     target_sensitivity: float = 0.9
+    # How the threshold is chosen on the validation split: "validation" (the threshold that
+    # reaches the target there) or "lesion_bound" (lesions resampled with replacement; the
+    # threshold that reaches the target in threshold_confidence of the resamples), so that the
+    # target holds on new lesions rather than on the validation images' luck.
+    threshold_method: str = "validation"
+    threshold_confidence: float = 0.95
     positive: str = "refer"
     negative: str = "no referral"
     # What the kit calls an image the scope check rejects, and what the live page says while
@@ -267,5 +273,10 @@ def _check(cfg: Config, path: Path) -> None:
     h, w = cfg.model.hw
     if h != w and {"rot90", "rot270"}.intersection(cfg.export.tta):
         raise ConfigError(f"{path} [export] tta: rot90/rot270 need a square input ({h}×{w})")
+    if cfg.decision.threshold_method not in ("validation", "lesion_bound"):
+        raise ConfigError(f"{path} [decision] threshold_method: "
+                          f"{cfg.decision.threshold_method!r} is not validation or lesion_bound")
+    if not 0.5 <= cfg.decision.threshold_confidence < 1:
+        raise ConfigError(f"{path} [decision] threshold_confidence must be in [0.5, 1)")
     if not 0 < cfg.decision.target_sensitivity <= 1:
         raise ConfigError(f"{path} [decision] target_sensitivity must be in (0, 1]")

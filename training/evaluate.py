@@ -12,7 +12,13 @@ from edge.inference.bundle import Bundle, load_bundle
 from edge.inference.classifier import Classifier
 
 from .datasets import Sample
-from .metrics import headline_kind, summarise, threshold_for_sensitivity
+from .metrics import (
+    headline_kind,
+    sensitivity_interval,
+    summarise,
+    threshold_for_sensitivity,
+    threshold_with_bound,
+)
 
 
 def predict(
@@ -46,14 +52,21 @@ def group_indices(bundle: Bundle) -> list[int]:
 
 
 def choose_threshold(
-    bundle: Bundle, samples: list[Sample], target: float, kind: str = "int8", tta: bool = False
+    bundle: Bundle, samples: list[Sample], target: float, kind: str = "int8", tta: bool = False,
+    method: str = "validation", confidence: float = 0.95,
 ) -> float:
     """Threshold on the decision group's score that reaches ``target`` sensitivity (on scores
-    averaged over the test-time views with ``tta``)."""
+    averaged over the test-time views with ``tta``): on ``samples`` as they are
+    (``validation``), or at the ``confidence`` lower bound over lesion-level resamples of them
+    (``lesion_bound``: the target then holds on new lesions, not only on these)."""
     probs, _ = predict(bundle, kind, samples, desc="threshold on validation", tta=tta)
     y = np.array([bundle.labels.index(s.label) for s in samples])
     gidx = group_indices(bundle)
-    return threshold_for_sensitivity(np.isin(y, gidx), probs[:, gidx].sum(axis=1), target)
+    positive, score = np.isin(y, gidx), probs[:, gidx].sum(axis=1)
+    if method == "lesion_bound":
+        groups = np.array([s.group for s in samples])
+        return threshold_with_bound(positive, score, groups, target, confidence)[0]
+    return threshold_for_sensitivity(positive, score, target)
 
 
 def latency_ms(path: Path, threads: int, runs: int = 30) -> float:
@@ -74,6 +87,20 @@ def latency_ms(path: Path, threads: int, runs: int = 30) -> float:
     return float(np.median(times))
 
 
+def _sensitivity_ci(y: np.ndarray, probs: np.ndarray, bundle: Bundle, samples: list[Sample],
+                    threshold: float) -> dict:
+    """The shipped threshold's sensitivity and its 95 % interval by lesion-level bootstrap."""
+    gidx = group_indices(bundle)
+    if not gidx:
+        return {}
+    positive = np.isin(y, gidx)
+    if not positive.any():
+        return {}
+    groups = np.array([s.group for s in samples])
+    _, lo, hi = sensitivity_interval(positive, probs[:, gidx].sum(axis=1), groups, threshold)
+    return {"sensitivity_ci95": [lo, hi]}
+
+
 def evaluate_bundle(
     bundle_dir: Path | Bundle, samples: list[Sample], kinds: list[str] | None = None
 ) -> dict:
@@ -90,6 +117,7 @@ def evaluate_bundle(
         probs, invoke = predict(bundle, kind, samples)
         preds[kind] = probs
         m = summarise(y, probs, bundle.labels, group_indices(bundle), threshold, target)
+        m.update(_sensitivity_ci(y, probs, bundle, samples, threshold))
         art = bundle.artifacts[kind]
         m["file_size_bytes"] = art.path.stat().st_size
         m["median_invoke_ms_in_classifier"] = invoke
@@ -112,6 +140,7 @@ def evaluate_bundle(
             y, probs, bundle.labels, group_indices(bundle),
             rule.get("tta_threshold", threshold), target,
         )
+        m.update(_sensitivity_ci(y, probs, bundle, samples, rule.get("tta_threshold", threshold)))
         m["views"] = bundle.tta
         m["median_invoke_ms_in_classifier"] = invoke
         out["tta"] = {kind: m}
