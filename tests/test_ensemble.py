@@ -71,12 +71,13 @@ def test_a_two_member_bundle_averages_members_times_views(tmp_path, member):
     from edge.inference.preprocess import tta_views
 
     by_hand = []
-    for backend, adapter in [(first.backend, first.adapter)] + clf._members:
+    # The first model with the bundle's logit offsets, a member with its own (none here).
+    for backend, adapter, bias in [(first.backend, first.adapter, bundle.class_bias)] \
+            + clf._members:
         for view in tta_views(small, bundle.tta):
             raw = backend.invoke(adapter(view))
             values = postprocess.dequantize(raw, backend.output_detail)
-            by_hand.append(postprocess.to_probabilities(values, bundle.output_kind,
-                                                        bundle.class_bias))
+            by_hand.append(postprocess.to_probabilities(values, bundle.output_kind, bias))
     expected = np.mean(by_hand, axis=0)
     got = np.array([r.probabilities[lab] for lab in bundle.labels])
     assert np.allclose(got, expected, atol=1e-6)
@@ -85,6 +86,28 @@ def test_a_two_member_bundle_averages_members_times_views(tmp_path, member):
     live = clf.infer(small)
     assert live.views == 1
     assert live.probabilities == first.infer(small).probabilities
+
+
+def test_a_member_adds_its_own_logit_offsets(tmp_path, member):
+    """A member trained with its own logit adjustment declares it ("class_bias" in its
+    members entry); the first model keeps the bundle's."""
+    copy = _with_members(tmp_path, member)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    labels = manifest["labels"]
+    sample = sorted((SKIN / "samples").glob("*.jpg"))[0]
+    plain = Classifier(load_bundle(copy), backend="cpu", threads=1)
+    small, _ = plain.prepare(str(sample))
+    before = plain.infer(small, members=True).probabilities
+    manifest["members"][0]["class_bias"] = [3.0 if lab == "vasc" else 0.0 for lab in labels]
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    biased = Classifier(load_bundle(copy), backend="cpu", threads=1)
+    after = biased.infer(small, members=True).probabilities
+    assert after["vasc"] > before["vasc"] + 0.01
+    assert biased.infer(small).probabilities == plain.infer(small).probabilities  # first alone
+    manifest["members"][0]["class_bias"] = [1.0]
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="class_bias has 1 values"):
+        Classifier(load_bundle(copy), backend="cpu", threads=1)
 
 
 def test_members_are_refused_with_the_reason(tmp_path, member):

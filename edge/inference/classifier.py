@@ -152,8 +152,9 @@ class Classifier:
         self.adapter = InputAdapter.for_model(backend.input_detail, spec)
         self.backend = backend
 
-    def _open_member(self, art: Any) -> tuple[Backend, InputAdapter]:
-        """An ensemble member on the CPU: same input and the bundle's labels, or refused."""
+    def _open_member(self, art: Any) -> tuple[Backend, InputAdapter, np.ndarray | None]:
+        """An ensemble member on the CPU: same input and the bundle's labels, or refused;
+        with its own logit offsets (``class_bias``) when it declares them."""
         from .backends.cpu import CpuBackend
 
         backend = CpuBackend(art, self.runtime, self.threads)
@@ -170,7 +171,13 @@ class Classifier:
                 f"{len(self.bundle.labels)} labels",
                 "an ensemble's members share the bundle's labels",
             )
-        return backend, InputAdapter.for_model(backend.input_detail, self.spec)
+        bias = art.info.get("class_bias")
+        if bias is not None and len(bias) != len(self.bundle.labels):
+            raise BundleError(
+                f"member {art.path.name}: class_bias has {len(bias)} values for "
+                f"{len(self.bundle.labels)} labels", "one offset per label, or none")
+        return (backend, InputAdapter.for_model(backend.input_detail, self.spec),
+                None if bias is None else np.asarray(bias, dtype=np.float64))
 
     @property
     def members(self) -> int:
@@ -339,22 +346,23 @@ class Classifier:
             for i, view in enumerate(views):
                 (raw, taps), why = self._invoke(view, taps=i == 0)
                 notes += why
-                outputs.append((raw, self.backend.output_detail))
+                outputs.append((raw, self.backend.output_detail, self._bias))
                 if i == 0:
                     maps = [
                         dequantize_map(t, self.backend.tap_details[j])
                         for t, j in zip(taps, self._taps, strict=True)
                     ]
             if members:
-                for backend, adapter in self._members:
+                for backend, adapter, member_bias in self._members:
                     for view in views:
-                        outputs.append((backend.invoke(adapter(view)), backend.output_detail))
+                        outputs.append((backend.invoke(adapter(view)), backend.output_detail,
+                                        member_bias))
             t1 = time.perf_counter()
             backend_name = self.backend.name
-        kind, bias = self.bundle.output_kind, self._bias
+        kind = self.bundle.output_kind
         each = [
             postprocess.to_probabilities(postprocess.dequantize(r, d), kind, bias)
-            for r, d in outputs
+            for r, d, bias in outputs
         ]
         probs = each[0] if len(each) == 1 else np.mean(each, axis=0, dtype=np.float32)
         labels = self.bundle.labels
@@ -417,5 +425,5 @@ class Classifier:
         """Free the interpreter (and an Edge TPU); waits for an inference in progress."""
         with self._lock:
             self.backend.close()
-            for backend, _ in self._members:
+            for backend, _, _ in self._members:
                 backend.close()
