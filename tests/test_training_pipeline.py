@@ -156,6 +156,27 @@ def test_a_lesion_bound_threshold_is_chosen_recorded_and_reported(
     assert 0 <= ci[0] <= ci[1] <= 1
 
 
+def test_an_ensemble_bundle_is_built_thresholded_evaluated_and_carded(tiny_run, tmp_path):
+    """`python -m training ensemble`: the first bundle plus another's int8 model as a member
+    (here the same model again: the ensemble's answers must then equal the model's)."""
+    from training.datasets import read_split
+    from training.ensemble import build_ensemble
+
+    cfg, run_dir, out, _ = tiny_run
+    parts = read_split(run_dir / "split.csv")
+    ens = tmp_path / "ensemble"
+    ev = build_ensemble(cfg, out, [out], ens, parts, "9.9.9-ensemble")
+    bundle = load_bundle(ens)
+    assert len(bundle.members) == 1 and bundle.version == "9.9.9-ensemble"
+    assert Classifier(bundle, backend="cpu", threads=1).members == 2
+    alone, both = list(ev["rows"].values())
+    assert both["accuracy"] == pytest.approx(alone["accuracy"])
+    assert both["group_auc"] == pytest.approx(alone["group_auc"], abs=1e-6)
+    assert set(ev["capture_latency_ms"]) == {1, 2}
+    card = (ens / "CARD.md").read_text()
+    assert "## Ensemble" in card and "ensemble (shipped decision)" in card
+
+
 def test_preflight_flags_float_ops(tiny_run):
     _, _, out, _ = tiny_run
     reports = preflight(load_bundle(out).artifacts["float"].path)

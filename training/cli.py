@@ -48,6 +48,29 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_ensemble(args) -> int:
+    from .datasets import split_samples
+    from .ensemble import build_ensemble
+
+    cfg = _cfg(args)
+    ds = cfg.dataset
+    extra = {"csv_name": ds.csv} if ds.layout == "ham10000" and ds.csv else {}
+    # The split the bundles were trained on: seeded and grouped, so it is rebuilt exactly.
+    parts = split_samples(
+        load_samples(ds.layout, ds.root_path, **extra), tuple(ds.fractions), ds.seed
+    )
+    ev = build_ensemble(cfg, Path(args.first), [Path(m) for m in args.member], Path(args.out),
+                        parts, args.version)
+    for name, m in ev["rows"].items():
+        print(f"{name}: accuracy {m['accuracy']:.4f}, balanced {m['balanced_accuracy']:.4f}, "
+              f"macro AUC {m['macro_auc']:.4f}, group AUC {m['group_auc']:.4f}, sensitivity "
+              f"{m['sensitivity']:.4f} ({m['sensitivity_ci95'][0]:.3f}-"
+              f"{m['sensitivity_ci95'][1]:.3f}), specificity {m['specificity']:.4f}")
+    lat = ev["capture_latency_ms"]
+    print(f"one capture: {lat[1]:.0f} ms at 1 thread, {lat[2]:.0f} ms at 2 threads")
+    return 0
+
+
 def cmd_scope(args) -> int:
     from .scope import add_scope
 
@@ -228,6 +251,16 @@ def main(argv: list[str] | None = None) -> int:
     sc.add_argument("--model", help="the bundle (default models/<name>)")
     sc.add_argument("--set", action="append")
     sc.set_defaults(func=cmd_scope)
+    en = sub.add_parser(
+        "ensemble", help="an ensemble bundle: a first bundle plus other bundles' int8 models"
+    )
+    en.add_argument("--config", required=True)
+    en.add_argument("--first", required=True, help="the bundle whose model serves the live view")
+    en.add_argument("--member", action="append", required=True, help="another trained bundle")
+    en.add_argument("--out", required=True)
+    en.add_argument("--version", required=True)
+    en.add_argument("--set", action="append")
+    en.set_defaults(func=cmd_ensemble)
     c = sub.add_parser("compile", help="compile a bundle's int8 model for the Edge TPU")
     c.add_argument("--model", required=True)
     c.add_argument("--runtime-version", type=int, default=14)

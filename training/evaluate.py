@@ -28,15 +28,17 @@ def predict(
     threads: int | None = None,
     desc: str = "",
     tta: bool = False,
+    members: bool = False,
 ) -> tuple[np.ndarray, float]:
     """Probabilities (N, classes) from one artifact on the CPU (averaged over the bundle's
-    test-time views with ``tta``), and the median invoke time (ms, all views)."""
-    clf = Classifier(bundle.only(kind), backend="cpu", threads=threads)
+    test-time views with ``tta``, and over its ensemble members with ``members``), and the
+    median invoke time (ms, all views and members)."""
+    clf = Classifier(bundle if members else bundle.only(kind), backend="cpu", threads=threads)
     labels = bundle.labels
     probs = np.zeros((len(samples), len(labels)), dtype=np.float32)
     invoke = []
     for i, s in enumerate(tqdm(samples, desc=desc or f"evaluate {kind}", unit="img", leave=False)):
-        r = clf.classify(str(s.path), tta=tta)
+        r = clf.classify(str(s.path), tta=tta, members=members)
         probs[i] = [r.probabilities[lab] for lab in labels]
         invoke.append(r.timings_ms["invoke"])
     clf.close()
@@ -53,13 +55,14 @@ def group_indices(bundle: Bundle) -> list[int]:
 
 def choose_threshold(
     bundle: Bundle, samples: list[Sample], target: float, kind: str = "int8", tta: bool = False,
-    method: str = "validation", confidence: float = 0.95,
+    method: str = "validation", confidence: float = 0.95, members: bool = False,
 ) -> float:
     """Threshold on the decision group's score that reaches ``target`` sensitivity (on scores
     averaged over the test-time views with ``tta``): on ``samples`` as they are
     (``validation``), or at the ``confidence`` lower bound over lesion-level resamples of them
     (``lesion_bound``: the target then holds on new lesions, not only on these)."""
-    probs, _ = predict(bundle, kind, samples, desc="threshold on validation", tta=tta)
+    probs, _ = predict(bundle, kind, samples, desc="threshold on validation", tta=tta,
+                       members=members)
     y = np.array([bundle.labels.index(s.label) for s in samples])
     gidx = group_indices(bundle)
     positive, score = np.isin(y, gidx), probs[:, gidx].sum(axis=1)

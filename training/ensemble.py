@@ -1,0 +1,172 @@
+"""An ensemble bundle from trained bundles: the first bundle as it is (its model serves the live
+stream, its scope check and maps stay), the others' int8 models added as members.
+
+Captures, uploads and `edge classify` average every member over the test-time views, so the
+referral threshold is chosen again on the validation split for those averages (by the config's
+threshold method), and the test split is evaluated for each model alone and for the ensemble,
+through the edge classifier, as a capture classifies. The card gets a section with the table
+and the capture's latency at 1 and 2 threads on the machine that built it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+
+from edge.errors import BundleError
+from edge.inference.bundle import load_bundle
+from edge.inference.classifier import Classifier
+from edge.inference.tflite_file import sha256_file
+
+from .config import Config
+from .datasets import Sample
+from .evaluate import choose_threshold, group_indices, predict
+from .metrics import sensitivity_interval, summarise
+
+log = logging.getLogger(__name__)
+KEYS = ("accuracy", "balanced_accuracy", "macro_auc", "group_auc", "sensitivity", "specificity",
+        "specificity_at_target")
+
+
+def _compatible(first, other, where: Path) -> None:
+    if other.labels != first.labels:
+        raise BundleError(f"{where}: labels {other.labels} differ from {first.labels}",
+                          "an ensemble's members share the first bundle's labels")
+    if other.input_spec != first.input_spec:
+        raise BundleError(f"{where}: input {other.input_spec} differs from {first.input_spec}",
+                          "every member takes the same input")
+
+
+def _metrics(bundle, y, probs, samples: list[Sample], threshold: float, target: float) -> dict:
+    m = summarise(y, probs, bundle.labels, group_indices(bundle), threshold, target)
+    gidx = group_indices(bundle)
+    positive = np.isin(y, gidx)
+    groups = np.array([s.group for s in samples])
+    _, lo, hi = sensitivity_interval(positive, probs[:, gidx].sum(axis=1), groups, threshold)
+    m["sensitivity_ci95"] = [lo, hi]
+    mel = bundle.labels.index("mel") if "mel" in bundle.labels else None
+    if mel is not None:
+        m["mel_referred"] = m.get("referred", {}).get("mel")
+    m.pop("confusion", None)
+    return m
+
+
+def capture_latency_ms(bundle_dir: Path, image: Path, threads: int, runs: int = 10) -> float:
+    """Median wall time of one capture's classification (every member × every view)."""
+    clf = Classifier(load_bundle(bundle_dir), backend="cpu", threads=threads)
+    small, _ = clf.prepare(str(image))
+    clf.infer(small, tta=True, members=True)
+    times = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        clf.infer(small, tta=True, members=True)
+        times.append((time.perf_counter() - t) * 1e3)
+    clf.close()
+    return float(np.median(times))
+
+
+def build_ensemble(cfg: Config, first_dir: Path, others: list[Path], out: Path,
+                   parts: dict[str, list[Sample]], version: str) -> dict:
+    """Write the ensemble bundle to ``out``; returns its evaluation."""
+    first = load_bundle(first_dir)
+    if out.exists():
+        shutil.rmtree(out)
+    shutil.copytree(first_dir, out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["version"] = version
+    manifest["members"] = []
+    for i, other_dir in enumerate(others, start=1):
+        other = load_bundle(other_dir)
+        _compatible(first, other, other_dir)
+        src = other.artifacts["int8"].path
+        name = f"member{i}_{src.name}"
+        shutil.copyfile(src, out / name)
+        entry: dict = {"file": name, "sha256": sha256_file(out / name),
+                       "size": (out / name).stat().st_size,
+                       "from": f"{other.name} {other.version}"}
+        if other.manifest.get("class_bias"):
+            entry["class_bias"] = list(other.manifest["class_bias"])
+        manifest["members"].append(entry)
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    staged = load_bundle(out)
+    target = cfg.decision.target_sensitivity
+    how = {"method": cfg.decision.threshold_method,
+           "confidence": cfg.decision.threshold_confidence}
+    # The ensemble's scores on validation: one view (no TTA) and every view.
+    threshold = choose_threshold(staged, parts["val"], target, members=True, **how)
+    tta_threshold = choose_threshold(staged, parts["val"], target, tta=True, members=True, **how)
+    manifest["decision"].update(threshold=round(threshold, 4),
+                                tta_threshold=round(tta_threshold, 4),
+                                threshold_method=cfg.decision.threshold_method)
+    if cfg.decision.threshold_method == "lesion_bound":
+        manifest["decision"]["threshold_confidence"] = cfg.decision.threshold_confidence
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    staged = load_bundle(out)
+
+    test = parts["test"]
+    y = np.array([staged.labels.index(s.label) for s in test])
+    rows: dict[str, dict] = {}
+    for b_dir in [first_dir, *others]:
+        b = load_bundle(b_dir)
+        probs, _ = predict(b, "int8", test, desc=f"test {b.name} {b.version} + tta", tta=True)
+        rule = b.decision or {}
+        rows[f"{b.name} {b.version} (alone, its own threshold)"] = _metrics(
+            b, y, probs, test, rule.get("tta_threshold", rule.get("threshold", 0.5)), target)
+    probs, _ = predict(staged, "int8", test, desc="test ensemble + tta", tta=True, members=True)
+    rows["ensemble (shipped decision)"] = _metrics(staged, y, probs, test, tta_threshold, target)
+    image = test[0].path
+    latency = {t: capture_latency_ms(out, image, t) for t in (1, 2)}
+    manifest["evaluation"]["ensemble"] = {
+        "split": "test", "n": len(test), "rows": rows, "views": staged.tta,
+        "members": 1 + len(manifest["members"]),
+        "capture_latency_ms": latency, "machine": platform.processor() or platform.machine(),
+    }
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2, default=float) + "\n")
+    _card_section(out, manifest, rows, latency, len(test))
+    load_bundle(out)  # the finished bundle loads (digests, members, scope)
+    return manifest["evaluation"]["ensemble"]
+
+
+def _pct(x: float | None) -> str:
+    return "–" if x is None else f"{100 * x:.1f} %"
+
+
+def _card_section(out: Path, manifest: dict, rows: dict, latency: dict, n: int) -> None:
+    rule = manifest["decision"]
+    views = len(manifest.get("tta") or []) or 1
+    models = 1 + len(manifest["members"])
+    lines = [
+        "", "## Ensemble (what captures, uploads and `edge classify` use)", "",
+        f"This bundle averages {models} int8 models × {views} views for every capture, upload "
+        f"and `edge classify`; the live stream runs the first model alone on one view. Members: "
+        + ", ".join(m["from"] for m in manifest["members"]) + f". The shipped decision: "
+        f"{rule['group']} ≥ {rule['tta_threshold']:.3f} on the ensemble's averages (one view: "
+        f"{rule['threshold']:.3f}), chosen on the validation split"
+        + (" at the lesion-level lower bound" if rule.get("threshold_method") == "lesion_bound"
+           else "") + ". The tables above describe the first model alone.", "",
+        f"Test split ({n} images, lesions never seen in training), through the edge classifier "
+        "with every view:", "",
+        "| model | accuracy | balanced | macro AUC | malignant AUC | malignant referred (95 % "
+        "interval) | specificity | melanomas referred |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, m in rows.items():
+        lo, hi = m["sensitivity_ci95"]
+        lines.append(
+            f"| {name} | {_pct(m['accuracy'])} | {_pct(m['balanced_accuracy'])} | "
+            f"{m['macro_auc']:.3f} | {m['group_auc']:.3f} | {_pct(m['sensitivity'])} "
+            f"({_pct(lo)}–{_pct(hi)}) | {_pct(m['specificity'])} | "
+            f"{_pct(m.get('mel_referred'))} |")
+    lines += [
+        "", f"One capture ({models} models × {views} views) takes {latency[1]:.0f} ms at 1 "
+        f"thread and {latency[2]:.0f} ms at 2 threads on the machine that built this bundle "
+        "(see docs/benchmarks.md for its CPU).", "",
+    ]
+    with open(out / "CARD.md", "a") as fh:
+        fh.write("\n".join(lines))
