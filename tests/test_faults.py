@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 import io
 import resource
 import shutil
@@ -27,7 +28,9 @@ def hammer(
     while not stop.is_set() and time.monotonic() < deadline:
         try:
             status, doc = client.upload(images[i % len(images)], sample_code="LOAD-1")
-        except OSError as exc:  # the daemon died mid-request: not acknowledged
+        # The daemon died or stopped mid-request (a refused connection, a cut answer): not
+        # acknowledged.
+        except (OSError, http.client.HTTPException) as exc:
             errors.append(exc)
             return
         if status == 201:
