@@ -63,7 +63,7 @@ def test_same_jpeg_same_input_tensor_on_every_path(tmp_path, bundle, pick):
         via_upload = _upload_input(root, image.read_bytes(), tmp_path / image.stem)
         assert np.array_equal(via_upload, via_classify), image.name
 
-        from training.pipeline import load_model_input  # (imports no TensorFlow)
+        from training.input_pipeline import load_model_input  # (imports no TensorFlow)
 
         spec = clf.bundle.input_spec
         via_training = load_model_input(image, tuple(spec["size"]), spec["resize"])

@@ -278,8 +278,8 @@ def test_int8_export_agrees_with_float_on_a_decisive_model(shared, parrot, tmp_p
     from edge.inference.labels import read_labels
     from training.coral_weights import load_into_mobilenetv2
     from training.export import calibration_images, export_float, export_int8
+    from training.input_pipeline import load_model_input
     from training.model import CORAL_MOBILENET
-    from training.pipeline import load_model_input
 
     coral = shared / CORAL_MOBILENET
     base = keras.applications.MobileNetV2(input_shape=(224, 224, 3), include_top=False,

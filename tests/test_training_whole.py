@@ -55,8 +55,8 @@ def test_a_whole_network_step_moves_every_layer_but_batchnorm(shared):
     the intended handling (see training/model.py)."""
     import keras
 
+    from training.input_pipeline import load_model_input
     from training.model import build_backbone, build_head, unfreeze_from
-    from training.pipeline import load_model_input
     from training.train import _compile
 
     images = sorted((shared / "datasets/ham10000/images").glob("*.jpg"))[:8]
@@ -87,7 +87,7 @@ def test_a_whole_network_step_moves_every_layer_but_batchnorm(shared):
 
 @pytest.mark.parametrize(("mode", "power"), [("balanced", 0.0), ("sqrt", 0.5)])
 def test_sampling_draws_classes_in_the_configured_proportions(mode, power):
-    from training.pipeline import class_sampling_weights, sampled_dataset
+    from training.input_pipeline import class_sampling_weights, sampled_dataset
 
     counts = np.array([400, 100, 25, 5])
     labels = np.repeat(np.arange(4), counts).astype(np.int32)

@@ -60,7 +60,7 @@ def activations(
     of ``images`` (uint8). Each copy is saved under ``cache_dir`` so a resumed run reuses it."""
     import tensorflow as tf
 
-    from .pipeline import make_dataset
+    from .input_pipeline import make_dataset
 
     def compute(k: int) -> np.ndarray:
         log.info("%s activations, copy %d of %d", desc, k + 1, copies)
@@ -99,7 +99,7 @@ def augmented_uint8(images: np.ndarray, batch: int = 64) -> np.ndarray:
     """One augmented copy of ``images`` as uint8 pixels: what a camera would have delivered."""
     import keras
 
-    from .pipeline import make_dataset
+    from .input_pipeline import make_dataset
 
     identity = keras.Sequential([keras.Input(images.shape[1:]), keras.layers.Identity()])
     x = identity.predict(make_dataset(images, None, batch, train=True, shuffle=False), verbose=0)

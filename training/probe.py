@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 
 
 def _features(backbone, images: np.ndarray) -> np.ndarray:
-    from .pipeline import make_dataset
+    from .input_pipeline import make_dataset
 
     feats = backbone.predict(make_dataset(images, None, 64, train=False), verbose=0)
     return feats.mean(axis=(1, 2))

@@ -18,8 +18,8 @@ import numpy as np
 from .cached import activations, copies_dataset, split_at
 from .config import Config
 from .datasets import check_samples, class_weights, load_samples, split_samples, write_split
+from .input_pipeline import cache_images, make_dataset, sampled_dataset
 from .metrics import headline
-from .pipeline import cache_images, make_dataset, sampled_dataset
 
 log = logging.getLogger(__name__)
 
