@@ -309,7 +309,8 @@ def test_samples_remember_their_profile_and_the_choice_survives_a_restart(tmp_pa
         # Its report names the skin model and rule although the kit runs the blood-smear one.
         with client.opener.open(base + "/samples/LESION-1/report", timeout=10) as r:
             report = r.read().decode()
-        assert "Skin — dermatoscope" in report and "skin-lesion 2." in report
+        version = json.loads((SKIN / "manifest.json").read_text())["version"]
+        assert "Skin — dermatoscope" in report and f"skin-lesion {version}" in report
         assert client.post_json("/api/profile", {"profile": "eye"})[0] == 404
         assert client.post_json("/api/profile", {"nothing": 1})[0] == 400
         assert client.post_json("/api/profile", {"profile": "skin"})[0] == 200
