@@ -94,9 +94,9 @@ class CaptureLoop:
                 # backoff while the rest of the kit keeps serving. One log line per change.
                 opened = False
                 why = str(exc) if isinstance(exc, SourceError) else f"{type(exc).__name__}: {exc}"
-                was = self.board.state
+                before = self.board.state
                 self.board.publish(camera="lost", camera_error=why)
-                if was.camera != "lost" or was.camera_error != why:
+                if before.camera != "lost" or before.camera_error != why:
                     log.warning("camera lost (%s); retrying with backoff", why,
                                 exc_info=not isinstance(exc, (SourceError, OSError)))
                 else:

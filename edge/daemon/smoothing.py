@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import numpy as np
 
@@ -43,7 +43,7 @@ class Smoother:
         self.window.append(np.array([probabilities[lab] for lab in self.labels]))
         # sum() of a few small arrays, not np.mean of the deque (which copies it into a new
         # 2-D array first): this runs once per classified frame.
-        mean = sum(self.window) / len(self.window)
+        mean = cast(np.ndarray, sum(self.window)) / len(self.window)
         top = self.labels[int(mean.argmax())]
         decision = decide(mean) if decide else None
         key = (top, None if decision is None else bool(decision["positive"]))
@@ -62,7 +62,9 @@ class Smoother:
             if self._count >= self.hold:
                 self._key, self.state, self.decision = key, top, decision
                 self._candidate, self._count, self._age = None, 0, 0
-        return Shown(self.state, mean, self.decision, self._age)
+        # A state is always shown once a frame came (the first one sets it).
+        return Shown(self.state if self.state is not None else top, mean, self.decision,
+                     self._age)
 
     def reset(self) -> None:
         self.window.clear()

@@ -84,8 +84,11 @@ class InferenceWorker:
 
     def process(self, frame: Frame) -> None:
         p = self.cfg.pipeline
-        quality = frame.quality.to_dict()  # frames reach the worker prepared
-        if not frame.quality.assessable:
+        checked, small = frame.quality, frame.small
+        if checked is None or small is None:  # the capture loop hands over prepared frames
+            raise ValueError(f"frame {frame.id} reached the worker unprepared")
+        quality = checked.to_dict()
+        if not checked.assessable:
             self.board.publish(
                 only_for=self.cfg.profile,
                 count=("not_assessable",),
@@ -93,7 +96,7 @@ class InferenceWorker:
                 result={
                     "label": None,
                     "assessable": False,
-                    "reason": frame.quality.reason,
+                    "reason": checked.reason,
                     "quality": quality,
                 },
                 frame_id=frame.id,
@@ -102,7 +105,7 @@ class InferenceWorker:
             self._mark_ready()
             return
         result = self.classifier.infer(
-            frame.small, frame.times, top_k=p.top_k, name=f"frame {frame.id}"
+            small, frame.times, top_k=p.top_k, name=f"frame {frame.id}"
         )
         done = time.monotonic()
         bundle = self.classifier.bundle
