@@ -39,6 +39,10 @@ def test_config_file_and_overrides(tmp_path):
             "serving to the network needs a password",
         ),
         ("[web\n", "not valid TOML"),
+        # A destination's file options are checked whether it is on or off.
+        ('[source]\npath = "x"\n[mqtt]\nca_file = "no-ca.pem"\n', "[mqtt].ca_file: no file"),
+        ('[source]\npath = "x"\n[dicom]\nstow_url = "http://pacs/dicom-web"\n'
+         'ca_file = "no-ca.pem"\n', "[dicom].ca_file: no file"),
     ],
 )
 def test_config_errors_name_the_option(tmp_path, text, needle, monkeypatch):
@@ -289,11 +293,9 @@ def test_a_sample_counts_its_out_of_scope_fields_in_the_list_and_the_summary(tmp
     store.close()
 
 
-def test_reads_do_not_wait_for_a_slow_snapshot_write(tmp_path):
-    """An SD card's fsync can take hundreds of milliseconds: the file is written before the
-    store's lock is taken, so health, status and pages (reads) go on meanwhile."""
-    store = Store(tmp_path)
-    store.save(RESULT, "capture", "S-1")
+def _hold_snapshot_writes(store: Store) -> tuple[threading.Event, threading.Event]:
+    """Make the store's snapshot writes wait (a slow SD card's fsync): ``writing`` is set when
+    one starts, and it goes on once ``release`` is set."""
     writing, release = threading.Event(), threading.Event()
     real_write = store.files.write
 
@@ -303,6 +305,15 @@ def test_reads_do_not_wait_for_a_slow_snapshot_write(tmp_path):
         return real_write(jpeg)
 
     store.files.write = slow_write
+    return writing, release
+
+
+def test_reads_do_not_wait_for_a_slow_snapshot_write(tmp_path):
+    """An SD card's fsync can take hundreds of milliseconds: the file is written before the
+    store's lock is taken, so health, status and pages (reads) go on meanwhile."""
+    store = Store(tmp_path)
+    store.save(RESULT, "capture", "S-1")
+    writing, release = _hold_snapshot_writes(store)
     saver = threading.Thread(target=store.save, args=(RESULT, "capture", "S-1"),
                              kwargs={"jpeg": b"\xff\xd8jpeg"})
     saver.start()
@@ -322,15 +333,7 @@ def test_reads_do_not_wait_for_a_slow_snapshot_write(tmp_path):
 
 def test_close_lets_a_save_in_flight_finish_and_leaves_no_file_behind(tmp_path):
     store = Store(tmp_path)
-    writing, release = threading.Event(), threading.Event()
-    real_write = store.files.write
-
-    def slow_write(jpeg):
-        writing.set()
-        assert release.wait(10)
-        return real_write(jpeg)
-
-    store.files.write = slow_write
+    writing, release = _hold_snapshot_writes(store)
     ids: list[int] = []
     saver = threading.Thread(target=lambda: ids.append(
         store.save(RESULT, "capture", "S-1", jpeg=b"\xff\xd8jpeg")))

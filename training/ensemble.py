@@ -26,8 +26,8 @@ from edge.inference.tflite_file import sha256_file
 
 from .config import Config
 from .datasets import Sample
-from .evaluate import choose_threshold, group_indices, predict
-from .metrics import sensitivity_interval, summarise
+from .evaluate import choose_threshold, group_indices, predict, sensitivity_ci
+from .metrics import summarise
 
 log = logging.getLogger(__name__)
 KEYS = ("accuracy", "balanced_accuracy", "macro_auc", "group_auc", "sensitivity", "specificity",
@@ -45,13 +45,8 @@ def _compatible(first, other, where: Path) -> None:
 
 def _metrics(bundle, y, probs, samples: list[Sample], threshold: float, target: float) -> dict:
     m = summarise(y, probs, bundle.labels, group_indices(bundle), threshold, target)
-    gidx = group_indices(bundle)
-    positive = np.isin(y, gidx)
-    groups = np.array([s.group for s in samples])
-    _, lo, hi = sensitivity_interval(positive, probs[:, gidx].sum(axis=1), groups, threshold)
-    m["sensitivity_ci95"] = [lo, hi]
-    mel = bundle.labels.index("mel") if "mel" in bundle.labels else None
-    if mel is not None:
+    m.update(sensitivity_ci(y, probs, bundle, samples, threshold))
+    if "mel" in bundle.labels:
         m["mel_referred"] = m.get("referred", {}).get("mel")
     m.pop("confusion", None)
     return m

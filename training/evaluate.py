@@ -90,7 +90,7 @@ def latency_ms(path: Path, threads: int, runs: int = 30) -> float:
     return float(np.median(times))
 
 
-def _sensitivity_ci(y: np.ndarray, probs: np.ndarray, bundle: Bundle, samples: list[Sample],
+def sensitivity_ci(y: np.ndarray, probs: np.ndarray, bundle: Bundle, samples: list[Sample],
                     threshold: float) -> dict:
     """The shipped threshold's sensitivity and its 95 % interval by lesion-level bootstrap."""
     gidx = group_indices(bundle)
@@ -120,7 +120,7 @@ def evaluate_bundle(
         probs, invoke = predict(bundle, kind, samples)
         preds[kind] = probs
         m = summarise(y, probs, bundle.labels, group_indices(bundle), threshold, target)
-        m.update(_sensitivity_ci(y, probs, bundle, samples, threshold))
+        m.update(sensitivity_ci(y, probs, bundle, samples, threshold))
         art = bundle.artifacts[kind]
         m["file_size_bytes"] = art.path.stat().st_size
         m["median_invoke_ms_in_classifier"] = invoke
@@ -143,7 +143,7 @@ def evaluate_bundle(
             y, probs, bundle.labels, group_indices(bundle),
             rule.get("tta_threshold", threshold), target,
         )
-        m.update(_sensitivity_ci(y, probs, bundle, samples, rule.get("tta_threshold", threshold)))
+        m.update(sensitivity_ci(y, probs, bundle, samples, rule.get("tta_threshold", threshold)))
         m["views"] = bundle.tta
         m["median_invoke_ms_in_classifier"] = invoke
         out["tta"] = {kind: m}

@@ -14,7 +14,7 @@ server stay (see docs/profiles.md).
 
 ``Pipeline`` wires them and is what the web layer gets, one route per service: ``results``
 (every store and every read of stored results: uploads, captures, samples), ``store`` (the
-database itself, for the exports that walk a whole sample), ``bundles
+database itself, for the exports that walk a whole sample), ``bundles``
 (each profile's bundle), ``state`` (the live board's snapshot), the running ``profile`` and
 ``cfg``, ``profiles`` and ``switch_profile``, ``status``, ``health``, ``model``, ``backend``
 and ``preview_jpeg``; ``start``, ``stop``, ``running`` and ``fatal`` for the daemon. Never the

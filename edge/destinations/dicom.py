@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from urllib.parse import urlsplit
 
 from ..configfile import PATH, ConfigError
@@ -26,8 +25,6 @@ def check(dc: DicomSection) -> None:
         raise ConfigError(f"[dicom].stow_url: {dc.stow_url!r} is not an http(s) URL")
     if dc.timeout_s <= 0:
         raise ConfigError("[dicom].timeout_s must be positive")
-    if dc.ca_file and not Path(dc.ca_file).is_file():
-        raise ConfigError(f"[dicom].ca_file: no file {dc.ca_file}")
 
 
 def owes(stored: Stored) -> list[Owed]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from urllib.parse import urlsplit
 
 from ..configfile import PATH, ConfigError
@@ -36,10 +35,6 @@ def check(mq: MqttSection) -> None:
         raise ConfigError("[mqtt]: ca_file and cert_file need an mqtts:// url")
     if mq.keepalive_s < 5 or mq.timeout_s <= 0:
         raise ConfigError("[mqtt]: keepalive_s ≥ 5 and timeout_s > 0")
-    for key in ("ca_file", "cert_file", "key_file"):
-        value = getattr(mq, key)
-        if value and not Path(value).is_file():
-            raise ConfigError(f"[mqtt].{key}: no file {value}")
 
 
 def owes(stored: Stored) -> list[Owed]:

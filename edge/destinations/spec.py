@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import importlib.util
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import Any
 
 from ..configfile import ConfigError
@@ -38,7 +39,12 @@ class DestinationSpec:
     sender: str  # "module:Class" of its sender in edge/outbound
 
     def check_section(self, section: Any) -> None:
-        """The section's checks, and its modules when it is on (named with the extra)."""
+        """Its path options name files that exist (on or off); when it is on, its modules and
+        the section's own checks."""
+        for f in fields(section):
+            value = getattr(section, f.name)
+            if f.metadata.get("path") and value and not Path(value).is_file():
+                raise ConfigError(f"[{self.name}].{f.name}: no file {value}")
         if not self.enabled(section):
             return
         for module, extra in self.modules:

@@ -157,12 +157,18 @@ def _cross_errors(manifest: dict[str, Any]) -> list[str]:
         ambiguous = sorted(duplicates.intersection(members))
         if ambiguous:
             errors.append(f"label_groups/{group}: labels {ambiguous} occur more than once")
-    bias = manifest.get("class_bias")
-    if bias is not None:
+    # The bundle's logit offsets (its first model's) and each ensemble member's own.
+    biases = [("class_bias", manifest.get("class_bias"))] + [
+        (f"member {m['file']}: class_bias", m.get("class_bias"))
+        for m in manifest.get("members", [])
+    ]
+    for where, bias in biases:
+        if bias is None:
+            continue
         if len(bias) != len(labels):
-            errors.append(f"class_bias: {len(bias)} values for {len(labels)} labels")
+            errors.append(f"{where} has {len(bias)} values for {len(labels)} labels")
         if manifest.get("output") != "logits":
-            errors.append('class_bias: needs "output": "logits" (it is added to the logits)')
+            errors.append(f'{where}: needs "output": "logits" (it is added to the logits)')
     tta = manifest.get("tta") or []
     size = manifest["input"]["size"]
     turns = sorted({"rot90", "rot270"}.intersection(tta))

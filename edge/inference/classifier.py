@@ -171,11 +171,7 @@ class Classifier:
                 f"{len(self.bundle.labels)} labels",
                 "an ensemble's members share the bundle's labels",
             )
-        bias = art.info.get("class_bias")
-        if bias is not None and len(bias) != len(self.bundle.labels):
-            raise BundleError(
-                f"member {art.path.name}: class_bias has {len(bias)} values for "
-                f"{len(self.bundle.labels)} labels", "one offset per label, or none")
+        bias = art.info.get("class_bias")  # checked with the manifest (one per label)
         return (backend, InputAdapter.for_model(backend.input_detail, self.spec),
                 None if bias is None else np.asarray(bias, dtype=np.float64))
 
