@@ -164,6 +164,29 @@ def test_the_map_peaks_where_a_planted_lesion_sits(skin, corner):
     assert (iy < h / 2) == (corner[0] == 0) and (ix < w / 2) == (corner[1] == 0), values.round(1)
 
 
+@pytest.mark.parametrize("which", ["skin", "blood"])
+def test_the_live_scope_feature_equals_the_fitted_one(which, request):
+    """The kit pools each tap from its int8 values directly (cheaper per frame); training fits
+    on the dequantised maps: both give one feature, and the verdict the kit reaches from a
+    sample is the one the fitted statistic gives."""
+    from edge.inference.scope import dequantize_map, pooled, pooled_tap
+
+    clf = request.getfixturevalue(which)
+    root = SKIN if which == "skin" else BLOOD
+    small, _ = clf.prepare(str(samples(root)[0]))
+    details = clf.backend.tap_details
+    _, raws = clf.backend.invoke_with_taps(clf.adapter(small), list(range(len(details))))
+    assert raws and all(r.dtype == np.int8 for r in raws)
+    for raw, detail in zip(raws, details, strict=True):
+        fast, fitted = pooled_tap(raw, detail), pooled(dequantize_map(raw, detail))
+        assert fast.dtype == np.float32 and fast.shape == fitted.shape
+        assert np.allclose(fast, fitted, rtol=1e-5, atol=1e-6)
+    scope = clf.bundle.scope
+    maps = clf.feature_maps(small)
+    by_fit = scope.check([pooled(maps[j]) for j in clf._taps])  # the scope's taps, in order
+    assert clf.infer(small).scope == by_fit
+
+
 def test_maps_average_to_the_logits(skin):
     """The head linearised at the pooled point: each class map's mean is that class's logit
     less the head's bias path (the biases through the same active units), exactly."""

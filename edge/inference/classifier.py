@@ -27,7 +27,7 @@ from .preprocess import (
     tta_views,
 )
 from .runtime import resolve_runtime
-from .scope import dequantize_map, match_taps
+from .scope import dequantize_map, match_taps, pooled_tap
 
 log = logging.getLogger(__name__)
 REPROBE_FIRST_S = 15.0
@@ -336,18 +336,17 @@ class Classifier:
         views = tta_views(rgb, self.bundle.tta) if tta and self.bundle.tta else [rgb]
         outputs = []
         notes: list[str] = []
-        maps: list[np.ndarray] = []
+        taps: list[np.ndarray] = []
+        tap_details: list[dict[str, Any]] = []
         with self._lock:
             t0 = time.perf_counter()
             for i, view in enumerate(views):
-                (raw, taps), why = self._invoke(view, taps=i == 0)
+                (raw, got), why = self._invoke(view, taps=i == 0)
                 notes += why
                 outputs.append((raw, self.backend.output_detail, self._bias))
-                if i == 0:
-                    maps = [
-                        dequantize_map(t, self.backend.tap_details[j])
-                        for t, j in zip(taps, self._taps, strict=True)
-                    ]
+                if i == 0:  # the first view's feature maps, as the model returned them
+                    taps = got
+                    tap_details = [self.backend.tap_details[j] for j in self._taps]
             if members:
                 for backend, adapter, member_bias in self._members:
                     for view in views:
@@ -368,13 +367,15 @@ class Classifier:
         scope = self.bundle.scope
         t2 = time.perf_counter()
         scope_result, cam = None, None
-        if scope is not None and maps:
-            scope_result = scope.check(maps)
+        if scope is not None and taps:
+            scope_result = scope.check(
+                [pooled_tap(t, d) for t, d in zip(taps, tap_details, strict=True)])
             if not scope_result["in_scope"]:
                 decision = postprocess.out_of_scope(decision, self.bundle.scope_texts)
         t3 = time.perf_counter()
-        if explain and scope is not None and maps:
-            cam = self._explain(maps[scope.cam_tap], each[0], labels.index(best[0][0]))
+        if explain and scope is not None and taps:
+            fmap = dequantize_map(taps[scope.cam_tap], tap_details[scope.cam_tap])
+            cam = self._explain(fmap, each[0], labels.index(best[0][0]))
         t4 = time.perf_counter()
         times.update(invoke=(t1 - t0) * 1e3, postprocess=(t2 - t1) * 1e3)
         if scope_result is not None:

@@ -56,6 +56,9 @@ def focus_score(grey: np.ndarray) -> float:
 
 def clipped_fraction(grey: np.ndarray) -> float:
     """The share of pixels at 0–2 or 253–255."""
+    cv2 = opencv()
+    if cv2 is not None and grey.size and grey.dtype == np.uint8:  # one pass, not numpy's three
+        return 1.0 - cv2.countNonZero(cv2.inRange(grey, 3, 252)) / grey.size
     return np.count_nonzero((grey <= 2) | (grey >= 253)) / max(1, grey.size)
 
 
