@@ -181,7 +181,7 @@ def cmd_export(args: argparse.Namespace) -> int:
             from .outbound.dicom import export_sample
 
             files = export_sample(store, args.sample, Path(args.out), kit_id,
-                                  cfg.dicom.institution, bundle_for)
+                                  cfg.section("dicom").institution, bundle_for)
             print(f"{len(files)} DICOM files in {args.out}")
         else:
             from .outbound.fhir import sample_bundle

@@ -7,6 +7,8 @@ from __future__ import annotations
 import threading
 import time
 
+import pytest
+
 from edge.daemon.outbox import Message, Outbox
 from edge.daemon.store import Store
 from edge.outbound.messages import Gone, Refused, result_message, sample_message
@@ -196,9 +198,10 @@ def test_every_registered_destination_is_whole():
     from edge.config import SECTIONS, Config
     from edge.destinations import DESTINATIONS, Owed, Stored
 
-    config_fields = {f.name for f in fields(Config)}
+    assert "destination" in {f.name for f in fields(Config)}
     for spec in DESTINATIONS:
-        assert SECTIONS[spec.name] is spec.section and spec.name in config_fields
+        assert SECTIONS[spec.name] is spec.section
+        assert isinstance(Config().section(spec.name), spec.section)
         module, _, name = spec.sender.partition(":")
         cls = getattr(importlib.import_module(module), name)
         assert issubclass(cls, Destination) and cls.name == spec.name
@@ -206,3 +209,32 @@ def test_every_registered_destination_is_whole():
         assert owed and all(isinstance(o, Owed) for o in owed)
         assert not spec.enabled(spec.section())  # off unless configured
     assert Config().destinations == ()
+
+
+def test_a_new_destination_is_one_module_found_by_its_name(tmp_path, monkeypatch):
+    """A module dropped into edge/destinations is a destination (no registry line, no config
+    field); one that does not declare its SPEC under its own name is refused by name."""
+    import sys
+
+    import edge.destinations as registry
+
+    (tmp_path / "fax.py").write_text(
+        "from dataclasses import dataclass\n"
+        "from edge.destinations.spec import DestinationSpec, Owed\n"
+        "@dataclass\n"
+        "class FaxSection:\n"
+        "    number: str = ''\n"
+        "SPEC = DestinationSpec(name='fax', section=FaxSection, enabled=lambda s: bool(s.number),"
+        " owes=lambda stored: [Owed('result')], check=lambda s: None, modules=(),"
+        " sender='edge.outbound.fax:FaxDestination')\n")
+    monkeypatch.setattr(registry, "__path__", [*registry.__path__, str(tmp_path)])
+    monkeypatch.delitem(sys.modules, "edge.destinations.fax", raising=False)
+    found = {d.name: d for d in registry._discover()}
+    assert set(found) == {"dicom", "fax", "mqtt"}
+    assert found["fax"].enabled(found["fax"].section(number="+123"))
+
+    (tmp_path / "pager.py").write_text("X = 1\n")
+    with pytest.raises(ImportError, match="edge.destinations.pager must declare SPEC"):
+        registry._discover()
+    sys.modules.pop("edge.destinations.fax", None)
+    sys.modules.pop("edge.destinations.pager", None)

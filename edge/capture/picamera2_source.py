@@ -28,7 +28,7 @@ class Picamera2Source(Source):
         fps: float = 0.0,
         exposure_us: int = 0,
         gain: float = 0.0,
-        colour_gains: tuple[float, float] | list[float] = (),
+        colour_gains: tuple[float, ...] | list[float] = (),
     ) -> None:
         self.size = (width, height)
         self.still_size = still_size
@@ -58,7 +58,7 @@ class Picamera2Source(Source):
 
     def open(self) -> None:
         try:
-            from picamera2 import Picamera2  # type: ignore[import-not-found]
+            from picamera2 import Picamera2
         except ImportError as exc:
             raise SourceError(
                 "picamera2 is not installed: `sudo apt install python3-picamera2` and create the "
@@ -91,7 +91,7 @@ class Picamera2Source(Source):
             yuv = self._cam.capture_array("lores")
         except Exception as exc:
             raise SourceError(f"camera read failed: {exc}") from exc
-        import cv2  # type: ignore[import-not-found]  (apt: python3-opencv, pulled by picamera2)
+        import cv2  # apt: python3-opencv, pulled in by picamera2
 
         rgb = cv2.cvtColor(yuv, cv2.COLOR_YUV420p2RGB)
         # picamera2 hands YUV420 as (height × 3/2, stride): rows padded past the width (to the

@@ -10,6 +10,7 @@ import logging
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -32,7 +33,7 @@ class ReplaySource(Source):
         self._files: list[Path] = []
         self._index = 0
         self._next_at = 0.0
-        self._video = None
+        self._video: Any = None  # cv2.VideoCapture for a video file
         self._last: np.ndarray | None = None
         self.current: Path | None = None
         self._interrupted = threading.Event()
@@ -43,7 +44,7 @@ class ReplaySource(Source):
             raise SourceError(f"replay source {self.path} does not exist")
         if self.path.is_file() and self.path.suffix.lower() in VIDEO_SUFFIXES:
             try:
-                import cv2  # type: ignore[import-not-found]
+                import cv2
             except ImportError as exc:
                 raise SourceError("replaying a video needs opencv-python-headless") from exc
             self._video = cv2.VideoCapture(str(self.path))

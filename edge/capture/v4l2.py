@@ -9,6 +9,7 @@ stand-in ``cv2.VideoCapture``; a real camera is unverified here.
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import numpy as np
 
@@ -41,12 +42,12 @@ class V4l2Source(Source):
         self.exposure_us = exposure_us
         self.gain = gain
         self.white_balance_k = white_balance_k
-        self._cap = None
-        self._cv2 = None
+        self._cap: Any = None  # cv2.VideoCapture once open
+        self._cv2: Any = None
 
     def open(self) -> None:
         try:
-            import cv2  # type: ignore[import-not-found]
+            import cv2
         except ImportError as exc:
             raise SourceError(
                 "USB cameras need opencv-python-headless (pip install 'fieldscope[usb-camera]')"
@@ -58,7 +59,7 @@ class V4l2Source(Source):
                 f"cannot open {self.device}: unplugged, busy, or no permission "
                 "(is the user in the video group?)"
             )
-        cap.set(cv2.CAP_PROP_FOURCC, cv2.VideoWriter_fourcc(*"MJPG"))
+        cap.set(cv2.CAP_PROP_FOURCC, cv2.VideoWriter.fourcc(*"MJPG"))
         self._set_size(cap, cv2, self.size)
         cap.set(cv2.CAP_PROP_FPS, self.fps)
         cap.set(cv2.CAP_PROP_BUFFERSIZE, 1)  # newest frame, not a queue of old ones

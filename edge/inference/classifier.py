@@ -359,7 +359,8 @@ class Classifier:
             postprocess.to_probabilities(postprocess.dequantize(r, d), kind, bias)
             for r, d, bias in outputs
         ]
-        probs = each[0] if len(each) == 1 else np.mean(each, axis=0, dtype=np.float32)
+        probs = each[0] if len(each) == 1 else np.asarray(
+            np.mean(np.stack(each), axis=0, dtype=np.float32))
         labels = self.bundle.labels
         best = postprocess.top_k(probs, labels, top_k)
         groups = postprocess.group_scores(probs, labels, self.bundle.label_groups)
@@ -403,17 +404,19 @@ class Classifier:
 
     def _explain(self, fmap: np.ndarray, probs: np.ndarray, cls: int) -> dict[str, Any] | None:
         """Activation maps for the top class and the decision group, on the first view."""
-        rule = self.bundle.decision
+        rule, scope = self.bundle.decision, self.bundle.scope
+        if scope is None:
+            return None
         group = None
         if rule:
             members = set(self.bundle.label_groups.get(rule["group"], []))
             group = [i for i, lab in enumerate(self.bundle.labels) if lab in members]
-        maps = self.bundle.scope.activation_maps(fmap, probs, cls, group)
+        maps = scope.activation_maps(fmap, probs, cls, group)
         if maps is None:
             return None
         out: dict[str, Any] = {"size": maps["size"], "label": self.bundle.labels[cls]}
         out["class"] = np.round(maps["class"], 4).tolist()
-        if "group" in maps:
+        if "group" in maps and rule:
             out["group"] = np.round(maps["group"], 4).tolist()
             out["group_name"] = rule["group"]
         return out

@@ -32,7 +32,7 @@ def destinations(cfg: Config, store: Store, bundle_for: BundleFor) -> list[Desti
             continue
         module, _, name = spec.sender.partition(":")
         cls = getattr(importlib.import_module(module), name)
-        out.append(cls(getattr(cfg, spec.name), cfg.kit_id, store, bundle_for))
+        out.append(cls(cfg.section(spec.name), cfg.kit_id, store, bundle_for))
     return out
 
 

@@ -108,7 +108,7 @@ def field_image(row: dict[str, Any], jpeg: bytes, study: Study, imaging: str):
     from PIL import Image
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.encaps import encapsulate
-    from pydicom.uid import JPEGBaseline8Bit
+    from pydicom.uid import UID, JPEGBaseline8Bit
 
     sop_class, modality = IOD.get(imaging, IOD["photography"])
     with Image.open(io.BytesIO(jpeg)) as im:
@@ -117,8 +117,8 @@ def field_image(row: dict[str, Any], jpeg: bytes, study: Study, imaging: str):
         width, height = im.size
     sop_uid = uid("image", study.kit_id, row["id"], repr(row["created"]))
     meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = sop_class
-    meta.MediaStorageSOPInstanceUID = sop_uid
+    meta.MediaStorageSOPClassUID = UID(sop_class)
+    meta.MediaStorageSOPInstanceUID = UID(sop_uid)
     meta.TransferSyntaxUID = JPEGBaseline8Bit
     ds = Dataset()
     ds.file_meta = meta
@@ -157,7 +157,7 @@ def field_report(row: dict[str, Any], image, study: Study, bundle: Bundle | None
     contains = hd.sr.RelationshipTypeValues.CONTAINS
     names = (bundle.manifest.get("label_names", {}) if bundle else {})
     model_name, _, version = (row.get("model") or "unknown").partition(" ")
-    items = [
+    items: list[hd.sr.ContentItem] = [
         hd.sr.TextContentItem(codes.DCM.AlgorithmName, model_name, relationship_type=contains),
         hd.sr.TextContentItem(codes.DCM.AlgorithmVersion, version or "unknown",
                               relationship_type=contains),
@@ -183,7 +183,7 @@ def field_report(row: dict[str, Any], image, study: Study, bundle: Bundle | None
         codes.DCM.SourceImage, image.SOPClassUID, image.SOPInstanceUID,
         relationship_type=contains))
     root = hd.sr.ContainerContentItem(codes.DCM.Findings)
-    root.ContentSequence = items
+    root.ContentSequence = hd.sr.ContentSequence(items)
     sr = hd.sr.ComprehensiveSR(
         evidence=[image],
         content=root,
@@ -255,7 +255,7 @@ class StowDestination(Destination):
         self.kit_id = kit_id
         self.store = store
         self.bundle_for = bundle_for
-        self._client = None
+        self._client: Any = None  # a DICOMwebClient once connected
 
     def describe(self) -> str:
         return f"DICOMweb {self.cfg.stow_url}"
@@ -269,7 +269,9 @@ class StowDestination(Destination):
             session.auth = (self.cfg.username, self.cfg.password)
         if self.cfg.ca_file:
             session.verify = self.cfg.ca_file
-        session.request = _with_timeout(session.request, self.cfg.timeout_s)
+        # requests has no session-wide timeout: each call gets this one unless it names its own.
+        session.request = _with_timeout(  # type: ignore[method-assign]
+            session.request, self.cfg.timeout_s)
         # Reach the server before building any object: a PACS that is down costs one refused
         # connection per try, not the CPU of making images and reports again (any HTTP answer,
         # even an error, means it is there; STOW-RS then says what it thinks of the objects).

@@ -13,6 +13,7 @@ from __future__ import annotations
 import ssl
 import threading
 from collections.abc import Iterator
+from typing import Any
 from urllib.parse import urlsplit
 
 from .. import __version__
@@ -37,7 +38,7 @@ class MqttDestination(Destination):
         self.kit_id = kit_id
         self.store = store
         self.prefix = cfg.topic_prefix or f"fieldscope/{kit_id}"
-        self._client = None
+        self._client: Any = None  # a connected paho Client
         self._lost = threading.Event()
 
     def describe(self) -> str:
@@ -118,7 +119,7 @@ class MqttDestination(Destination):
         except ConnectionError as exc:
             yield batch[0], exc
             return
-        pending = []
+        pending: list[tuple[Message, Any, Exception | None]] = []
         for msg in batch:
             try:
                 topic, payload = self._encode(msg)

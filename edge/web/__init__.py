@@ -59,7 +59,9 @@ def create_app(pipeline: Any, cfg: Any, doctor: Any = None) -> Flask:
         # configured number of proxies): the login rate limit must key on it, not on the proxy.
         from werkzeug.middleware.proxy_fix import ProxyFix
 
-        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=cfg.web.trusted_proxies)
+        # Flask's documented way to wrap the WSGI app.
+        app.wsgi_app = ProxyFix(  # type: ignore[method-assign]
+            app.wsgi_app, x_for=cfg.web.trusted_proxies)
     app.config.update(
         SECRET_KEY=_secret_key(cfg.data_dir),
         MAX_CONTENT_LENGTH=cfg.web.max_upload_mb * 1024 * 1024,
