@@ -228,13 +228,14 @@ def test_a_new_destination_is_one_module_found_by_its_name(tmp_path, monkeypatch
         " owes=lambda stored: [Owed('result')], check=lambda s: None, modules=(),"
         " sender='edge.outbound.fax:FaxDestination')\n")
     monkeypatch.setattr(registry, "__path__", [*registry.__path__, str(tmp_path)])
-    monkeypatch.delitem(sys.modules, "edge.destinations.fax", raising=False)
-    found = {d.name: d for d in registry._discover()}
-    assert set(found) == {"dicom", "fax", "mqtt"}
-    assert found["fax"].enabled(found["fax"].section(number="+123"))
+    try:
+        found = {d.name: d for d in registry._discover()}
+        assert set(found) == {"dicom", "fax", "mqtt"}
+        assert found["fax"].enabled(found["fax"].section(number="+123"))
 
-    (tmp_path / "pager.py").write_text("X = 1\n")
-    with pytest.raises(ImportError, match="edge.destinations.pager must declare SPEC"):
-        registry._discover()
-    sys.modules.pop("edge.destinations.fax", None)
-    sys.modules.pop("edge.destinations.pager", None)
+        (tmp_path / "pager.py").write_text("X = 1\n")
+        with pytest.raises(ImportError, match="edge.destinations.pager must declare SPEC"):
+            registry._discover()
+    finally:  # the planted modules leave with the test, pass or fail
+        sys.modules.pop("edge.destinations.fax", None)
+        sys.modules.pop("edge.destinations.pager", None)

@@ -27,7 +27,7 @@ from .preprocess import (
     tta_views,
 )
 from .runtime import resolve_runtime
-from .scope import dequantize_map, match_taps, pooled_tap
+from .scope import ScopeModel, dequantize_map, match_taps, pooled_tap
 
 log = logging.getLogger(__name__)
 REPROBE_FIRST_S = 15.0
@@ -376,7 +376,7 @@ class Classifier:
         t3 = time.perf_counter()
         if explain and scope is not None and taps:
             fmap = dequantize_map(taps[scope.cam_tap], tap_details[scope.cam_tap])
-            cam = self._explain(fmap, each[0], labels.index(best[0][0]))
+            cam = self._explain(scope, fmap, each[0], labels.index(best[0][0]))
         t4 = time.perf_counter()
         times.update(invoke=(t1 - t0) * 1e3, postprocess=(t2 - t1) * 1e3)
         if scope_result is not None:
@@ -402,11 +402,10 @@ class Classifier:
             map=cam,
         )
 
-    def _explain(self, fmap: np.ndarray, probs: np.ndarray, cls: int) -> dict[str, Any] | None:
+    def _explain(self, scope: ScopeModel, fmap: np.ndarray, probs: np.ndarray,
+                 cls: int) -> dict[str, Any] | None:
         """Activation maps for the top class and the decision group, on the first view."""
-        rule, scope = self.bundle.decision, self.bundle.scope
-        if scope is None:
-            return None
+        rule = self.bundle.decision
         group = None
         if rule:
             members = set(self.bundle.label_groups.get(rule["group"], []))

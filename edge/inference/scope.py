@@ -68,7 +68,7 @@ def pooled_tap(raw: np.ndarray, detail: dict[str, Any]) -> np.ndarray:
     arr = raw[0] if raw.ndim == 4 else raw
     scale, zero = detail.get("quantization", (0.0, 0))
     if arr.dtype.kind not in "iu" or not scale:
-        return pooled(arr.astype(np.float32))
+        return pooled(dequantize_map(raw, detail))
     shape = (arr.shape[0] * arr.shape[1], arr.shape[2])
     n = shape[0]
     # Sums of integer values and of their squares are exact in float32 up to 2**24; beyond
