@@ -169,6 +169,14 @@ def test_config_errors_are_clear(tmp_path):
     p.write_text(base.replace("batch_size = 32", many))
     with pytest.raises(ConfigError, match=r"int8_copies must be between 0 \(off\) and 32"):
         load_config(p)
+    # A mistyped target would leave the card silent about it: refused, with the file and key.
+    for bad in ("acuracy = 0.9", "referred_Blast = 0.9"):
+        p.write_text(base.replace("[export.targets]", f"[export.targets]\n{bad}"))
+        with pytest.raises(ConfigError, match=rf"c.toml \[export.targets\] '{bad[:-6]}' is "
+                                              "not a target"):
+            load_config(p)
+    p.write_text(base.replace("[export.targets]", "[export.targets]\nreferred_Pro = 0.9"))
+    assert load_config(p).export.targets["referred_Pro"] == 0.9
 
 
 def test_model_card_target_table():
@@ -193,13 +201,20 @@ def test_model_card_targets_for_tta_and_per_class_recall():
     base = {"accuracy": 0.80, "balanced_accuracy": 0.70, "group_auc": 0.93,
             "specificity_at_target": 0.78, "recall": {"mel": 0.65}, "file_size_bytes": 3e6,
             "latency_ms_1_thread": 4.0}
-    tta = {**base, "accuracy": 0.86, "recall": {"mel": 0.72}}
+    base.update(macro_auc=0.955, specificity=0.74, referred={"mel": 0.89, "nv": 0.2})
+    tta = {**base, "accuracy": 0.86, "recall": {"mel": 0.72}, "macro_auc": 0.961,
+           "referred": {"mel": 0.91}}
     ev = {"artifacts": {"int8": base}, "tta": {"int8": tta}}
-    targets = {"accuracy": 0.85, "recall_mel": 0.70, "max_latency_ms": 15}
+    targets = {"accuracy": 0.85, "recall_mel": 0.70, "max_latency_ms": 15, "macro_auc": 0.96,
+               "specificity": 0.75, "referred_mel": 0.90}
     plain = {n: (ok, got) for n, ok, _, got in target_results(targets, ev)}
     with_tta = {n: (ok, got) for n, ok, _, got in target_results(targets, ev, "int8+tta")}
     assert plain["accuracy"] == (False, "0.800") and with_tta["accuracy"] == (True, "0.860")
     assert plain["mel recall"][0] is False and with_tta["mel recall"] == (True, "0.720")
+    assert plain["macro AUC"] == (False, "0.955") and with_tta["macro AUC"] == (True, "0.961")
+    assert plain["specificity of the shipped threshold"] == (False, "0.740")
+    assert plain["mel referred"] == (False, "0.890")
+    assert with_tta["mel referred"] == (True, "0.910")
     assert with_tta["CPU invoke, 1 thread"] == (True, "4.0 ms")
 
 

@@ -137,8 +137,10 @@ def _pct(x: float) -> str:
 MINIMUMS = {
     "accuracy": "accuracy",
     "balanced_accuracy": "balanced accuracy",
+    "macro_auc": "macro AUC",
     "group_auc": "group AUC",
     "sensitivity": "sensitivity",
+    "specificity": "specificity of the shipped threshold",
     "specificity_at_target": "specificity at the target sensitivity",
 }
 
@@ -158,6 +160,13 @@ def target_results(
         lab = key.removeprefix("recall_")
         got = m["recall"].get(lab, float("nan"))
         out.append((f"{lab} recall", got >= targets[key], f"≥ {targets[key]:.2f}", f"{got:.3f}"))
+    # The share of a class's test images the shipped decision refers (a screening aid's promise
+    # for melanoma is that it sends it on, whatever the top-1 label says).
+    for key in sorted(k for k in targets if k.startswith("referred_")):
+        lab = key.removeprefix("referred_")
+        got = m.get("referred", {}).get(lab, float("nan"))
+        out.append((f"{lab} referred", got >= targets[key], f"≥ {targets[key]:.2f}",
+                    f"{got:.3f}"))
     if "max_latency_ms" in targets:
         ms = ev["artifacts"][kind.removesuffix("+tta")]["latency_ms_1_thread"]
         out.append(("CPU invoke, 1 thread", ms <= targets["max_latency_ms"],

@@ -14,6 +14,11 @@ __all__ = ["ConfigError", "Config", "load_config"]
 BACKBONES = ("mobilenetv2", "mobilenet_edgetpu", "efficientnet_lite0", "efficientnet_lite1",
              "efficientnet_lite2", "inceptionv3", "small_cnn")
 SAMPLING = ("none", "sqrt", "balanced")
+# The card's targets: minimums on the test split's figures, the maximums below, and per class
+# "recall_<label>" (top-1) or "referred_<label>" (sent on by the decision rule).
+TARGETS = ("accuracy", "balanced_accuracy", "macro_auc", "group_auc", "sensitivity",
+           "specificity", "specificity_at_target", "max_latency_ms", "max_int8_drop",
+           "min_agreement", "max_int8_mb")
 
 
 @dataclass
@@ -150,9 +155,8 @@ class ExportConfig:
     # Earlier runs for the card's table of what was tried: each a table with the keys
     # run, backbone, input, schedule, balancing, tta, and the figures it gave.
     runs: list[dict] = field(default_factory=list)
-    # Acceptance targets for the int8 artifact on the test split, reported in the model card:
-    # accuracy, group_auc, sensitivity (minimums), max_int8_drop, max_int8_mb (maximums),
-    # min_agreement (int8 vs float top-1).
+    # Acceptance targets for the int8 artifact on the test split, reported in the model card
+    # (TARGETS names them; an unknown key is refused, not ignored).
     targets: dict[str, float] = field(default_factory=dict)
     gap_notes: list[str] = field(default_factory=list)  # what would close a missed target
     # The scope check (training/scope.py): layers whose feature maps become extra outputs of
@@ -280,3 +284,11 @@ def _check(cfg: Config, path: Path) -> None:
         raise ConfigError(f"{path} [decision] threshold_confidence must be in [0.5, 1)")
     if not 0 < cfg.decision.target_sensitivity <= 1:
         raise ConfigError(f"{path} [decision] target_sensitivity must be in (0, 1]")
+    for key in cfg.export.targets:
+        prefix, _, label = key.partition("_")
+        per_class = prefix in ("recall", "referred") and label in cfg.dataset.labels
+        if key not in TARGETS and not per_class:
+            raise ConfigError(
+                f"{path} [export.targets] {key!r} is not a target: use one of "
+                f"{', '.join(TARGETS)}, or recall_<label> / referred_<label> for a dataset "
+                "label")
