@@ -177,6 +177,47 @@ def test_an_ensemble_bundle_is_built_thresholded_evaluated_and_carded(tiny_run, 
     assert "## Ensemble" in card and "ensemble (shipped decision)" in card
 
 
+def test_evaluate_judges_an_ensemble_as_a_capture_classifies(tiny_run, tmp_path):
+    """`python -m training evaluate` on an ensemble bundle reports every member over every
+    view under the shipped rule: a member made to differ (a strong logit bias towards the first
+    class) moves the ensemble's row and leaves the first model's own rows as they were."""
+    from training.build import build_bundle
+    from training.datasets import read_split
+    from training.ensemble import build_ensemble
+    from training.evaluate import evaluate_bundle, predict
+    from training.metrics import summarise
+
+    _, run_dir, _, _ = tiny_run
+    cfg = load_config(
+        ROOT / "training/configs/blood-smear.toml", {**TINY, "export.output": "logits"}
+    )
+    first = tmp_path / "first"
+    build_bundle(cfg, run_dir, first, keep_float=False)
+    parts = read_split(run_dir / "split.csv")
+    ens = tmp_path / "ensemble"
+    build_ensemble(cfg, first, [first], ens, parts, "9.9.9-ensemble")
+    manifest = json.loads((ens / "manifest.json").read_text())
+    labels = manifest["labels"]
+    manifest["members"][0]["class_bias"] = [6.0] + [0.0] * (len(labels) - 1)
+    (ens / "manifest.json").write_text(json.dumps(manifest))
+
+    test = parts["test"]
+    got = evaluate_bundle(ens, test)
+    alone = evaluate_bundle(first, test)
+    assert got["ensemble"]["members"] == 2 and "ensemble" not in alone
+    assert got["artifacts"]["int8"]["accuracy"] == alone["artifacts"]["int8"]["accuracy"]
+    skewed = load_bundle(ens)
+    probs, _ = predict(skewed, "int8", test, tta=bool(skewed.tta), members=True)
+    y = np.array([labels.index(s.label) for s in test])
+    rule = skewed.decision
+    group = [labels.index(m) for m in skewed.label_groups[rule["group"]]]
+    threshold = rule["tta_threshold"] if skewed.tta else rule["threshold"]
+    want = summarise(y, probs, labels, group, threshold, rule.get("target_sensitivity", 0.9))
+    assert got["ensemble"]["accuracy"] == want["accuracy"]
+    first_share = lambda r: r["recall"][labels[0]]  # noqa: E731
+    assert first_share(got["ensemble"]) > first_share(alone["artifacts"]["int8"])
+
+
 def test_preflight_flags_float_ops(tiny_run):
     _, _, out, _ = tiny_run
     reports = preflight(load_bundle(out).artifacts["float"].path)

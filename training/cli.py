@@ -145,6 +145,14 @@ def cmd_evaluate(args) -> int:
                 f"{m['balanced_accuracy']:.4f}, group AUC {m['group_auc']:.4f}, sensitivity "
                 f"{m['sensitivity']:.4f}, specificity {m['specificity']:.4f}"
             )
+        if "ensemble" in ev:
+            m = ev["ensemble"]
+            print(
+                f"ensemble ({m['members']} models x {len(m['views'])} views, as a capture): "
+                f"accuracy {m['accuracy']:.4f}, balanced {m['balanced_accuracy']:.4f}, macro AUC "
+                f"{m['macro_auc']:.4f}, group AUC {m['group_auc']:.4f}, sensitivity "
+                f"{m['sensitivity']:.4f}, specificity {m['specificity']:.4f}"
+            )
         if "int8_float_agreement" in ev:
             print(f"int8/float agreement {ev['int8_float_agreement']:.4f}")
     return 0

@@ -152,6 +152,18 @@ def evaluate_bundle(
             for k in ("accuracy", "balanced_accuracy", "group_auc", "specificity_at_target")
         }
         preds[f"{kind}+tta"] = probs
+    if bundle.members:
+        # What a capture gets from an ensemble bundle: every member over every view, judged by
+        # the shipped rule (the rows above are the first model alone).
+        views = bool(bundle.tta)
+        ens_threshold = rule.get("tta_threshold", threshold) if views else threshold
+        probs, invoke = predict(bundle, "int8", samples, desc="evaluate the ensemble", tta=views,
+                                members=True)
+        m = summarise(y, probs, bundle.labels, group_indices(bundle), ens_threshold, target)
+        m.update(sensitivity_ci(y, probs, bundle, samples, ens_threshold))
+        m.update(members=1 + len(bundle.members), views=bundle.tta or ["identity"],
+                 median_invoke_ms_in_classifier=invoke)
+        out["ensemble"] = m
     out["_probs"] = preds
     out["_y"] = y
     return out
