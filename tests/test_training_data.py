@@ -265,3 +265,18 @@ def test_a_bootstrap_threshold_is_a_lower_bound_and_reproducible():
     assert threshold_with_bound(y, score, groups, 0.9, n_boot=500, seed=7)[0] == bound
     sens, lo, hi = sensitivity_interval(y, score, groups, bound)
     assert lo <= sens <= hi and sens >= 0.9
+
+
+def test_a_shipped_threshold_never_passes_above_the_scores_it_was_chosen_at():
+    """int8 softmax scores come in steps of 1/256: 190/256 = 0.7421875 rounded to the nearest
+    four decimals is 0.7422, which would stop flagging every image that scored exactly that."""
+    import numpy as np
+
+    from training.threshold import rates, shipped
+
+    steps = np.arange(257) / 256
+    kept = np.array([shipped(t) for t in steps])
+    assert (kept <= steps).all() and (steps - kept < 1e-4).all()
+    assert shipped(0.7421875) == 0.7421
+    positive = np.ones(3, dtype=bool)
+    assert rates(positive, np.full(3, 0.7421875), shipped(0.7421875))["sensitivity"] == 1.0

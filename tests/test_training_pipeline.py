@@ -145,13 +145,33 @@ def test_a_lesion_bound_threshold_is_chosen_recorded_and_reported(
     assert plain["threshold_method"] == "validation"
     from training.datasets import read_split
     from training.evaluate import choose_threshold
+    from training.threshold import shipped
 
     val = read_split(run_dir / "split.csv")["val"]
     again = choose_threshold(load_bundle(bound_out), val, cfg.decision.target_sensitivity,
                              "int8", method="lesion_bound")
-    assert bound["threshold"] == round(again, 4)
+    assert bound["threshold"] == shipped(again)
     card = (bound_out / "CARD.md").read_text()
     assert "holds on new lesions" in card and "95 % interval" in card
+    # The validation scores it was chosen on ship with it: recomputed from that file alone
+    # (`python -m training threshold`), the threshold is the shipped one, and the sensitivity
+    # and specificity the manifest reports are what it reaches there.
+    from training.threshold import SCORES_FILE, rates, read_scores
+
+    record = bound["chosen_on"]
+    scores = read_scores(bound_out / SCORES_FILE)
+    assert record["n"] == len(scores.image) == len(val) and "threshold_scores.csv" in card
+    assert record["sensitivity"] == rates(scores.positive, scores.score, bound["threshold"])[
+        "sensitivity"] >= cfg.decision.target_sensitivity
+    proc = subprocess.run([sys.executable, "-m", "training", "threshold", "--model",
+                           str(bound_out)], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert f"recomputed {bound['threshold']:.4f}" in proc.stdout and "the same" in proc.stdout
+    altered = (bound_out / SCORES_FILE).read_text().replace(",1,", ",0,", 1)
+    (bound_out / SCORES_FILE).write_text(altered)
+    proc = subprocess.run([sys.executable, "-m", "training", "threshold", "--model",
+                           str(bound_out)], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 2 and "digest differs" in proc.stderr
     ci = load_bundle(bound_out).manifest["artifacts"]["int8"]["metrics"]["sensitivity_ci95"]
     assert 0 <= ci[0] <= ci[1] <= 1
 
@@ -175,6 +195,12 @@ def test_an_ensemble_bundle_is_built_thresholded_evaluated_and_carded(tiny_run, 
     assert set(ev["capture_latency_ms"]) == {1, 2}
     card = (ens / "CARD.md").read_text()
     assert "## Ensemble" in card and "ensemble (shipped decision)" in card
+    # Its thresholds were chosen on the ensemble's own validation scores, kept in the bundle.
+    from training.threshold import recompute, shipped
+
+    again = recompute(ens, bundle.decision)
+    assert shipped(again["threshold"]) == bundle.decision["threshold"]
+    assert shipped(again["tta_threshold"]) == bundle.decision["tta_threshold"]
 
 
 def test_evaluate_judges_an_ensemble_as_a_capture_classifies(tiny_run, tmp_path):

@@ -13,7 +13,8 @@ from edge.inference.bundle import load_bundle, write_bundle
 from .config import Config
 from .datasets import read_split
 from .edgetpu import CompilerMissing, compile_model, preflight, render_preflight
-from .evaluate import choose_threshold, evaluate_bundle
+from .evaluate import evaluate_bundle, validation_scores
+from .threshold import SCORES_FILE, choose, chosen_on, shipped, write_scores
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +32,7 @@ def base_manifest(cfg: Config, threshold: float, tta_threshold: float | None = N
         "label_groups": cfg.decision.groups,
         "decision": {
             "group": cfg.decision.group,
-            "threshold": round(float(threshold), 4),
+            "threshold": shipped(threshold),
             "target_sensitivity": cfg.decision.target_sensitivity,
             "threshold_method": cfg.decision.threshold_method,
             "positive": cfg.decision.positive,
@@ -53,7 +54,7 @@ def base_manifest(cfg: Config, threshold: float, tta_threshold: float | None = N
     if cfg.export.tta:
         manifest["tta"] = list(cfg.export.tta)
         if tta_threshold is not None:
-            manifest["decision"]["tta_threshold"] = round(float(tta_threshold), 4)
+            manifest["decision"]["tta_threshold"] = shipped(tta_threshold)
     if cfg.decision.threshold_method == "lesion_bound":
         manifest["decision"]["threshold_confidence"] = cfg.decision.threshold_confidence
     return manifest
@@ -158,16 +159,21 @@ def build_bundle(
         staged = load_bundle(staging)
     how = {"method": cfg.decision.threshold_method,
            "confidence": cfg.decision.threshold_confidence}
-    threshold = choose_threshold(staged, parts["val"], cfg.decision.target_sensitivity, cpu_kind,
-                                 **how)
+    # The validation scores the thresholds are chosen on, kept in the bundle so that anyone can
+    # recompute them (training/threshold.py).
+    scores = validation_scores(staged, parts["val"], cpu_kind, tta=bool(cfg.export.tta))
+    target = cfg.decision.target_sensitivity
+    threshold = choose(scores.positive, scores.score, scores.lesion, target, **how)
     tta_threshold = (
-        choose_threshold(
-            staged, parts["val"], cfg.decision.target_sensitivity, cpu_kind, tta=True, **how
-        )
-        if cfg.export.tta
+        choose(scores.positive, scores.tta, scores.lesion, target, **how)
+        if scores.tta is not None
         else None
     )
     manifest = base_manifest(cfg, threshold, tta_threshold)
+    digest = write_scores(run_dir / SCORES_FILE, scores)
+    manifest["decision"]["chosen_on"] = chosen_on(
+        scores, digest, manifest["decision"]["threshold"], manifest["decision"].get(
+            "tta_threshold"))
     if adjustment:
         manifest["class_bias"] = adjustment["bias"]
     write_bundle(staging, manifest, files)
@@ -227,6 +233,7 @@ def build_bundle(
     if out_dir.exists():
         shutil.rmtree(out_dir)
     write_bundle(out_dir, manifest, final_files)
+    shutil.copyfile(run_dir / SCORES_FILE, out_dir / SCORES_FILE)
     from .card import write_card
 
     write_card(out_dir, manifest, ev, run_dir / "history.csv", cfg, extra)

@@ -130,6 +130,20 @@ def _threshold_how(rule: dict) -> str:
     return f"threshold was chosen on the validation split to reach sensitivity {target:.2f}."
 
 
+def _chosen_on_text(rule: dict) -> str:
+    """What the shipped thresholds reach on the images they were chosen on, and where the
+    scores are kept for anyone to recompute them."""
+    c = rule.get("chosen_on")
+    if not c:
+        return ""
+    every = (f" (every view: {_pct(c['tta_sensitivity'])} at specificity "
+             f"{_pct(c['tta_specificity'])})" if "tta_sensitivity" in c else "")
+    return (f" On the {c['n']} validation images it was chosen on, the threshold flags "
+            f"{_pct(c['sensitivity'])} of the {rule['group']} ones at specificity "
+            f"{_pct(c['specificity'])}{every}. Their scores are kept in `{c['file']}`: "
+            "`python -m training threshold --model DIR` recomputes the thresholds from them.")
+
+
 def _pct(x: float) -> str:
     return f"{100 * x:.1f} %"
 
@@ -242,7 +256,8 @@ def write_card(out: Path, manifest: dict, ev: dict, history: Path | None, cfg, e
             f"averages, {rule['tta_threshold']:.3f}; the live stream uses one view."
             if manifest.get("tta") and "tta_threshold" in rule
             else ""
-        ),
+        )
+        + _chosen_on_text(rule),
         "",
         "## Data",
         "",

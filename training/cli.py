@@ -158,6 +158,31 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def cmd_threshold(args) -> int:
+    from .threshold import recompute, shipped
+
+    bundle = Path(args.model)
+    decision = json.loads((bundle / "manifest.json").read_text()).get("decision") or {}
+    try:
+        got = recompute(bundle, decision)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    same = True
+    for key in ("threshold", "tta_threshold"):
+        if key in got:
+            given = decision.get(key)
+            ok = given is not None and shipped(got[key]) == given
+            same &= ok
+            print(f"{key}: recomputed {shipped(got[key]):.4f}, shipped {given} "
+                  f"({'the same' if ok else 'DIFFERENT'})")
+    print(f"on the {decision['chosen_on']['n']} stored validation images: sensitivity "
+          f"{got['sensitivity']:.4f}, specificity {got['specificity']:.4f}"
+          + (f"; every view {got['tta_sensitivity']:.4f} / {got['tta_specificity']:.4f}"
+             if "tta_sensitivity" in got else ""))
+    return 0 if same else 1
+
+
 def cmd_teacher_prep(args) -> int:
     from .teacher import prepare
 
@@ -269,6 +294,11 @@ def main(argv: list[str] | None = None) -> int:
     en.add_argument("--version", required=True)
     en.add_argument("--set", action="append")
     en.set_defaults(func=cmd_ensemble)
+    th = sub.add_parser(
+        "threshold", help="recompute a bundle's referral thresholds from its stored scores"
+    )
+    th.add_argument("--model", required=True)
+    th.set_defaults(func=cmd_threshold)
     c = sub.add_parser("compile", help="compile a bundle's int8 model for the Edge TPU")
     c.add_argument("--model", required=True)
     c.add_argument("--runtime-version", type=int, default=14)

@@ -26,8 +26,9 @@ from edge.inference.tflite_file import sha256_file
 
 from .config import Config
 from .datasets import Sample
-from .evaluate import choose_threshold, group_indices, predict, sensitivity_ci
+from .evaluate import group_indices, predict, sensitivity_ci, validation_scores
 from .metrics import summarise
+from .threshold import SCORES_FILE, choose, chosen_on, shipped, write_scores
 
 log = logging.getLogger(__name__)
 KEYS = ("accuracy", "balanced_accuracy", "macro_auc", "group_auc", "sensitivity", "specificity",
@@ -94,11 +95,17 @@ def build_ensemble(cfg: Config, first_dir: Path, others: list[Path], out: Path,
     how = {"method": cfg.decision.threshold_method,
            "confidence": cfg.decision.threshold_confidence}
     # The ensemble's scores on validation: one view (no TTA) and every view.
-    threshold = choose_threshold(staged, parts["val"], target, members=True, **how)
-    tta_threshold = choose_threshold(staged, parts["val"], target, tta=True, members=True, **how)
-    manifest["decision"].update(threshold=round(threshold, 4),
-                                tta_threshold=round(tta_threshold, 4),
+    scores = validation_scores(staged, parts["val"], tta=True, members=True)
+    assert scores.tta is not None
+    threshold = choose(scores.positive, scores.score, scores.lesion, target, **how)
+    tta_threshold = choose(scores.positive, scores.tta, scores.lesion, target, **how)
+    manifest["decision"].update(threshold=shipped(threshold),
+                                tta_threshold=shipped(tta_threshold),
                                 threshold_method=cfg.decision.threshold_method)
+    # The ensemble's own validation scores replace the first bundle's copy.
+    digest = write_scores(out / SCORES_FILE, scores)
+    manifest["decision"]["chosen_on"] = chosen_on(
+        scores, digest, manifest["decision"]["threshold"], manifest["decision"]["tta_threshold"])
     if cfg.decision.threshold_method == "lesion_bound":
         manifest["decision"]["threshold_confidence"] = cfg.decision.threshold_confidence
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")

@@ -12,13 +12,8 @@ from edge.inference.bundle import Bundle, load_bundle
 from edge.inference.classifier import Classifier
 
 from .datasets import Sample
-from .metrics import (
-    headline_kind,
-    sensitivity_interval,
-    summarise,
-    threshold_for_sensitivity,
-    threshold_with_bound,
-)
+from .metrics import headline_kind, sensitivity_interval, summarise
+from .threshold import Scores, choose
 
 
 def predict(
@@ -53,6 +48,30 @@ def group_indices(bundle: Bundle) -> list[int]:
     return [bundle.labels.index(m) for m in members]
 
 
+def group_scores(
+    bundle: Bundle, samples: list[Sample], kind: str = "int8", tta: bool = False,
+    members: bool = False,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Whether each image is in the decision group, and the group's score for it."""
+    probs, _ = predict(bundle, kind, samples, desc="scores on validation", tta=tta,
+                       members=members)
+    y = np.array([bundle.labels.index(s.label) for s in samples])
+    gidx = group_indices(bundle)
+    return np.isin(y, gidx), probs[:, gidx].sum(axis=1)
+
+
+def validation_scores(
+    bundle: Bundle, samples: list[Sample], kind: str = "int8", tta: bool = False,
+    members: bool = False,
+) -> Scores:
+    """What the referral thresholds are chosen on (and what the bundle keeps of it): the
+    group score per image, one view and, with ``tta``, every view."""
+    positive, one = group_scores(bundle, samples, kind, members=members)
+    many = group_scores(bundle, samples, kind, tta=True, members=members)[1] if tta else None
+    return Scores([s.path.name for s in samples], np.array([s.group for s in samples]),
+                  positive, one, many)
+
+
 def choose_threshold(
     bundle: Bundle, samples: list[Sample], target: float, kind: str = "int8", tta: bool = False,
     method: str = "validation", confidence: float = 0.95, members: bool = False,
@@ -61,15 +80,9 @@ def choose_threshold(
     averaged over the test-time views with ``tta``): on ``samples`` as they are
     (``validation``), or at the ``confidence`` lower bound over lesion-level resamples of them
     (``lesion_bound``: the target then holds on new lesions, not only on these)."""
-    probs, _ = predict(bundle, kind, samples, desc="threshold on validation", tta=tta,
-                       members=members)
-    y = np.array([bundle.labels.index(s.label) for s in samples])
-    gidx = group_indices(bundle)
-    positive, score = np.isin(y, gidx), probs[:, gidx].sum(axis=1)
-    if method == "lesion_bound":
-        groups = np.array([s.group for s in samples])
-        return threshold_with_bound(positive, score, groups, target, confidence)[0]
-    return threshold_for_sensitivity(positive, score, target)
+    positive, score = group_scores(bundle, samples, kind, tta, members)
+    return choose(positive, score, np.array([s.group for s in samples]), target, method,
+                  confidence)
 
 
 def latency_ms(path: Path, threads: int, runs: int = 30) -> float:
