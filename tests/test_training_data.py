@@ -280,3 +280,23 @@ def test_a_shipped_threshold_never_passes_above_the_scores_it_was_chosen_at():
     assert shipped(0.7421875) == 0.7421
     positive = np.ones(3, dtype=bool)
     assert rates(positive, np.full(3, 0.7421875), shipped(0.7421875))["sensitivity"] == 1.0
+
+
+def test_the_shipped_thresholds_recompute_from_the_scores_each_bundle_keeps():
+    """Each shipped bundle keeps the validation scores its referral thresholds were chosen on:
+    the thresholds recomputed from that file alone, by the manifest's own method, are the
+    shipped ones, and so are the sensitivity and specificity the manifest reports."""
+    import json
+
+    from training.threshold import recompute, shipped
+
+    for name in ("blood-smear", "skin-lesion"):
+        bundle = ROOT / "models" / name
+        decision = json.loads((bundle / "manifest.json").read_text())["decision"]
+        got = recompute(bundle, decision)
+        assert shipped(got["threshold"]) == decision["threshold"], name
+        assert got["sensitivity"] == decision["chosen_on"]["sensitivity"], name
+        assert got["sensitivity"] >= decision["target_sensitivity"], name
+        if "tta_threshold" in decision:
+            assert shipped(got["tta_threshold"]) == decision["tta_threshold"], name
+            assert got["tta_specificity"] == decision["chosen_on"]["tta_specificity"], name

@@ -158,10 +158,40 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def _keep_scores(bundle_dir: Path, args) -> None:
+    """For a bundle built before its validation scores were kept: score the config's
+    validation split through the bundle as its thresholds were chosen (every member; one view
+    and every view) and keep the file; the shipped thresholds are left as they are."""
+    from edge.inference.bundle import load_bundle
+
+    from .datasets import split_samples
+    from .evaluate import validation_scores
+    from .threshold import SCORES_FILE, chosen_on, write_scores
+
+    cfg = _cfg(args)
+    ds = cfg.dataset
+    extra = {"csv_name": ds.csv} if ds.layout == "ham10000" and ds.csv else {}
+    parts = split_samples(
+        load_samples(ds.layout, ds.root_path, **extra), tuple(ds.fractions), ds.seed
+    )
+    bundle = load_bundle(bundle_dir)
+    scores = validation_scores(bundle, parts["val"], tta=bool(bundle.tta),
+                               members=bool(bundle.members))
+    digest = write_scores(bundle_dir / SCORES_FILE, scores)
+    path = bundle_dir / "manifest.json"
+    manifest = json.loads(path.read_text())
+    rule = manifest["decision"]
+    rule["chosen_on"] = chosen_on(scores, digest, rule["threshold"], rule.get("tta_threshold"))
+    path.write_text(json.dumps(manifest, indent=2, default=float) + "\n")
+    load_bundle(bundle_dir)  # still loads
+
+
 def cmd_threshold(args) -> int:
     from .threshold import recompute, shipped
 
     bundle = Path(args.model)
+    if args.config:
+        _keep_scores(bundle, args)
     decision = json.loads((bundle / "manifest.json").read_text()).get("decision") or {}
     try:
         got = recompute(bundle, decision)
@@ -298,6 +328,9 @@ def main(argv: list[str] | None = None) -> int:
         "threshold", help="recompute a bundle's referral thresholds from its stored scores"
     )
     th.add_argument("--model", required=True)
+    th.add_argument("--config", help="first score the config's validation split through the "
+                    "bundle and keep the scores in it (a bundle built before they were kept)")
+    th.add_argument("--set", action="append")
     th.set_defaults(func=cmd_threshold)
     c = sub.add_parser("compile", help="compile a bundle's int8 model for the Edge TPU")
     c.add_argument("--model", required=True)
