@@ -300,3 +300,19 @@ def test_the_shipped_thresholds_recompute_from_the_scores_each_bundle_keeps():
         if "tta_threshold" in decision:
             assert shipped(got["tta_threshold"]) == decision["tta_threshold"], name
             assert got["tta_specificity"] == decision["chosen_on"]["tta_specificity"], name
+
+
+def test_every_target_the_config_accepts_has_a_row_in_the_card():
+    """config.TARGETS (what a config may ask for) and the card's table (what it reports) are
+    kept apart: a key accepted there but not rendered here would vanish from the card."""
+    from training.card import target_results
+    from training.config import TARGETS
+
+    metrics = {"accuracy": 0.9, "balanced_accuracy": 0.9, "macro_auc": 0.9, "group_auc": 0.9,
+               "sensitivity": 0.9, "specificity": 0.9, "specificity_at_target": 0.9,
+               "recall": {"mel": 0.9}, "referred": {"mel": 0.9}, "file_size_bytes": 3e6,
+               "latency_ms_1_thread": 4.0}
+    ev = {"artifacts": {"int8": metrics}, "int8_minus_float_accuracy": 0.0,
+          "int8_float_agreement": 1.0}
+    for key in (*TARGETS, "recall_mel", "referred_mel"):
+        assert len(target_results({key: 0.5}, ev)) == 1, key

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -153,27 +154,72 @@ def test_a_lesion_bound_threshold_is_chosen_recorded_and_reported(
     assert bound["threshold"] == shipped(again)
     card = (bound_out / "CARD.md").read_text()
     assert "holds on new lesions" in card and "95 % interval" in card
-    # The validation scores it was chosen on ship with it: recomputed from that file alone
-    # (`python -m training threshold`), the threshold is the shipped one, and the sensitivity
-    # and specificity the manifest reports are what it reaches there.
+
+
+def _threshold_cli(bundle: Path, *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "training", "threshold", "--model", str(bundle),
+                           *extra], capture_output=True, text=True, cwd=ROOT)
+
+
+def test_a_bundle_keeps_the_scores_its_thresholds_were_chosen_on(tiny_run, tmp_path):
+    """With test-time views and the lesion bound: the bundle keeps each validation image's
+    group score (one view and every view); recomputed from that file alone
+    (`python -m training threshold`) both thresholds are the shipped ones, and the rates the
+    manifest reports are what they reach there. An altered file, a shipped threshold the file
+    does not give, and scores written afresh for a bundle without them (`--config`) are each
+    handled as they should be."""
+    from training.build import build_bundle
     from training.threshold import SCORES_FILE, rates, read_scores
 
-    record = bound["chosen_on"]
-    scores = read_scores(bound_out / SCORES_FILE)
-    assert record["n"] == len(scores.image) == len(val) and "threshold_scores.csv" in card
-    assert record["sensitivity"] == rates(scores.positive, scores.score, bound["threshold"])[
+    _, run_dir, _, _ = tiny_run
+    over = {**TINY, "decision.threshold_method": "lesion_bound",
+            "export.tta": ["identity", "flip_lr"]}
+    cfg = load_config(ROOT / "training/configs/blood-smear.toml", over)
+    out = tmp_path / "bundle"
+    build_bundle(cfg, run_dir, out, keep_float=False)
+    rule = load_bundle(out).decision
+    record = rule["chosen_on"]
+    scores = read_scores(out / SCORES_FILE)
+    assert scores.tta is not None and not np.array_equal(scores.tta, scores.score)
+    assert record["n"] == len(scores.image) and record["bootstrap"] == {"n_boot": 2000, "seed": 0}
+    assert record["sensitivity"] == rates(scores.positive, scores.score, rule["threshold"])[
         "sensitivity"] >= cfg.decision.target_sensitivity
-    proc = subprocess.run([sys.executable, "-m", "training", "threshold", "--model",
-                           str(bound_out)], capture_output=True, text=True, cwd=ROOT)
+    assert record["tta_sensitivity"] == rates(scores.positive, scores.tta,
+                                              rule["tta_threshold"])["sensitivity"]
+    assert "threshold_scores.csv" in (out / "CARD.md").read_text()
+    proc = _threshold_cli(out)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert f"recomputed {bound['threshold']:.4f}" in proc.stdout and "the same" in proc.stdout
-    altered = (bound_out / SCORES_FILE).read_text().replace(",1,", ",0,", 1)
-    (bound_out / SCORES_FILE).write_text(altered)
-    proc = subprocess.run([sys.executable, "-m", "training", "threshold", "--model",
-                           str(bound_out)], capture_output=True, text=True, cwd=ROOT)
+    assert proc.stdout.count("(the same)") == 2
+
+    # A shipped threshold the stored scores do not give is reported, with a failing status.
+    manifest = json.loads((out / "manifest.json").read_text())
+    nudged = json.loads(json.dumps(manifest))
+    nudged["decision"]["tta_threshold"] = round(rule["tta_threshold"] + 1e-4, 4)
+    (out / "manifest.json").write_text(json.dumps(nudged))
+    proc = _threshold_cli(out)
+    assert proc.returncode == 1 and "DIFFERENT" in proc.stdout
+    # `--config` on a bundle built before the scores were kept writes them only when they give
+    # its thresholds back: here they do not (the nudged one), so nothing is written ...
+    del nudged["decision"]["chosen_on"]
+    (out / "manifest.json").write_text(json.dumps(nudged))
+    (out / SCORES_FILE).unlink()
+    sets = [f"{k}={json.dumps(v)}" for k, v in over.items()]
+    args = ["--config", str(ROOT / "training/configs/blood-smear.toml")]
+    args += [a for kv in sets for a in ("--set", kv)]
+    proc = _threshold_cli(out, *args)
+    assert proc.returncode == 1 and "nothing written" in proc.stderr
+    assert not (out / SCORES_FILE).exists()
+    assert "chosen_on" not in json.loads((out / "manifest.json").read_text())["decision"]
+    # ... and with the thresholds as built, it writes the same scores the build kept.
+    del manifest["decision"]["chosen_on"]
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    proc = _threshold_cli(out, *args)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert json.loads((out / "manifest.json").read_text())["decision"]["chosen_on"] == record
+    # An altered file is refused by its digest.
+    (out / SCORES_FILE).write_text((out / SCORES_FILE).read_text().replace(",1,", ",0,", 1))
+    proc = _threshold_cli(out)
     assert proc.returncode == 2 and "digest differs" in proc.stderr
-    ci = load_bundle(bound_out).manifest["artifacts"]["int8"]["metrics"]["sensitivity_ci95"]
-    assert 0 <= ci[0] <= ci[1] <= 1
 
 
 def test_an_ensemble_bundle_is_built_thresholded_evaluated_and_carded(tiny_run, tmp_path):
@@ -196,11 +242,10 @@ def test_an_ensemble_bundle_is_built_thresholded_evaluated_and_carded(tiny_run, 
     card = (ens / "CARD.md").read_text()
     assert "## Ensemble" in card and "ensemble (shipped decision)" in card
     # Its thresholds were chosen on the ensemble's own validation scores, kept in the bundle.
-    from training.threshold import recompute, shipped
+    from training.threshold import compare, recompute
 
-    again = recompute(ens, bundle.decision)
-    assert shipped(again["threshold"]) == bundle.decision["threshold"]
-    assert shipped(again["tta_threshold"]) == bundle.decision["tta_threshold"]
+    rows = compare(recompute(ens, bundle.decision), bundle.decision)
+    assert [key for key, *_ in rows] == ["threshold"] and all(same for *_, same in rows)
 
 
 def test_evaluate_judges_an_ensemble_as_a_capture_classifies(tiny_run, tmp_path):
@@ -212,6 +257,7 @@ def test_evaluate_judges_an_ensemble_as_a_capture_classifies(tiny_run, tmp_path)
     from training.ensemble import build_ensemble
     from training.evaluate import evaluate_bundle, predict
     from training.metrics import summarise
+    from training.threshold import SCORES_FILE, recompute, shipped
 
     _, run_dir, _, _ = tiny_run
     cfg = load_config(
@@ -219,27 +265,35 @@ def test_evaluate_judges_an_ensemble_as_a_capture_classifies(tiny_run, tmp_path)
     )
     first = tmp_path / "first"
     build_bundle(cfg, run_dir, first, keep_float=False)
+    # The member: the same model with a strong logit bias towards the first class.
+    member = tmp_path / "member"
+    shutil.copytree(first, member)
+    manifest = json.loads((member / "manifest.json").read_text())
+    labels = manifest["labels"]
+    manifest["class_bias"] = [6.0] + [0.0] * (len(labels) - 1)
+    (member / "manifest.json").write_text(json.dumps(manifest))
     parts = read_split(run_dir / "split.csv")
     ens = tmp_path / "ensemble"
-    build_ensemble(cfg, first, [first], ens, parts, "9.9.9-ensemble")
-    manifest = json.loads((ens / "manifest.json").read_text())
-    labels = manifest["labels"]
-    manifest["members"][0]["class_bias"] = [6.0] + [0.0] * (len(labels) - 1)
-    (ens / "manifest.json").write_text(json.dumps(manifest))
+    build_ensemble(cfg, first, [member], ens, parts, "9.9.9-ensemble")
+    skewed = load_bundle(ens)
+    # Its thresholds come back from its own validation scores, which are not the first's.
+    again = recompute(ens, skewed.decision)
+    assert shipped(again["threshold"]) == skewed.decision["threshold"]
+    assert (ens / SCORES_FILE).read_bytes() != (first / SCORES_FILE).read_bytes()
 
     test = parts["test"]
     got = evaluate_bundle(ens, test)
     alone = evaluate_bundle(first, test)
     assert got["ensemble"]["members"] == 2 and "ensemble" not in alone
     assert got["artifacts"]["int8"]["accuracy"] == alone["artifacts"]["int8"]["accuracy"]
-    skewed = load_bundle(ens)
     probs, _ = predict(skewed, "int8", test, tta=bool(skewed.tta), members=True)
     y = np.array([labels.index(s.label) for s in test])
     rule = skewed.decision
     group = [labels.index(m) for m in skewed.label_groups[rule["group"]]]
     threshold = rule["tta_threshold"] if skewed.tta else rule["threshold"]
-    want = summarise(y, probs, labels, group, threshold, rule.get("target_sensitivity", 0.9))
-    assert got["ensemble"]["accuracy"] == want["accuracy"]
+    want = summarise(y, probs, labels, group, threshold, rule["target_sensitivity"])
+    for key in ("accuracy", "sensitivity", "specificity", "threshold"):
+        assert got["ensemble"][key] == want[key], key
     first_share = lambda r: r["recall"][labels[0]]  # noqa: E731
     assert first_share(got["ensemble"]) > first_share(alone["artifacts"]["int8"])
 

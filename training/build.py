@@ -171,9 +171,7 @@ def build_bundle(
     )
     manifest = base_manifest(cfg, threshold, tta_threshold)
     digest = write_scores(run_dir / SCORES_FILE, scores)
-    manifest["decision"]["chosen_on"] = chosen_on(
-        scores, digest, manifest["decision"]["threshold"], manifest["decision"].get(
-            "tta_threshold"))
+    manifest["decision"]["chosen_on"] = chosen_on(scores, digest, manifest["decision"])
     if adjustment:
         manifest["class_bias"] = adjustment["bias"]
     write_bundle(staging, manifest, files)

@@ -130,14 +130,15 @@ def _threshold_how(rule: dict) -> str:
     return f"threshold was chosen on the validation split to reach sensitivity {target:.2f}."
 
 
-def _chosen_on_text(rule: dict) -> str:
+def _chosen_on_text(rule: dict, views: list[str] | None) -> str:
     """What the shipped thresholds reach on the images they were chosen on, and where the
     scores are kept for anyone to recompute them."""
     c = rule.get("chosen_on")
-    if not c:
+    if not c or "sensitivity" not in c or "specificity" not in c:
         return ""
     every = (f" (every view: {_pct(c['tta_sensitivity'])} at specificity "
-             f"{_pct(c['tta_specificity'])})" if "tta_sensitivity" in c else "")
+             f"{_pct(c['tta_specificity'])})"
+             if views and "tta_sensitivity" in c and "tta_specificity" in c else "")
     return (f" On the {c['n']} validation images it was chosen on, the threshold flags "
             f"{_pct(c['sensitivity'])} of the {rule['group']} ones at specificity "
             f"{_pct(c['specificity'])}{every}. Their scores are kept in `{c['file']}`: "
@@ -248,16 +249,16 @@ def write_card(out: Path, manifest: dict, ev: dict, history: Path | None, cfg, e
         manifest.get("intended_use", ""),
         "",
         f"Decision rule: {rule['group']} score (sum of {members})"
-        f" ≥ {rule['threshold']:.3f} → **{rule['positive']}**; otherwise {rule['negative']}. The "
+        f" ≥ {rule['threshold']:.4f} → **{rule['positive']}**; otherwise {rule['negative']}. The "
         + _threshold_how(rule)
         + (
             f" Uploads and captures average the model over {len(manifest['tta'])} views "
             f"({', '.join(manifest['tta'])}) and use the threshold chosen the same way on those "
-            f"averages, {rule['tta_threshold']:.3f}; the live stream uses one view."
+            f"averages, {rule['tta_threshold']:.4f}; the live stream uses one view."
             if manifest.get("tta") and "tta_threshold" in rule
             else ""
         )
-        + _chosen_on_text(rule),
+        + _chosen_on_text(rule, manifest.get("tta")),
         "",
         "## Data",
         "",

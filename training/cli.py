@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shutil
 import sys
 from pathlib import Path
 
@@ -49,16 +50,11 @@ def cmd_train(args) -> int:
 
 
 def cmd_ensemble(args) -> int:
-    from .datasets import split_samples
+    from .datasets import config_split
     from .ensemble import build_ensemble
 
     cfg = _cfg(args)
-    ds = cfg.dataset
-    extra = {"csv_name": ds.csv} if ds.layout == "ham10000" and ds.csv else {}
-    # The split the bundles were trained on: seeded and grouped, so it is rebuilt exactly.
-    parts = split_samples(
-        load_samples(ds.layout, ds.root_path, **extra), tuple(ds.fractions), ds.seed
-    )
+    parts = config_split(cfg.dataset)  # the split the bundles were trained on
     ev = build_ensemble(cfg, Path(args.first), [Path(m) for m in args.member], Path(args.out),
                         parts, args.version)
     for name, m in ev["rows"].items():
@@ -78,14 +74,9 @@ def cmd_scope(args) -> int:
     if not cfg.export.scope_layers:
         print("error: the config has no export.scope_layers", file=sys.stderr)
         return 2
-    from .datasets import split_samples
+    from .datasets import config_split
 
-    ds = cfg.dataset
-    extra = {"csv_name": ds.csv} if ds.layout == "ham10000" and ds.csv else {}
-    # The split the bundle was trained on: seeded and grouped, so it is rebuilt exactly.
-    parts = split_samples(
-        load_samples(ds.layout, ds.root_path, **extra), tuple(ds.fractions), ds.seed
-    )
+    parts = config_split(cfg.dataset)  # the split the bundle was trained on
     report = add_scope(Path(args.model or f"models/{cfg.name}"), cfg, parts)
     r = report["in_scope_test"]
     print(f"in-scope test images rejected: {100 * r['rejected']:.1f} % of {r['n']}")
@@ -158,59 +149,70 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
-def _keep_scores(bundle_dir: Path, args) -> None:
+def _keep_scores(bundle_dir: Path, args) -> int:
     """For a bundle built before its validation scores were kept: score the config's
     validation split through the bundle as its thresholds were chosen (every member; one view
-    and every view) and keep the file; the shipped thresholds are left as they are."""
+    and every view) and keep the file, but only when the shipped thresholds come back from it:
+    a bundle never claims to have been chosen on scores that do not give its thresholds."""
+    import tempfile
+
     from edge.inference.bundle import load_bundle
 
-    from .datasets import split_samples
+    from .datasets import config_split
     from .evaluate import validation_scores
-    from .threshold import SCORES_FILE, chosen_on, write_scores
+    from .threshold import SCORES_FILE, chosen_on, compare, recompute, write_scores
 
     cfg = _cfg(args)
-    ds = cfg.dataset
-    extra = {"csv_name": ds.csv} if ds.layout == "ham10000" and ds.csv else {}
-    parts = split_samples(
-        load_samples(ds.layout, ds.root_path, **extra), tuple(ds.fractions), ds.seed
-    )
     bundle = load_bundle(bundle_dir)
-    scores = validation_scores(bundle, parts["val"], tta=bool(bundle.tta),
-                               members=bool(bundle.members))
-    digest = write_scores(bundle_dir / SCORES_FILE, scores)
+    art = bundle.cpu_artifact()
+    if art is None:
+        print(f"error: {bundle_dir} has no CPU artifact to score with", file=sys.stderr)
+        return 2
+    scores = validation_scores(bundle, config_split(cfg.dataset)["val"], art.kind,
+                               tta=bool(bundle.tta), members=bool(bundle.members))
     path = bundle_dir / "manifest.json"
     manifest = json.loads(path.read_text())
     rule = manifest["decision"]
-    rule["chosen_on"] = chosen_on(scores, digest, rule["threshold"], rule.get("tta_threshold"))
-    path.write_text(json.dumps(manifest, indent=2, default=float) + "\n")
+    with tempfile.TemporaryDirectory() as tmp:
+        digest = write_scores(Path(tmp) / SCORES_FILE, scores)
+        trial = {**rule, "chosen_on": chosen_on(scores, digest, rule)}
+        rows = compare(recompute(Path(tmp), trial), rule)
+        if not all(same for *_, same in rows):
+            for key, mine, given, _ in rows:
+                print(f"{key}: recomputed {mine}, shipped {given}", file=sys.stderr)
+            print("error: these scores do not give the shipped thresholds; nothing written",
+                  file=sys.stderr)
+            return 1
+        shutil.copyfile(Path(tmp) / SCORES_FILE, bundle_dir / SCORES_FILE)
+    rule["chosen_on"] = trial["chosen_on"]
+    path.write_text(json.dumps(manifest, indent=2) + "\n")
     load_bundle(bundle_dir)  # still loads
+    return 0
 
 
 def cmd_threshold(args) -> int:
-    from .threshold import recompute, shipped
+    from .threshold import compare, recompute
 
     bundle = Path(args.model)
     if args.config:
-        _keep_scores(bundle, args)
+        code = _keep_scores(bundle, args)
+        if code:
+            return code
     decision = json.loads((bundle / "manifest.json").read_text()).get("decision") or {}
     try:
         got = recompute(bundle, decision)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    same = True
-    for key in ("threshold", "tta_threshold"):
-        if key in got:
-            given = decision.get(key)
-            ok = given is not None and shipped(got[key]) == given
-            same &= ok
-            print(f"{key}: recomputed {shipped(got[key]):.4f}, shipped {given} "
-                  f"({'the same' if ok else 'DIFFERENT'})")
+    rows = compare(got, decision)
+    for key, mine, given, same in rows:
+        print(f"{key}: recomputed {mine}, shipped {given} ({'the same' if same else 'DIFFERENT'})")
     print(f"on the {decision['chosen_on']['n']} stored validation images: sensitivity "
-          f"{got['sensitivity']:.4f}, specificity {got['specificity']:.4f}"
+          f"{got.get('sensitivity', float('nan')):.4f}, specificity "
+          f"{got.get('specificity', float('nan')):.4f}"
           + (f"; every view {got['tta_sensitivity']:.4f} / {got['tta_specificity']:.4f}"
-             if "tta_sensitivity" in got else ""))
-    return 0 if same else 1
+             if "tta_sensitivity" in got and "tta_specificity" in got else ""))
+    return 0 if all(same for *_, same in rows) else 1
 
 
 def cmd_teacher_prep(args) -> int:

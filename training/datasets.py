@@ -139,6 +139,21 @@ def split_samples(
     return parts
 
 
+def config_split(ds) -> dict[str, list[Sample]]:
+    """The split a run of this dataset config trains on (``ds``: the config's [dataset]):
+    loaded, limited per class, checked and split, seeded and grouped, so every command that
+    comes after training rebuilds it exactly."""
+    extra = {"csv_name": ds.csv} if ds.layout == "ham10000" and ds.csv else {}
+    samples = load_samples(ds.layout, ds.root_path, **extra)
+    if ds.limit_per_class:
+        by: dict[str, list[Sample]] = {}
+        for s in samples:
+            by.setdefault(s.label, []).append(s)
+        samples = [s for lab in sorted(by) for s in by[lab][: ds.limit_per_class]]
+    check_samples(samples, ds.labels)
+    return split_samples(samples, tuple(ds.fractions), ds.seed)
+
+
 def write_split(parts: dict[str, list[Sample]], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="") as fh:

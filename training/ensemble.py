@@ -95,19 +95,20 @@ def build_ensemble(cfg: Config, first_dir: Path, others: list[Path], out: Path,
     how = {"method": cfg.decision.threshold_method,
            "confidence": cfg.decision.threshold_confidence}
     # The ensemble's scores on validation: one view (no TTA) and every view.
-    scores = validation_scores(staged, parts["val"], tta=True, members=True)
-    assert scores.tta is not None
-    threshold = choose(scores.positive, scores.score, scores.lesion, target, **how)
-    tta_threshold = choose(scores.positive, scores.tta, scores.lesion, target, **how)
-    manifest["decision"].update(threshold=shipped(threshold),
-                                tta_threshold=shipped(tta_threshold),
-                                threshold_method=cfg.decision.threshold_method)
-    # The ensemble's own validation scores replace the first bundle's copy.
-    digest = write_scores(out / SCORES_FILE, scores)
-    manifest["decision"]["chosen_on"] = chosen_on(
-        scores, digest, manifest["decision"]["threshold"], manifest["decision"]["tta_threshold"])
+    scores = validation_scores(staged, parts["val"], tta=bool(staged.tta), members=True)
+    rule = manifest["decision"]
+    rule.update(threshold=shipped(choose(scores.positive, scores.score, scores.lesion, target,
+                                         **how)),
+                target_sensitivity=target, threshold_method=cfg.decision.threshold_method)
+    rule.pop("tta_threshold", None)
+    if scores.tta is not None:
+        rule["tta_threshold"] = shipped(choose(scores.positive, scores.tta, scores.lesion,
+                                               target, **how))
+    rule.pop("threshold_confidence", None)
     if cfg.decision.threshold_method == "lesion_bound":
-        manifest["decision"]["threshold_confidence"] = cfg.decision.threshold_confidence
+        rule["threshold_confidence"] = cfg.decision.threshold_confidence
+    # The ensemble's own validation scores replace the first bundle's copy.
+    rule["chosen_on"] = chosen_on(scores, write_scores(out / SCORES_FILE, scores), rule)
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     staged = load_bundle(out)
 
@@ -117,11 +118,13 @@ def build_ensemble(cfg: Config, first_dir: Path, others: list[Path], out: Path,
     for b_dir in [first_dir, *others]:
         b = load_bundle(b_dir)
         probs, _ = predict(b, "int8", test, desc=f"test {b.name} {b.version} + tta", tta=True)
-        rule = b.decision or {}
+        theirs = b.decision or {}
         rows[f"{b.name} {b.version} (alone, its own threshold)"] = _metrics(
-            b, y, probs, test, rule.get("tta_threshold", rule.get("threshold", 0.5)), target)
+            b, y, probs, test, theirs.get("tta_threshold", theirs.get("threshold", 0.5)), target)
     probs, _ = predict(staged, "int8", test, desc="test ensemble + tta", tta=True, members=True)
-    rows["ensemble (shipped decision)"] = _metrics(staged, y, probs, test, tta_threshold, target)
+    # The threshold as shipped (kept to four decimals), as a capture applies it.
+    rows["ensemble (shipped decision)"] = _metrics(
+        staged, y, probs, test, rule.get("tta_threshold", rule["threshold"]), target)
     image = test[0].path
     latency = {t: capture_latency_ms(out, image, t) for t in (1, 2)}
     manifest["evaluation"]["ensemble"] = {
@@ -140,18 +143,23 @@ def _pct(x: float | None) -> str:
 
 
 def _card_section(out: Path, manifest: dict, rows: dict, latency: dict, n: int) -> None:
+    from .card import _chosen_on_text
+
     rule = manifest["decision"]
     views = len(manifest.get("tta") or []) or 1
     models = 1 + len(manifest["members"])
+    every = rule.get("tta_threshold", rule["threshold"])
     lines = [
         "", "## Ensemble (what captures, uploads and `edge classify` use)", "",
         f"This bundle averages {models} int8 models × {views} views for every capture, upload "
         f"and `edge classify`; the live stream runs the first model alone on one view. Members: "
         + ", ".join(m["from"] for m in manifest["members"]) + f". The shipped decision: "
-        f"{rule['group']} ≥ {rule['tta_threshold']:.3f} on the ensemble's averages (one view: "
-        f"{rule['threshold']:.3f}), chosen on the validation split"
+        f"{rule['group']} ≥ {every:.4f} on the ensemble's averages (one view: "
+        f"{rule['threshold']:.4f}), chosen on the validation split"
         + (" at the lesion-level lower bound" if rule.get("threshold_method") == "lesion_bound"
-           else "") + ". The tables above describe the first model alone.", "",
+           else "") + "." + _chosen_on_text(rule, manifest.get("tta"))
+        + " The tables above describe the first model alone, and so does the threshold "
+        "sentence at the top of this card.", "",
         f"Test split ({n} images, lesions never seen in training), through the edge classifier "
         "with every view:", "",
         "| model | accuracy | balanced | macro AUC | malignant AUC | malignant referred (95 % "

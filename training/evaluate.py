@@ -57,7 +57,8 @@ def group_scores(
                        members=members)
     y = np.array([bundle.labels.index(s.label) for s in samples])
     gidx = group_indices(bundle)
-    return np.isin(y, gidx), probs[:, gidx].sum(axis=1)
+    # float64, as the edge compares a score with its threshold.
+    return np.isin(y, gidx), probs[:, gidx].sum(axis=1, dtype=np.float64)
 
 
 def validation_scores(

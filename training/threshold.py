@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +20,7 @@ import numpy as np
 from .metrics import threshold_for_sensitivity, threshold_with_bound
 
 SCORES_FILE = "threshold_scores.csv"
+BOOTSTRAP = {"n_boot": 2000, "seed": 0}  # lesion_bound's resamples (kept in chosen_on)
 
 
 @dataclass(frozen=True)
@@ -35,28 +35,35 @@ class Scores:
 
 
 def shipped(threshold: float) -> float:
-    """The threshold as the manifest keeps it: four decimals, rounded down. Rounded to the
-    nearest it could pass above the very scores it was chosen at (an int8 softmax gives scores
-    in steps of 1/256, such as 0.7421875) and stop flagging them."""
-    return math.floor(float(threshold) * 1e4) / 1e4
+    """The threshold as the manifest keeps it: four decimals, never above the threshold itself.
+    Rounded to the nearest it could pass above the very scores it was chosen at (an int8
+    softmax gives scores in steps of 1/256, such as 0.7421875 -> 0.7422) and stop flagging them."""
+    t = float(threshold)
+    kept = round(t, 4)
+    return kept if kept <= t else round(kept - 1e-4, 4)
 
 
 def choose(positive: np.ndarray, score: np.ndarray, lesion: np.ndarray, target: float,
            method: str, confidence: float) -> float:
     """The threshold for ``target`` sensitivity: on these images as they are (``validation``)
-    or at the ``confidence`` lower bound over lesion-level resamples (``lesion_bound``)."""
+    or at the ``confidence`` lower bound over lesion-level resamples (``lesion_bound``, with
+    BOOTSTRAP's resamples and seed, which the manifest records)."""
     if method == "lesion_bound":
-        return threshold_with_bound(positive, score, lesion, target, confidence)[0]
+        return threshold_with_bound(positive, score, lesion, target, confidence,
+                                    **BOOTSTRAP)[0]
     return threshold_for_sensitivity(positive, score, target)
 
 
 def rates(positive: np.ndarray, score: np.ndarray, threshold: float) -> dict[str, float]:
-    """Sensitivity and specificity of ``score >= threshold`` on these images."""
-    flagged = score >= threshold
-    return {
-        "sensitivity": float(flagged[positive].mean()) if positive.any() else float("nan"),
-        "specificity": float((~flagged[~positive]).mean()) if (~positive).any() else float("nan"),
-    }
+    """Sensitivity and specificity of ``score >= threshold`` on these images (in float64, as
+    the edge compares); a rate with no image to count is left out, not NaN."""
+    flagged = np.asarray(score, dtype=np.float64) >= float(threshold)
+    out = {}
+    if positive.any():
+        out["sensitivity"] = float(flagged[positive].mean())
+    if (~positive).any():
+        out["specificity"] = float((~flagged[~positive]).mean())
+    return out
 
 
 def write_scores(path: Path, scores: Scores) -> str:
@@ -89,37 +96,57 @@ def read_scores(path: Path) -> Scores:
     )
 
 
-def chosen_on(scores: Scores, digest: str, threshold: float,
-              tta_threshold: float | None) -> dict:
-    """The manifest's record: the file and what the shipped thresholds reach on it."""
+def chosen_on(scores: Scores, digest: str, decision: dict) -> dict:
+    """The manifest's record: the file, how the thresholds were chosen from it, and what the
+    shipped thresholds reach there."""
     out: dict = {"file": SCORES_FILE, "sha256": digest, "n": len(scores.image),
-                 **rates(scores.positive, scores.score, threshold)}
-    if scores.tta is not None and tta_threshold is not None:
-        tta = rates(scores.positive, scores.tta, tta_threshold)
-        out.update(tta_sensitivity=tta["sensitivity"], tta_specificity=tta["specificity"])
+                 **rates(scores.positive, scores.score, decision["threshold"])}
+    if decision.get("threshold_method") == "lesion_bound":
+        out["bootstrap"] = dict(BOOTSTRAP)
+    if scores.tta is not None and "tta_threshold" in decision:
+        out.update({f"tta_{k}": v for k, v in
+                    rates(scores.positive, scores.tta, decision["tta_threshold"]).items()})
     return out
 
 
 def recompute(bundle_dir: Path, decision: dict) -> dict:
     """The thresholds again from the bundle's stored scores, by the manifest's own method,
-    and what they reach there; raises ValueError when the file is missing or altered."""
+    and what they reach there; raises ValueError when the file is missing or altered, or the
+    manifest does not say how they were chosen."""
     record = decision.get("chosen_on")
     if not record:
         raise ValueError(f"{bundle_dir}: the manifest does not say what the threshold was "
                          "chosen on (a bundle built before the scores were kept)")
-    path = bundle_dir / record["file"]
-    if not path.is_file():
+    if "target_sensitivity" not in decision:
+        raise ValueError(f"{bundle_dir}: the manifest's decision has no target_sensitivity")
+    path = bundle_dir / SCORES_FILE
+    if record.get("file") != SCORES_FILE or not path.is_file():
         raise ValueError(f"{path}: missing")
     if hashlib.sha256(path.read_bytes()).hexdigest() != record["sha256"]:
         raise ValueError(f"{path}: its digest differs from the manifest's")
     scores = read_scores(path)
-    how = (decision.get("target_sensitivity", 0.9), decision.get("threshold_method",
-                                                                 "validation"),
-           decision.get("threshold_confidence", 0.95))
+    method = decision.get("threshold_method", "validation")
+    if method == "lesion_bound" and record.get("bootstrap") != BOOTSTRAP:
+        raise ValueError(f"{bundle_dir}: chosen with resamples {record.get('bootstrap')}, this "
+                         f"version recomputes with {BOOTSTRAP}")
+    how = (decision["target_sensitivity"], method, decision.get("threshold_confidence", 0.95))
+    # The rates are those of the thresholds as a manifest keeps them (see shipped).
     out: dict = {"threshold": choose(scores.positive, scores.score, scores.lesion, *how)}
-    out.update(rates(scores.positive, scores.score, out["threshold"]))
+    out.update(rates(scores.positive, scores.score, shipped(out["threshold"])))
     if scores.tta is not None:
         out["tta_threshold"] = choose(scores.positive, scores.tta, scores.lesion, *how)
-        tta = rates(scores.positive, scores.tta, out["tta_threshold"])
-        out.update(tta_sensitivity=tta["sensitivity"], tta_specificity=tta["specificity"])
+        out.update({f"tta_{k}": v for k, v in
+                    rates(scores.positive, scores.tta, shipped(out["tta_threshold"])).items()})
     return out
+
+
+def compare(got: dict, decision: dict) -> list[tuple[str, float | None, float | None, bool]]:
+    """(threshold key, recomputed, shipped, the same) for every threshold either side has: a
+    shipped threshold the file cannot recompute, or the reverse, is not the same."""
+    rows = []
+    for key in ("threshold", "tta_threshold"):
+        if key in got or key in decision:
+            mine = shipped(got[key]) if key in got else None
+            rows.append((key, mine, decision.get(key), mine is not None
+                         and mine == decision.get(key)))
+    return rows

@@ -17,7 +17,7 @@ import numpy as np
 
 from .cached import activations, copies_dataset, split_at
 from .config import Config
-from .datasets import check_samples, class_weights, load_samples, split_samples, write_split
+from .datasets import class_weights, config_split, write_split
 from .input_pipeline import cache_images, make_dataset, sampled_dataset
 from .metrics import headline
 
@@ -29,18 +29,9 @@ def resize_mode(cfg: Config) -> str:
 
 
 def prepare_data(cfg: Config, run_dir: Path) -> dict:
-    ds = cfg.dataset
-    extra = {"csv_name": ds.csv} if ds.layout == "ham10000" and ds.csv else {}
-    samples = load_samples(ds.layout, ds.root_path, **extra)
-    if ds.limit_per_class:
-        by: dict[str, list] = {}
-        for s in samples:
-            by.setdefault(s.label, []).append(s)
-        samples = [s for lab in sorted(by) for s in by[lab][: ds.limit_per_class]]
-    check_samples(samples, ds.labels)
-    parts = split_samples(samples, tuple(ds.fractions), ds.seed)
+    parts = config_split(cfg.dataset)
     write_split(parts, run_dir / "split.csv")
-    index = {lab: i for i, lab in enumerate(ds.labels)}
+    index = {lab: i for i, lab in enumerate(cfg.dataset.labels)}
     data = {"parts": parts}
     cache_dir = run_dir.parent / "cache"
     for part, items in parts.items():
