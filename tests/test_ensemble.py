@@ -86,6 +86,12 @@ def test_a_two_member_bundle_averages_members_times_views(tmp_path, member):
     live = clf.infer(small)
     assert live.views == 1
     assert live.probabilities == first.infer(small).probabilities
+    # Each is judged by the threshold chosen on what it is: a mean of several outputs by the
+    # rule's tta_threshold (members alone, without views, too), one output by the plain one.
+    rule = bundle.decision
+    assert r.decision["threshold"] == rule["tta_threshold"]
+    assert live.decision["threshold"] == rule["threshold"] != rule["tta_threshold"]
+    assert clf.infer(small, members=True).decision["threshold"] == rule["tta_threshold"]
 
 
 def test_a_member_adds_its_own_logit_offsets(tmp_path, member):

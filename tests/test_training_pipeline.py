@@ -245,7 +245,10 @@ def test_an_ensemble_bundle_is_built_thresholded_evaluated_and_carded(tiny_run, 
     from training.threshold import compare, recompute
 
     rows = compare(recompute(ens, bundle.decision), bundle.decision)
-    assert [key for key, *_ in rows] == ["threshold"] and all(same for *_, same in rows)
+    # Both: the live stream's (the first model, one view) and the captures' (every member).
+    assert [key for key, *_ in rows] == ["threshold", "tta_threshold"]
+    assert all(same for *_, same in rows)
+    assert bundle.decision["threshold"] == load_bundle(out).decision["threshold"]
 
 
 def test_evaluate_judges_an_ensemble_as_a_capture_classifies(tiny_run, tmp_path):
@@ -290,7 +293,7 @@ def test_evaluate_judges_an_ensemble_as_a_capture_classifies(tiny_run, tmp_path)
     y = np.array([labels.index(s.label) for s in test])
     rule = skewed.decision
     group = [labels.index(m) for m in skewed.label_groups[rule["group"]]]
-    threshold = rule["tta_threshold"] if skewed.tta else rule["threshold"]
+    threshold = rule["tta_threshold"]  # a mean of several outputs, even without views
     want = summarise(y, probs, labels, group, threshold, rule["target_sensitivity"])
     for key in ("accuracy", "sensitivity", "specificity", "threshold"):
         assert got["ensemble"][key] == want[key], key

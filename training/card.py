@@ -130,18 +130,18 @@ def _threshold_how(rule: dict) -> str:
     return f"threshold was chosen on the validation split to reach sensitivity {target:.2f}."
 
 
-def _chosen_on_text(rule: dict, views: list[str] | None) -> str:
+def _chosen_on_text(rule: dict, views: list[str] | None, every: str = "every view") -> str:
     """What the shipped thresholds reach on the images they were chosen on, and where the
     scores are kept for anyone to recompute them."""
     c = rule.get("chosen_on")
     if not c or "sensitivity" not in c or "specificity" not in c:
         return ""
-    every = (f" (every view: {_pct(c['tta_sensitivity'])} at specificity "
-             f"{_pct(c['tta_specificity'])})"
-             if views and "tta_sensitivity" in c and "tta_specificity" in c else "")
+    averaged = (f" ({every}: {_pct(c['tta_sensitivity'])} at specificity "
+                f"{_pct(c['tta_specificity'])})"
+                if views and "tta_sensitivity" in c and "tta_specificity" in c else "")
     return (f" On the {c['n']} validation images it was chosen on, the threshold flags "
             f"{_pct(c['sensitivity'])} of the {rule['group']} ones at specificity "
-            f"{_pct(c['specificity'])}{every}. Their scores are kept in `{c['file']}`: "
+            f"{_pct(c['specificity'])}{averaged}. Their scores are kept in `{c['file']}`: "
             "`python -m training threshold --model DIR` recomputes the thresholds from them.")
 
 

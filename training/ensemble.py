@@ -26,9 +26,9 @@ from edge.inference.tflite_file import sha256_file
 
 from .config import Config
 from .datasets import Sample
-from .evaluate import group_indices, predict, sensitivity_ci, validation_scores
+from .evaluate import group_indices, group_scores, predict, sensitivity_ci
 from .metrics import summarise
-from .threshold import SCORES_FILE, choose, chosen_on, shipped, write_scores
+from .threshold import SCORES_FILE, Scores, choose, chosen_on, shipped, write_scores
 
 log = logging.getLogger(__name__)
 KEYS = ("accuracy", "balanced_accuracy", "macro_auc", "group_auc", "sensitivity", "specificity",
@@ -94,16 +94,20 @@ def build_ensemble(cfg: Config, first_dir: Path, others: list[Path], out: Path,
     target = cfg.decision.target_sensitivity
     how = {"method": cfg.decision.threshold_method,
            "confidence": cfg.decision.threshold_confidence}
-    # The ensemble's scores on validation: one view (no TTA) and every view.
-    scores = validation_scores(staged, parts["val"], tta=bool(staged.tta), members=True)
+    # Two thresholds, each chosen on the scores it will judge: `threshold` on the first model
+    # alone, one view (what the live stream runs), `tta_threshold` on the mean of every member
+    # over every view (what captures, uploads and `classify` give).
+    val = parts["val"]
+    positive, live = group_scores(first, val)
+    scores = Scores([s.path.name for s in val], np.array([s.group for s in val]), positive, live,
+                    group_scores(staged, val, tta=True, members=True)[1])
+    assert scores.tta is not None
     rule = manifest["decision"]
     rule.update(threshold=shipped(choose(scores.positive, scores.score, scores.lesion, target,
                                          **how)),
+                tta_threshold=shipped(choose(scores.positive, scores.tta, scores.lesion, target,
+                                             **how)),
                 target_sensitivity=target, threshold_method=cfg.decision.threshold_method)
-    rule.pop("tta_threshold", None)
-    if scores.tta is not None:
-        rule["tta_threshold"] = shipped(choose(scores.positive, scores.tta, scores.lesion,
-                                               target, **how))
     rule.pop("threshold_confidence", None)
     if cfg.decision.threshold_method == "lesion_bound":
         rule["threshold_confidence"] = cfg.decision.threshold_confidence
@@ -123,8 +127,8 @@ def build_ensemble(cfg: Config, first_dir: Path, others: list[Path], out: Path,
             b, y, probs, test, theirs.get("tta_threshold", theirs.get("threshold", 0.5)), target)
     probs, _ = predict(staged, "int8", test, desc="test ensemble + tta", tta=True, members=True)
     # The threshold as shipped (kept to four decimals), as a capture applies it.
-    rows["ensemble (shipped decision)"] = _metrics(
-        staged, y, probs, test, rule.get("tta_threshold", rule["threshold"]), target)
+    rows["ensemble (shipped decision)"] = _metrics(staged, y, probs, test, rule["tta_threshold"],
+                                                   target)
     image = test[0].path
     latency = {t: capture_latency_ms(out, image, t) for t in (1, 2)}
     manifest["evaluation"]["ensemble"] = {
@@ -142,22 +146,32 @@ def _pct(x: float | None) -> str:
     return "–" if x is None else f"{100 * x:.1f} %"
 
 
-def _card_section(out: Path, manifest: dict, rows: dict, latency: dict, n: int) -> None:
-    from .card import _chosen_on_text
+def _chosen_text(rule: dict) -> str:
+    c = rule.get("chosen_on") or {}
+    if not all(k in c for k in ("sensitivity", "specificity", "tta_sensitivity",
+                                "tta_specificity")):
+        return ""
+    return (f" On the {c['n']} validation images they were chosen on, the live stream's "
+            f"threshold flags {_pct(c['sensitivity'])} of the {rule['group']} ones at "
+            f"specificity {_pct(c['specificity'])}, the captures' {_pct(c['tta_sensitivity'])} "
+            f"at {_pct(c['tta_specificity'])}. Their scores are kept in `{c['file']}`: "
+            "`python -m training threshold --model DIR` recomputes both from them.")
 
+
+def _card_section(out: Path, manifest: dict, rows: dict, latency: dict, n: int) -> None:
     rule = manifest["decision"]
     views = len(manifest.get("tta") or []) or 1
     models = 1 + len(manifest["members"])
-    every = rule.get("tta_threshold", rule["threshold"])
     lines = [
         "", "## Ensemble (what captures, uploads and `edge classify` use)", "",
         f"This bundle averages {models} int8 models × {views} views for every capture, upload "
         f"and `edge classify`; the live stream runs the first model alone on one view. Members: "
         + ", ".join(m["from"] for m in manifest["members"]) + f". The shipped decision: "
-        f"{rule['group']} ≥ {every:.4f} on the ensemble's averages (one view: "
-        f"{rule['threshold']:.4f}), chosen on the validation split"
+        f"{rule['group']} ≥ {rule['tta_threshold']:.4f} on the ensemble's averages (the live "
+        f"stream, on the first model's one view: {rule['threshold']:.4f}), each chosen on the "
+        "validation split on the scores it judges"
         + (" at the lesion-level lower bound" if rule.get("threshold_method") == "lesion_bound"
-           else "") + "." + _chosen_on_text(rule, manifest.get("tta"))
+           else "") + "." + _chosen_text(rule)
         + " The tables above describe the first model alone, and so does the threshold "
         "sentence at the top of this card.", "",
         f"Test split ({n} images, lesions never seen in training), through the edge classifier "

@@ -169,10 +169,10 @@ def evaluate_bundle(
     if bundle.members:
         # What a capture gets from an ensemble bundle: every member over every view, judged by
         # the shipped rule (the rows above are the first model alone).
-        views = bool(bundle.tta)
-        ens_threshold = rule.get("tta_threshold", threshold) if views else threshold
-        probs, invoke = predict(bundle, "int8", samples, desc="evaluate the ensemble", tta=views,
-                                members=True)
+        # A mean of several outputs: the rule's tta_threshold (chosen on such means).
+        ens_threshold = rule.get("tta_threshold", threshold)
+        probs, invoke = predict(bundle, "int8", samples, desc="evaluate the ensemble",
+                                tta=bool(bundle.tta), members=True)
         m = summarise(y, probs, bundle.labels, group_indices(bundle), ens_threshold, target)
         m.update(sensitivity_ci(y, probs, bundle, samples, ens_threshold))
         m.update(members=1 + len(bundle.members), views=bundle.tta or ["identity"],

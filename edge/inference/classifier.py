@@ -364,7 +364,9 @@ class Classifier:
         labels = self.bundle.labels
         best = postprocess.top_k(probs, labels, top_k)
         groups = postprocess.group_scores(probs, labels, self.bundle.label_groups)
-        decision = postprocess.decide(groups, self.bundle.decision, tta=len(views) > 1)
+        # A mean of several outputs (views, members) is judged by the threshold chosen on such
+        # means; one output (the live stream: the first model, one view) by the plain one.
+        decision = postprocess.decide(groups, self.bundle.decision, tta=len(outputs) > 1)
         scope = self.bundle.scope
         t2 = time.perf_counter()
         scope_result, cam = None, None

@@ -58,8 +58,9 @@ def decide(
     groups: dict[str, float], rule: dict[str, Any] | None, tta: bool = False
 ) -> dict[str, Any] | None:
     """The manifest's rule, e.g. malignant 0.83 ≥ 0.30 → refer. ``tta``: the scores are a mean
-    over test-time views, which are less extreme than one view's, so the rule's
-    ``tta_threshold`` (chosen the same way on those means) applies when it has one."""
+    over several outputs (test-time views, ensemble members), which are less extreme than one
+    output's, so the rule's ``tta_threshold`` (chosen the same way on those means) applies when
+    it has one."""
     if not rule:
         return None
     score = groups[rule["group"]]
