@@ -241,6 +241,11 @@ def test_an_ensemble_bundle_is_built_thresholded_evaluated_and_carded(tiny_run, 
     assert set(ev["capture_latency_ms"]) == {1, 2}
     card = (ens / "CARD.md").read_text()
     assert "## Ensemble" in card and "ensemble (shipped decision)" in card
+    # The config's targets, answered by the ensemble's row (the blood config asks accuracy and
+    # sensitivity of it).
+    both_acc = f"{both['accuracy']:.3f}"
+    assert "as a capture classifies (the ensemble's row)" in card
+    assert f"| accuracy | ≥ {cfg.export.targets['accuracy']:.2f} | {both_acc} " in card
     # Its thresholds were chosen on the ensemble's own validation scores, kept in the bundle.
     from training.threshold import compare, recompute
 

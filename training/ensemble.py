@@ -137,7 +137,7 @@ def build_ensemble(cfg: Config, first_dir: Path, others: list[Path], out: Path,
         "capture_latency_ms": latency, "machine": platform.processor() or platform.machine(),
     }
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2, default=float) + "\n")
-    _card_section(out, manifest, rows, latency, len(test))
+    _card_section(out, manifest, rows, latency, len(test), cfg.export.targets)
     load_bundle(out)  # the finished bundle loads (digests, members, scope)
     return manifest["evaluation"]["ensemble"]
 
@@ -158,7 +158,25 @@ def _chosen_text(rule: dict) -> str:
             "`python -m training threshold --model DIR` recomputes both from them.")
 
 
-def _card_section(out: Path, manifest: dict, rows: dict, latency: dict, n: int) -> None:
+def _targets(targets: dict[str, float], row: dict) -> list[str]:
+    """The config's targets that a row of figures can answer, against the ensemble's row (what
+    a capture gives): the card's targets table above is the first model's."""
+    from .card import MINIMUMS, target_results
+
+    keys = {k: v for k, v in targets.items()
+            if k in MINIMUMS or k.startswith(("recall_", "referred_"))}
+    if not keys:
+        return []
+    lines = ["", "Against the targets, as a capture classifies (the ensemble's row):", "",
+             "| target | required | ensemble |", "|---|---|---|"]
+    for name, ok, want, got in target_results(keys, {"artifacts": {"ensemble": row}},
+                                              "ensemble"):
+        lines.append(f"| {name} | {want} | {got} {'met' if ok else '**missed**'} |")
+    return lines
+
+
+def _card_section(out: Path, manifest: dict, rows: dict, latency: dict, n: int,
+                  targets: dict[str, float] | None = None) -> None:
     rule = manifest["decision"]
     views = len(manifest.get("tta") or []) or 1
     models = 1 + len(manifest["members"])
@@ -187,6 +205,7 @@ def _card_section(out: Path, manifest: dict, rows: dict, latency: dict, n: int) 
             f"{m['macro_auc']:.3f} | {m['group_auc']:.3f} | {_pct(m['sensitivity'])} "
             f"({_pct(lo)}–{_pct(hi)}) | {_pct(m['specificity'])} | "
             f"{_pct(m.get('mel_referred'))} |")
+    lines += _targets(targets or {}, rows["ensemble (shipped decision)"])
     lines += [
         "", f"One capture ({models} models × {views} views) takes {latency[1]:.0f} ms at 1 "
         f"thread and {latency[2]:.0f} ms at 2 threads on the machine that built this bundle "
