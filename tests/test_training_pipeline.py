@@ -245,6 +245,8 @@ def test_an_ensemble_bundle_is_built_thresholded_evaluated_and_carded(tiny_run, 
     # sensitivity of it).
     both_acc = f"{both['accuracy']:.3f}"
     assert "as a capture classifies (the ensemble's row)" in card
+    assert card.startswith("# Model card: blood-smear 9.9.9-ensemble (an ensemble; the first "
+                           "model is blood-smear ")
     assert f"| accuracy | ≥ {cfg.export.targets['accuracy']:.2f} | {both_acc} " in card
     # Its thresholds were chosen on the ensemble's own validation scores, kept in the bundle.
     from training.threshold import compare, recompute

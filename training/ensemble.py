@@ -211,5 +211,10 @@ def _card_section(out: Path, manifest: dict, rows: dict, latency: dict, n: int,
         f"thread and {latency[2]:.0f} ms at 2 threads on the machine that built this bundle "
         "(see docs/benchmarks.md for its CPU).", "",
     ]
-    with open(out / "CARD.md", "a") as fh:
-        fh.write("\n".join(lines))
+    card = out / "CARD.md"
+    text = card.read_text()
+    heading, _, rest = text.partition("\n")
+    if heading.startswith("# Model card: "):  # the copied card names the first bundle
+        heading = f"# Model card: {manifest['name']} {manifest['version']} (an ensemble; the " \
+                  f"first model is {heading.removeprefix('# Model card: ')})"
+    card.write_text(heading + "\n" + rest.rstrip("\n") + "\n" + "\n".join(lines))
