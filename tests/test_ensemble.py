@@ -148,5 +148,13 @@ def test_the_model_page_and_status_list_the_members(tmp_path, member):
         assert "member2_int8.tflite" in c.get("/model").get_data(as_text=True)
         members = c.get("/api/status").get_json()["model"]["members"]
         assert members == ["skin-lesion_int8.tflite", "member2_int8.tflite"]
+        model = c.get("/api/model").get_json()
+        listed = model["bundle"]["members"]
+        assert [m["file"] for m in listed] == ["member2_int8.tflite"]
+        assert listed[0]["sha256"] == sha256_file(bundle / "member2_int8.tflite")
+        assert model["bundle"]["tta"] == load_bundle(SKIN).tta
+        assert model["bundle"]["decision"]["threshold"] == load_bundle(bundle).decision[
+            "threshold"]
+        assert model["backend"]["members"] == 2
     finally:
         store.close()

@@ -114,6 +114,30 @@ class Bundle:
     def output_kind(self) -> str:
         return self.manifest.get("output", "auto")
 
+    def describe(self) -> dict[str, Any]:
+        """What the kit tells of the bundle it runs (``/api/model``): which model, which
+        members a capture averages, which views, and the rule that turns scores into advice."""
+        rule = self.decision
+        keys = ("group", "threshold", "tta_threshold", "target_sensitivity", "threshold_method",
+                "positive", "negative")
+        return {
+            "name": self.name,
+            "version": self.version,
+            "description": self.manifest.get("description", ""),
+            "intended_use": self.manifest.get("intended_use", ""),
+            "labels": self.labels,
+            "label_groups": self.label_groups,
+            "artifacts": sorted(self.artifacts),
+            # Averaged with the first model for captures, uploads and `classify`; the live
+            # stream runs the first alone.
+            "members": [{"file": m.path.name, "sha256": m.info.get("sha256"),
+                         "from": m.info.get("from"), "class_bias": "class_bias" in m.info}
+                        for m in self.members],
+            "tta": self.tta,
+            "decision": {k: rule[k] for k in keys if k in rule} if rule else None,
+            "scope_check": self.scope is not None,
+        }
+
     def only(self, kind: str) -> Bundle:
         """The same bundle restricted to one artifact (to evaluate or time it alone)."""
         # The scope check reads the int8 model's feature outputs (and the Edge TPU's, compiled

@@ -76,6 +76,14 @@ def status():
     return jsonify(pipe.status())
 
 
+@bp.get("/api/model")
+def model():
+    """The running profile's model: the bundle (members, views, decision rule) and the backend
+    that runs it."""
+    pipe, _ = _ctx()
+    return jsonify(bundle=pipe.model.describe(), backend=pipe.backend())
+
+
 @bp.get("/api/profiles")
 def profiles():
     pipe, _ = _ctx()

@@ -68,6 +68,8 @@ def document() -> dict[str, Any]:
             "/api/openapi.json": {"get": _op("This document", errors=(), security=[])},
             "/api/status": {"get": _op("Live result, smoothed state, backend, counters",
                                        errors=(401,))},
+            "/api/model": {"get": _op("The running model: bundle, ensemble members, views, "
+                                      "decision rule and backend", errors=(401,))},
             "/api/profiles": {"get": _op("The use profiles and the running one", errors=(401,))},
             "/api/profile": {"post": {
                 "summary": "Switch to another profile (model, source, settings) without a restart",
