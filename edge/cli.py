@@ -238,7 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--tta",
         action="store_true",
-        help="average over the bundle's test-time views (flips/turns; several invokes per image)",
+        help="average over the bundle's test-time views (flips/turns; several invokes per image);"
+        " an ensemble bundle is always classified as a capture, every member over every view",
     )
     p.add_argument("--json", action="store_true", help="one JSON object per image per line")
     p.set_defaults(func=cmd_classify)

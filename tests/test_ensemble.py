@@ -86,12 +86,19 @@ def test_a_two_member_bundle_averages_members_times_views(tmp_path, member):
     live = clf.infer(small)
     assert live.views == 1
     assert live.probabilities == first.infer(small).probabilities
-    # Each is judged by the threshold chosen on what it is: a mean of several outputs by the
-    # rule's tta_threshold (members alone, without views, too), one output by the plain one.
+    # Each is judged by the threshold chosen on what it is: the capture's mean (every member
+    # over every view) by the rule's tta_threshold, one output by the plain one.
     rule = bundle.decision
     assert r.decision["threshold"] == rule["tta_threshold"]
     assert live.decision["threshold"] == rule["threshold"] != rule["tta_threshold"]
-    assert clf.infer(small, members=True).decision["threshold"] == rule["tta_threshold"]
+    # No threshold is chosen on the members over one view, so asking for the members (as
+    # `edge classify` does without --tta) classifies as a capture: every member, every view.
+    members_only = clf.infer(small, members=True)
+    assert members_only.views == r.views
+    assert members_only.probabilities == r.probabilities
+    assert members_only.decision["threshold"] == rule["tta_threshold"]
+    cli_like = clf.classify(str(sample))
+    assert cli_like.views == r.views and cli_like.decision == r.decision
 
 
 def test_a_member_adds_its_own_logit_offsets(tmp_path, member):

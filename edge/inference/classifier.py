@@ -307,8 +307,8 @@ class Classifier:
         explain: bool = False,
         members: bool = True,
     ) -> Result:
-        """Classify an image as a capture would: every ensemble member (with ``tta``, over
-        every view too)."""
+        """Classify an image as a capture would: an ensemble's members over every view (the
+        threshold was chosen on that mean); a single model over its views with ``tta``."""
         rgb, times = self.prepare(source)
         if name is None and isinstance(source, str):
             name = source
@@ -325,7 +325,9 @@ class Classifier:
         members: bool = False,
     ) -> Result:
         """Classify an already prepared (H, W, 3) model-size input (see :meth:`prepare`).
-        ``members``: average every ensemble member too (on-demand; the live stream does not).
+        ``members``: classify as a capture does, every ensemble member over every view of the
+        bundle (``tta_threshold`` is chosen on exactly that mean; no threshold is chosen on the
+        members over one view); the live stream does not.
 
         ``tta``: average the probabilities over the bundle's test-time views (a few times the
         invoke cost; for on-demand classifications, not the live stream). Without ``tta`` in
@@ -333,7 +335,8 @@ class Classifier:
         runs on the first view every time; ``explain`` adds the activation maps."""
         times = dict(times or {})
         t_start = time.perf_counter() - (times.get("decode", 0) + times.get("preprocess", 0)) / 1e3
-        views = tta_views(rgb, self.bundle.tta) if tta and self.bundle.tta else [rgb]
+        members = members and bool(self._members)
+        views = tta_views(rgb, self.bundle.tta) if (tta or members) and self.bundle.tta else [rgb]
         outputs = []
         notes: list[str] = []
         taps: list[np.ndarray] = []
