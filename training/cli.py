@@ -151,9 +151,10 @@ def cmd_evaluate(args) -> int:
 
 def _keep_scores(bundle_dir: Path, args) -> int:
     """For a bundle built before its validation scores were kept: score the config's
-    validation split through the bundle as its thresholds were chosen (every member; one view
-    and every view) and keep the file, but only when the shipped thresholds come back from it:
-    a bundle never claims to have been chosen on scores that do not give its thresholds."""
+    validation split through the bundle as its thresholds were chosen (the first model on one
+    view; every member over every view) and keep the file, but only when the shipped
+    thresholds come back from it: a bundle never claims to have been chosen on scores that do
+    not give its thresholds."""
     import tempfile
 
     from edge.inference.bundle import load_bundle

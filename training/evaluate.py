@@ -66,9 +66,12 @@ def validation_scores(
     members: bool = False,
 ) -> Scores:
     """What the referral thresholds are chosen on (and what the bundle keeps of it): the
-    group score per image, one view and, with ``tta``, every view."""
-    positive, one = group_scores(bundle, samples, kind, members=members)
-    many = group_scores(bundle, samples, kind, tta=True, members=members)[1] if tta else None
+    group score per image of the first model on one view (the live stream's ``threshold``)
+    and, with ``tta`` or ``members``, of the mean a capture gives (``tta_threshold``: every
+    view, every member)."""
+    positive, one = group_scores(bundle, samples, kind)
+    many = (group_scores(bundle, samples, kind, tta=True, members=members)[1]
+            if tta or members else None)
     return Scores([s.path.name for s in samples], np.array([s.group for s in samples]),
                   positive, one, many)
 
