@@ -265,7 +265,8 @@ def test_an_ensemble_bundle_is_built_thresholded_evaluated_and_carded(tiny_run, 
 def test_evaluate_judges_an_ensemble_as_a_capture_classifies(tiny_run, tmp_path):
     """`python -m training evaluate` on an ensemble bundle reports every member over every
     view under the shipped rule: a member made to differ (a strong logit bias towards the first
-    class) moves the ensemble's row and leaves the first model's own rows as they were."""
+    class) moves the ensemble's row and leaves the first model's own rows as they were. Its
+    rows are the paths the kit runs: the first model on one view, and the capture's mean."""
     from training.build import build_bundle
     from training.datasets import read_split
     from training.ensemble import build_ensemble
@@ -274,9 +275,8 @@ def test_evaluate_judges_an_ensemble_as_a_capture_classifies(tiny_run, tmp_path)
     from training.threshold import SCORES_FILE, recompute, shipped
 
     _, run_dir, _, _ = tiny_run
-    cfg = load_config(
-        ROOT / "training/configs/blood-smear.toml", {**TINY, "export.output": "logits"}
-    )
+    sets = {**TINY, "export.output": "logits", "export.tta": ["identity", "flip_lr"]}
+    cfg = load_config(ROOT / "training/configs/blood-smear.toml", sets)
     first = tmp_path / "first"
     build_bundle(cfg, run_dir, first, keep_float=False)
     # The member: the same model with a strong logit bias towards the first class.
@@ -302,7 +302,6 @@ def test_evaluate_judges_an_ensemble_as_a_capture_classifies(tiny_run, tmp_path)
     del manifest["decision"]["chosen_on"]
     (ens / "manifest.json").write_text(json.dumps(manifest))
     (ens / SCORES_FILE).unlink()
-    sets = {**TINY, "export.output": "logits"}
     args = ["--config", str(ROOT / "training/configs/blood-smear.toml")]
     args += [a for k, v in sets.items() for a in ("--set", f"{k}={json.dumps(v)}")]
     proc = _threshold_cli(ens, *args)
@@ -313,12 +312,14 @@ def test_evaluate_judges_an_ensemble_as_a_capture_classifies(tiny_run, tmp_path)
     got = evaluate_bundle(ens, test)
     alone = evaluate_bundle(first, test)
     assert got["ensemble"]["members"] == 2 and "ensemble" not in alone
+    # The first model alone over the views is the single bundle's capture, no ensemble's path.
+    assert "tta" in alone and "tta" not in got
     assert got["artifacts"]["int8"]["accuracy"] == alone["artifacts"]["int8"]["accuracy"]
     probs, _ = predict(skewed, "int8", test, tta=bool(skewed.tta), members=True)
     y = np.array([labels.index(s.label) for s in test])
     rule = skewed.decision
     group = [labels.index(m) for m in skewed.label_groups[rule["group"]]]
-    threshold = rule["tta_threshold"]  # a mean of several outputs, even without views
+    threshold = rule["tta_threshold"]  # chosen on every member over every view
     want = summarise(y, probs, labels, group, threshold, rule["target_sensitivity"])
     for key in ("accuracy", "sensitivity", "specificity", "threshold"):
         assert got["ensemble"][key] == want[key], key

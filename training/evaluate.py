@@ -151,9 +151,11 @@ def evaluate_bundle(
         out["int8_minus_float_accuracy"] = (
             out["artifacts"]["int8"]["accuracy"] - out["artifacts"]["float"]["accuracy"]
         )
-    if bundle.tta:
+    if bundle.tta and not bundle.members:
         # What uploads and captures get: the CPU artifact over the bundle's views, judged by
-        # the rule's tta_threshold when it has one.
+        # the rule's tta_threshold when it has one. (An ensemble's first model over the views is
+        # no path the kit runs, and no threshold was chosen on it: an ensemble's rows are the
+        # live stream's above and the capture's below.)
         kind = headline_kind(kinds)
         probs, invoke = predict(bundle, kind, samples, desc=f"evaluate {kind} + tta", tta=True)
         m = summarise(
