@@ -26,9 +26,9 @@ from edge.inference.tflite_file import sha256_file
 
 from .config import Config
 from .datasets import Sample
-from .evaluate import group_indices, group_scores, predict, sensitivity_ci
+from .evaluate import group_indices, predict, sensitivity_ci, validation_scores
 from .metrics import summarise
-from .threshold import SCORES_FILE, Scores, choose, chosen_on, shipped, write_scores
+from .threshold import SCORES_FILE, choose, chosen_on, shipped, write_scores
 
 log = logging.getLogger(__name__)
 KEYS = ("accuracy", "balanced_accuracy", "macro_auc", "group_auc", "sensitivity", "specificity",
@@ -97,10 +97,7 @@ def build_ensemble(cfg: Config, first_dir: Path, others: list[Path], out: Path,
     # Two thresholds, each chosen on the scores it will judge: `threshold` on the first model
     # alone, one view (what the live stream runs), `tta_threshold` on the mean of every member
     # over every view (what captures, uploads and `classify` give).
-    val = parts["val"]
-    positive, live = group_scores(first, val)
-    scores = Scores([s.path.name for s in val], np.array([s.group for s in val]), positive, live,
-                    group_scores(staged, val, tta=True, members=True)[1])
+    scores = validation_scores(staged, parts["val"], "int8", tta=bool(staged.tta), members=True)
     assert scores.tta is not None
     rule = manifest["decision"]
     rule.update(threshold=shipped(choose(scores.positive, scores.score, scores.lesion, target,
