@@ -76,27 +76,13 @@ def _callbacks(cfg: Config, run_dir: Path, val, group_idx: list[int], phase: str
                 bal,
             )
 
-    return [
-        ValAuc(),
-        keras.callbacks.EarlyStopping(
-            monitor="val_score",
-            mode="max",
-            patience=cfg.train.patience,
-            restore_best_weights=True,
-        ),
-        keras.callbacks.ModelCheckpoint(
-            # The int8 simulation's wrappers are not serialisable as a model: weights only.
-            str(
-                run_dir / (f"best-{phase}.weights.h5" if phase == "qat" else f"best-{phase}.keras")
-            ),
-            monitor="val_score",
-            mode="max",
-            save_best_only=True,
-            save_weights_only=phase == "qat",
-        ),
-        keras.callbacks.CSVLogger(str(run_dir / "history.csv"), append=True),
-        keras.callbacks.BackupAndRestore(str(run_dir / f"backup-{phase}")),
-    ]
+    from .resume import best_and_backup
+
+    # The int8 simulation's wrappers are not serialisable as a model: weights only.
+    kept = best_and_backup(run_dir, phase, "val_score", cfg.train.patience, phase == "qat")
+    history = keras.callbacks.CSVLogger(str(run_dir / "history.csv"), append=True)
+    # The history row before the backup: a restart repeats a row rather than losing one.
+    return [ValAuc(), *kept[:-1], history, kept[-1]]
 
 
 def _compile(model, lr: float, steps: int = 0, warmup: int = 0, soft: bool = False) -> None:

@@ -1,0 +1,127 @@
+"""A best checkpoint and early stopping that survive an interrupted run.
+
+Keras' BackupAndRestore brings back the weights and the epoch count, but ModelCheckpoint and
+EarlyStopping start again knowing no best: the first epoch after a restart replaced the best file
+even when it was worse, early stopping forgot how long it had waited, and the weights kept at the
+end were the best since the restart rather than the best of the run. The best score and its epoch
+are therefore kept beside the checkpoint (``best-<phase>.json``) and read back on a resume.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import NamedTuple
+
+log = logging.getLogger(__name__)
+
+
+class Prior(NamedTuple):
+    """What the interrupted part of a phase found: its best score, that epoch (0-based) and the
+    number of epochs it completed."""
+
+    score: float
+    epoch: int
+    done: int
+
+
+def state_path(best_path: Path) -> Path:
+    return best_path.with_name(best_path.name.split(".")[0] + ".json")
+
+
+def prior_best(backup_dir: Path, best_path: Path) -> Prior | None:
+    """The best so far when this phase resumes from ``backup_dir``; None for a fresh start (no
+    backup: Keras deletes it when a phase ends) or when the record does not fit the backup."""
+    meta, state = backup_dir / "training_metadata.json", state_path(best_path)
+    if not (meta.exists() and state.exists() and best_path.exists()):
+        return None
+    done = int(json.loads(meta.read_text())["epoch"])
+    rec = json.loads(state.read_text())
+    prior = Prior(float(rec["score"]), int(rec["epoch"]), done)
+    if not 0 <= prior.epoch < done:
+        log.warning("%s names epoch %d but the backup has %d: ignored", state, prior.epoch, done)
+        return None
+    return prior
+
+
+def best_and_backup(
+    run_dir: Path,
+    phase: str,
+    monitor: str,
+    patience: int,
+    weights_only: bool,
+) -> list:
+    """Early stopping (best weights restored), the best checkpoint, its record and the backup,
+    in that order, all maximising ``monitor``; a resumed phase goes on from its prior best."""
+    import keras
+
+    best_path = run_dir / (f"best-{phase}.weights.h5" if weights_only else f"best-{phase}.keras")
+    backup_dir = run_dir / f"backup-{phase}"
+    prior = prior_best(backup_dir, best_path)
+    if prior:
+        log.info(
+            "%s resumes after epoch %d; best so far %s %.4f at epoch %d",
+            phase,
+            prior.done,
+            monitor,
+            prior.score,
+            prior.epoch + 1,
+        )
+
+    class EarlyStopping(keras.callbacks.EarlyStopping):
+        def on_train_begin(self, logs=None):
+            super().on_train_begin(logs)
+            self.improved = not prior
+            if prior:
+                self.best, self.best_epoch = prior.score, prior.epoch
+                self.wait = prior.done - 1 - prior.epoch
+
+        def on_epoch_end(self, epoch, logs=None):
+            before = self.best
+            super().on_epoch_end(epoch, logs)
+            self.improved = self.improved or self.best != before
+
+        def on_train_end(self, logs=None):
+            if not self.improved:
+                # No epoch since the restart beat the one before it: its weights are on disk.
+                self.best_weights = None
+                super().on_train_end(logs)
+                self.model.load_weights(best_path)
+                log.info(
+                    "%s: weights of epoch %d restored from %s", phase, prior.epoch + 1, best_path
+                )
+            else:
+                super().on_train_end(logs)
+
+    class RecordBest(keras.callbacks.Callback):
+        """Writes the score and epoch of each new best, after the checkpoint has saved it."""
+
+        def __init__(self):
+            super().__init__()
+            self.best = prior.score if prior else None
+
+        def on_epoch_end(self, epoch, logs=None):
+            score = (logs or {}).get(monitor)
+            if score is None or (self.best is not None and not score > self.best):
+                return
+            self.best = float(score)
+            path = state_path(best_path)
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"score": self.best, "epoch": epoch}))
+            os.replace(tmp, path)
+
+    return [
+        EarlyStopping(monitor=monitor, mode="max", patience=patience, restore_best_weights=True),
+        keras.callbacks.ModelCheckpoint(
+            str(best_path),
+            monitor=monitor,
+            mode="max",
+            save_best_only=True,
+            save_weights_only=weights_only,
+            initial_value_threshold=prior.score if prior else None,
+        ),
+        RecordBest(),
+        keras.callbacks.BackupAndRestore(str(backup_dir)),
+    ]
