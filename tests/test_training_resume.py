@@ -41,14 +41,16 @@ def _fit(run_dir, scores, patience, stop_after=None, weights_seen=None):
             if epoch == stop_after:
                 raise Interrupted
 
-    kept = best_and_backup(run_dir, "finetune", "val_score", patience, weights_only=False)
+    keep, backup = best_and_backup(run_dir, "finetune", "val_score", patience, weights_only=False)
     ran = []
 
     class Ran(keras.callbacks.Callback):
         def on_epoch_begin(self, epoch, logs=None):
             ran.append(epoch)
 
-    model.fit(x, y, epochs=len(scores), verbose=0, callbacks=[Ran(), Score(), *kept, Kill()])
+    model.fit(
+        x, y, epochs=len(scores), verbose=0, callbacks=[Ran(), Score(), *keep, backup, Kill()]
+    )
     return model, ran
 
 

@@ -52,9 +52,11 @@ def best_and_backup(
     monitor: str,
     patience: int,
     weights_only: bool,
-) -> list:
-    """Early stopping (best weights restored), the best checkpoint, its record and the backup,
-    in that order, all maximising ``monitor``; a resumed phase goes on from its prior best."""
+) -> tuple[list, object]:
+    """The callbacks that keep the best epoch (the checkpoint, then early stopping with the
+    best weights restored, which records each new best once the checkpoint has saved it), all
+    maximising ``monitor``, and the backup that resumes the phase; a resumed phase goes on from
+    its prior best."""
     import keras
 
     best_path = run_dir / (f"best-{phase}.weights.h5" if weights_only else f"best-{phase}.keras")
@@ -73,7 +75,6 @@ def best_and_backup(
     class EarlyStopping(keras.callbacks.EarlyStopping):
         def on_train_begin(self, logs=None):
             super().on_train_begin(logs)
-            self.improved = not prior
             if prior:
                 self.best, self.best_epoch = prior.score, prior.epoch
                 self.wait = prior.done - 1 - prior.epoch
@@ -81,10 +82,14 @@ def best_and_backup(
         def on_epoch_end(self, epoch, logs=None):
             before = self.best
             super().on_epoch_end(epoch, logs)
-            self.improved = self.improved or self.best != before
+            if self.best != before:
+                path = state_path(best_path)
+                tmp = path.with_suffix(".tmp")
+                tmp.write_text(json.dumps({"score": float(self.best), "epoch": epoch}))
+                os.replace(tmp, path)
 
         def on_train_end(self, logs=None):
-            if not self.improved:
+            if prior and self.best == prior.score:
                 # No epoch since the restart beat the one before it: its weights are on disk.
                 self.best_weights = None
                 super().on_train_end(logs)
@@ -95,25 +100,7 @@ def best_and_backup(
             else:
                 super().on_train_end(logs)
 
-    class RecordBest(keras.callbacks.Callback):
-        """Writes the score and epoch of each new best, after the checkpoint has saved it."""
-
-        def __init__(self):
-            super().__init__()
-            self.best = prior.score if prior else None
-
-        def on_epoch_end(self, epoch, logs=None):
-            score = (logs or {}).get(monitor)
-            if score is None or (self.best is not None and not score > self.best):
-                return
-            self.best = float(score)
-            path = state_path(best_path)
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text(json.dumps({"score": self.best, "epoch": epoch}))
-            os.replace(tmp, path)
-
-    return [
-        EarlyStopping(monitor=monitor, mode="max", patience=patience, restore_best_weights=True),
+    keep = [
         keras.callbacks.ModelCheckpoint(
             str(best_path),
             monitor=monitor,
@@ -122,6 +109,6 @@ def best_and_backup(
             save_weights_only=weights_only,
             initial_value_threshold=prior.score if prior else None,
         ),
-        RecordBest(),
-        keras.callbacks.BackupAndRestore(str(backup_dir)),
+        EarlyStopping(monitor=monitor, mode="max", patience=patience, restore_best_weights=True),
     ]
+    return keep, keras.callbacks.BackupAndRestore(str(backup_dir))

@@ -79,10 +79,10 @@ def _callbacks(cfg: Config, run_dir: Path, val, group_idx: list[int], phase: str
     from .resume import best_and_backup
 
     # The int8 simulation's wrappers are not serialisable as a model: weights only.
-    kept = best_and_backup(run_dir, phase, "val_score", cfg.train.patience, phase == "qat")
+    keep, backup = best_and_backup(run_dir, phase, "val_score", cfg.train.patience, phase == "qat")
     history = keras.callbacks.CSVLogger(str(run_dir / "history.csv"), append=True)
     # The history row before the backup: a restart repeats a row rather than losing one.
-    return [ValAuc(), *kept[:-1], history, kept[-1]]
+    return [ValAuc(), *keep, history, backup]
 
 
 def _compile(model, lr: float, steps: int = 0, warmup: int = 0, soft: bool = False) -> None:
