@@ -73,7 +73,7 @@ def test_a_two_member_bundle_averages_members_times_views(tmp_path, member):
     by_hand = []
     # The first model with the bundle's logit offsets, a member with its own (none here).
     for backend, adapter, bias in [(first.backend, first.adapter, bundle.class_bias)] \
-            + clf._members:
+            + [(m.backend, m.adapter, m.bias) for m in clf._members]:
         for view in tta_views(small, bundle.tta):
             raw = backend.invoke(adapter(view))
             values = postprocess.dequantize(raw, backend.output_detail)
@@ -123,6 +123,104 @@ def test_a_member_adds_its_own_logit_offsets(tmp_path, member):
         Classifier(load_bundle(copy), backend="cpu", threads=1)
 
 
+@pytest.fixture(scope="module")
+def wide_member(tmp_path_factory) -> Path:
+    """An int8 model with the bundle's 7 outputs that takes 120×160, not 168×224: a member
+    trained at another input size."""
+    from tests.conftest import require_module
+
+    require_module("tensorflow", "the test exports a small int8 model")
+    import keras
+    from PIL import Image
+
+    from training.export import export_int8
+
+    keras.utils.set_random_seed(3)
+    inputs = keras.Input((120, 160, 3))
+    x = keras.layers.Conv2D(8, 3, strides=4, activation="relu")(inputs)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    model = keras.Model(inputs, keras.layers.Dense(7)(x))
+    images = np.stack([np.asarray(Image.open(p).convert("RGB").resize((160, 120)))
+                       for p in sorted((SKIN / "samples").glob("*.jpg"))])
+    out = tmp_path_factory.mktemp("wide") / "member_wide_int8.tflite"
+    return export_int8(model, images, out)
+
+
+def _declare(copy: Path, size: list[int] | None) -> Path:
+    manifest = json.loads((copy / "manifest.json").read_text())
+    if size is None:
+        manifest["members"][0].pop("input", None)
+    else:
+        manifest["members"][0]["input"] = {"size": size}
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    return copy
+
+
+def test_a_member_at_its_own_input_size_sees_the_image_at_that_size(tmp_path, wide_member):
+    """A member declaring its own input is fed the decoded image resized to that size (as it
+    was trained and evaluated), not the first model's input stretched."""
+    from edge.inference.preprocess import resize, tta_views
+
+    copy = _with_members(tmp_path, wide_member)
+    with pytest.raises(BundleError, match="declare the member's own size"):
+        Classifier(load_bundle(copy), backend="cpu", threads=1)
+    with pytest.raises(BundleError, match="fix the member's input.size"):
+        Classifier(load_bundle(_declare(copy, [96, 128])), backend="cpu", threads=1)
+    bundle = load_bundle(_declare(copy, [120, 160]))
+    assert bundle.describe()["members"][0]["input_size"] == [120, 160]
+    clf = Classifier(bundle, backend="cpu", threads=1)
+    first = Classifier(load_bundle(SKIN), backend="cpu", threads=1)
+    sample = sorted((SKIN / "samples").glob("*.jpg"))[1]
+    small, _, decoded = clf.prepare_encoded(str(sample))
+    assert small.shape == (168, 224, 3)
+    r = clf.infer(small, tta=True, members=True, image=decoded)
+    assert r.views == 2 * len(bundle.tta)
+    member = clf._members[0]
+    wide = np.asarray(resize(decoded, (120, 160), bundle.input_spec["resize"]), dtype=np.uint8)
+    by_hand = []
+    for backend, adapter, bias, img in [
+        (first.backend, first.adapter, bundle.class_bias, small),
+        (member.backend, member.adapter, member.bias, wide),
+    ]:
+        for view in tta_views(img, bundle.tta):
+            assert adapter(view).shape == (1, *img.shape)
+            values = postprocess.dequantize(backend.invoke(adapter(view)), backend.output_detail)
+            by_hand.append(postprocess.to_probabilities(values, bundle.output_kind, bias))
+    got = np.array([r.probabilities[lab] for lab in bundle.labels])
+    assert np.allclose(got, np.mean(by_hand, axis=0), atol=1e-6)
+    # `classify` (what `edge classify` and training's evaluation call) gives the same, from a
+    # file and from a camera frame's array alike; the live stream runs the first model alone.
+    assert clf.classify(str(sample)).probabilities == r.probabilities
+    frame = np.asarray(decoded)
+    from_frame = clf.classify(frame)
+    assert from_frame.views == r.views
+    assert clf.infer(small).probabilities == first.infer(small).probabilities
+    with pytest.raises(ValueError, match="pass the decoded image"):
+        clf.infer(small, members=True)
+
+
+def test_the_ensemble_builder_records_a_member_s_own_size(tmp_path):
+    """`python -m training ensemble` takes a bundle of another input size as a member (the
+    manifest entry declares it) but not one that resizes or normalises differently."""
+    from training.ensemble import _compatible
+
+    def variant(name: str, **input_spec) -> Path:
+        copy = tmp_path / name
+        shutil.copytree(SKIN, copy)
+        manifest = json.loads((copy / "manifest.json").read_text())
+        manifest["input"].update(input_spec)
+        (copy / "manifest.json").write_text(json.dumps(manifest))
+        return copy
+
+    first = load_bundle(SKIN)
+    assert _compatible(first, load_bundle(SKIN), SKIN) is None
+    wider = variant("wider", size=[192, 256])
+    assert _compatible(first, load_bundle(wider), wider) == {"size": [192, 256]}
+    cropped = variant("cropped", size=[192, 256], resize="center-crop")
+    with pytest.raises(BundleError, match="same colour order, resize and normalization"):
+        _compatible(first, load_bundle(cropped), cropped)
+
+
 def test_members_are_refused_with_the_reason(tmp_path, member):
     wrong_hash = _with_members(tmp_path / "a", member)
     manifest = json.loads((wrong_hash / "manifest.json").read_text())
@@ -163,5 +261,34 @@ def test_the_model_page_and_status_list_the_members(tmp_path, member):
         assert model["bundle"]["decision"]["threshold"] == load_bundle(bundle).decision[
             "threshold"]
         assert model["backend"]["members"] == 2
+    finally:
+        store.close()
+
+
+def test_an_upload_averages_a_member_of_another_size_as_classify_does(tmp_path, wide_member):
+    """The daemon's upload path hands the decoded image to the member of its own size: the
+    stored result is `classify`'s, and the Model page names the member's input."""
+    import io
+
+    from edge.serve import build
+    from tests.daemon_helpers import make_config, replay_folder
+
+    samples = sorted((SKIN / "samples").glob("*.jpg"))
+    bundle = _declare(_with_members(tmp_path, wide_member), [120, 160])
+    cfg = make_config(bundle, replay_folder(tmp_path / "r", samples[:2]), tmp_path / "data")
+    pipeline, app, store = build(cfg)
+    try:
+        c = app.test_client()
+        assert "member_wide_int8.tflite (160×120 input)" in c.get("/model").get_data(
+            as_text=True)
+        token = c.get("/api/session").get_json()["csrf_token"]
+        r = c.post("/api/classify", headers={"X-CSRFToken": token},
+                   data={"image": (io.BytesIO(samples[1].read_bytes()), "x.jpg")})
+        assert r.status_code == 201, r.get_json()
+        doc = r.get_json()
+        expected = Classifier(load_bundle(bundle), backend="cpu", threads=1).classify(
+            str(samples[1]))
+        assert doc["views"] == expected.views == 2 * len(load_bundle(SKIN).tta)
+        assert doc["probabilities"] == pytest.approx(expected.probabilities, abs=1e-6)
     finally:
         store.close()

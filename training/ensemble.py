@@ -35,13 +35,21 @@ KEYS = ("accuracy", "balanced_accuracy", "macro_auc", "group_auc", "sensitivity"
         "specificity_at_target")
 
 
-def _compatible(first, other, where: Path) -> None:
+def _compatible(first, other, where: Path) -> dict | None:
+    """Refuse a bundle that cannot be a member of ``first``'s ensemble; its own input size
+    (the manifest entry's ``input``) when it differs from the first's, else None."""
     if other.labels != first.labels:
         raise BundleError(f"{where}: labels {other.labels} differ from {first.labels}",
                           "an ensemble's members share the first bundle's labels")
-    if other.input_spec != first.input_spec:
+    mine, theirs = dict(first.input_spec), dict(other.input_spec)
+    size = theirs.pop("size")
+    if mine.pop("size") == size:
+        return None
+    if mine != theirs:
         raise BundleError(f"{where}: input {other.input_spec} differs from {first.input_spec}",
-                          "every member takes the same input")
+                          "a member may take another size, but the same colour order, resize "
+                          "and normalization")
+    return {"size": list(size)}
 
 
 def _metrics(bundle, y, probs, samples: list[Sample], threshold: float, target: float) -> dict:
@@ -56,12 +64,12 @@ def _metrics(bundle, y, probs, samples: list[Sample], threshold: float, target: 
 def capture_latency_ms(bundle_dir: Path, image: Path, threads: int, runs: int = 10) -> float:
     """Median wall time of one capture's classification (every member × every view)."""
     clf = Classifier(load_bundle(bundle_dir), backend="cpu", threads=threads)
-    small, _ = clf.prepare(str(image))
-    clf.infer(small, tta=True, members=True)
+    small, _, decoded = clf.prepare_encoded(str(image))
+    clf.infer(small, tta=True, members=True, image=decoded)
     times = []
     for _ in range(runs):
         t = time.perf_counter()
-        clf.infer(small, tta=True, members=True)
+        clf.infer(small, tta=True, members=True, image=decoded)
         times.append((time.perf_counter() - t) * 1e3)
     clf.close()
     return float(np.median(times))
@@ -79,7 +87,7 @@ def build_ensemble(cfg: Config, first_dir: Path, others: list[Path], out: Path,
     manifest["members"] = []
     for i, other_dir in enumerate(others, start=1):
         other = load_bundle(other_dir)
-        _compatible(first, other, other_dir)
+        own_input = _compatible(first, other, other_dir)
         src = other.artifacts["int8"].path
         name = f"member{i}_{src.name}"
         shutil.copyfile(src, out / name)
@@ -88,6 +96,8 @@ def build_ensemble(cfg: Config, first_dir: Path, others: list[Path], out: Path,
                        "from": f"{other.name} {other.version}"}
         if other.manifest.get("class_bias"):
             entry["class_bias"] = list(other.manifest["class_bias"])
+        if own_input:
+            entry["input"] = own_input
         manifest["members"].append(entry)
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     staged = load_bundle(out)

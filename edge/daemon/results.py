@@ -30,6 +30,8 @@ from .frames import encode_jpeg, prepare_frame
 from .store import StorageError, Store
 
 if TYPE_CHECKING:
+    from PIL import Image
+
     from .active import Active
 
 log = logging.getLogger(__name__)
@@ -91,19 +93,22 @@ class ResultsService:
         same file gives the same model input however it enters. The snapshot is re-encoded
         from a full decode (which also drops the upload's metadata)."""
         p, clf = run.cfg.pipeline, run.classifier
+        source: np.ndarray | Image.Image
         if isinstance(image, np.ndarray):
             rgb = image
             small, times, quality = prepare_frame(clf, rgb, p.min_focus, p.max_clipped)
+            source = rgb  # an ensemble member of another input size resizes from it
         else:
             # Decoded once, no larger than the snapshot needs, within the decode budget; the
             # snapshot is that image (which also drops the upload's metadata).
             small, times, decoded = clf.prepare_encoded(image, budget=self.decode_budget.hold)
             quality = assess(small, p.min_focus, p.max_clipped)
             rgb = np.asarray(decoded, dtype=np.uint8)
+            source = decoded  # resized as `classify` and training's evaluation resize it
         # On demand a few more invokes cost nothing a user notices: average the bundle's
         # test-time views (the live stream never does).
         result = clf.infer(small, times, top_k=p.top_k, name=mode, tta=True, explain=True,
-                           members=True)
+                           members=True, image=source)
         doc = result.to_dict()
         doc["quality"] = quality.to_dict()
         # Out of scope counts like a failed quality gate: no finding, never flagged.

@@ -95,6 +95,13 @@ class Bundle:
         spec = {**DEFAULT_INPUT, **self.manifest["input"]}
         return spec
 
+    def member_input_spec(self, member: Artifact) -> dict[str, Any]:
+        """An ensemble member's input: the bundle's, at the member's own size when its entry
+        declares one (a member trained at another resolution sees the image at that size)."""
+        spec = self.input_spec
+        own = member.info.get("input")
+        return {**spec, "size": list(own["size"])} if own else spec
+
     @property
     def tta(self) -> list[str]:
         """Views averaged when test-time augmentation is asked for ([] = not offered)."""
@@ -131,7 +138,8 @@ class Bundle:
             # Averaged with the first model for captures, uploads and `classify`; the live
             # stream runs the first alone.
             "members": [{"file": m.path.name, "sha256": m.info.get("sha256"),
-                         "from": m.info.get("from"), "class_bias": "class_bias" in m.info}
+                         "from": m.info.get("from"), "class_bias": "class_bias" in m.info,
+                         "input_size": self.member_input_spec(m)["size"]}
                         for m in self.members],
             "tta": self.tta,
             "decision": {k: rule[k] for k in keys if k in rule} if rule else None,
@@ -194,13 +202,17 @@ def _cross_errors(manifest: dict[str, Any]) -> list[str]:
         if manifest.get("output") != "logits":
             errors.append(f'{where}: needs "output": "logits" (it is added to the logits)')
     tta = manifest.get("tta") or []
-    size = manifest["input"]["size"]
     turns = sorted({"rot90", "rot270"}.intersection(tta))
-    if turns and size[0] != size[1] and size != [0, 0]:
-        errors.append(
-            f"tta: {turns} would turn the {size[0]}×{size[1]} input on its side; on a non-square "
-            "input use identity, flip_lr, flip_ud and rot180"
-        )
+    sizes = [manifest["input"]["size"]] + [
+        m["input"]["size"] for m in manifest.get("members", []) if "input" in m
+    ]
+    for size in sizes:
+        if turns and size[0] != size[1] and size != [0, 0]:
+            errors.append(
+                f"tta: {turns} would turn the {size[0]}×{size[1]} input on its side; on a "
+                "non-square input use identity, flip_lr, flip_ud and rot180"
+            )
+            break
     decision = manifest.get("decision")
     if decision and decision["group"] not in groups:
         errors.append(

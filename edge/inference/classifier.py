@@ -34,6 +34,21 @@ REPROBE_FIRST_S = 15.0
 REPROBE_MAX_S = 600.0
 
 
+@dataclass(frozen=True)
+class Member:
+    """An ensemble member on the CPU: its interpreter, its input (its own size or the
+    bundle's) and its own logit offsets."""
+
+    backend: Backend
+    adapter: InputAdapter
+    bias: np.ndarray | None
+    spec: dict[str, Any]
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return self.adapter.size
+
+
 @dataclass
 class Result:
     label: str
@@ -103,6 +118,10 @@ class Classifier:
         self._reprobe_at = 0.0
         self._use(selection.backend)
         self._members = [self._open_member(art) for art in bundle.members]
+        # Decoded no smaller than the largest input of any member, so that each resizes from
+        # the decoded image to its own size (as it was trained and evaluated).
+        sizes = [self.adapter.size] + [m.size for m in self._members]
+        self._decode_size = (max(h for h, _ in sizes), max(w for _, w in sizes))
 
     # -- setup ---------------------------------------------------------------------------
     def _use(self, backend: Backend) -> None:
@@ -152,28 +171,35 @@ class Classifier:
         self.adapter = InputAdapter.for_model(backend.input_detail, spec)
         self.backend = backend
 
-    def _open_member(self, art: Any) -> tuple[Backend, InputAdapter, np.ndarray | None]:
-        """An ensemble member on the CPU: same input and the bundle's labels, or refused;
-        with its own logit offsets (``class_bias``) when it declares them."""
+    def _open_member(self, art: Any) -> Member:
+        """An ensemble member on the CPU: the bundle's labels and the input its entry declares
+        (the bundle's unless it names its own size), or refused; with its own logit offsets
+        (``class_bias``) when it declares them."""
         from .backends.cpu import CpuBackend
 
         backend = CpuBackend(art, self.runtime, self.threads)
+        spec = self.bundle.member_input_spec(art)
         shape = backend.input_shape
-        if tuple(shape[1:3]) != tuple(self.adapter.size):
+        if len(shape) != 4 or tuple(shape[1:3]) != tuple(spec["size"]) or shape[3] != 3:
+            backend.close()
+            own = "input" in art.info
             raise BundleError(
-                f"member {art.path.name}: input {shape[1]}×{shape[2]}, the bundle's is "
-                f"{self.adapter.size[0]}×{self.adapter.size[1]}",
-                "every member takes the same input; re-export it at the bundle's size",
+                f"member {art.path.name}: input {list(shape[1:])}, its entry in manifest.json "
+                f"says {spec['size'][0]}×{spec['size'][1]}"
+                + ("" if own else " (the bundle's input)"),
+                "declare the member's own size in its entry (\"input\": {\"size\": [H, W]})"
+                if not own else "fix the member's input.size in manifest.json",
             )
         if backend.output_size != len(self.bundle.labels):
+            backend.close()
             raise BundleError(
                 f"member {art.path.name} has {backend.output_size} outputs but the bundle has "
                 f"{len(self.bundle.labels)} labels",
                 "an ensemble's members share the bundle's labels",
             )
         bias = art.info.get("class_bias")  # checked with the manifest (one per label)
-        return (backend, InputAdapter.for_model(backend.input_detail, self.spec),
-                None if bias is None else np.asarray(bias, dtype=np.float64))
+        return Member(backend, InputAdapter.for_model(backend.input_detail, spec),
+                      None if bias is None else np.asarray(bias, dtype=np.float64), spec)
 
     @property
     def members(self) -> int:
@@ -219,7 +245,8 @@ class Classifier:
         RGB image (at most about KEEP_PIXELS; the daemon stores it as the snapshot)."""
         h, w = self.adapter.size
         t0 = time.perf_counter()
-        img = open_image(source, target=(w, h), max_pixels=self.max_pixels, budget=budget)
+        dh, dw = self._decode_size
+        img = open_image(source, target=(dw, dh), max_pixels=self.max_pixels, budget=budget)
         t1 = time.perf_counter()
         small = np.asarray(resize(img, (h, w), self.spec["resize"]), dtype=np.uint8)
         t2 = time.perf_counter()
@@ -309,10 +336,16 @@ class Classifier:
     ) -> Result:
         """Classify an image as a capture would: an ensemble's members over every view (the
         threshold was chosen on that mean); a single model over its views with ``tta``."""
-        rgb, times = self.prepare(source)
+        image: Image.Image | np.ndarray
+        if isinstance(source, np.ndarray):
+            rgb, times = self.prepare(source)
+            image = source
+        else:
+            rgb, times, image = self.prepare_encoded(source)
         if name is None and isinstance(source, str):
             name = source
-        return self.infer(rgb, times, top_k, name, tta=tta, explain=explain, members=members)
+        return self.infer(rgb, times, top_k, name, tta=tta, explain=explain, members=members,
+                          image=image)
 
     def infer(
         self,
@@ -323,11 +356,14 @@ class Classifier:
         tta: bool = False,
         explain: bool = False,
         members: bool = False,
+        image: Image.Image | np.ndarray | None = None,
     ) -> Result:
         """Classify an already prepared (H, W, 3) model-size input (see :meth:`prepare`).
         ``members``: classify as a capture does, every ensemble member over every view of the
         bundle (``tta_threshold`` is chosen on exactly that mean; no threshold is chosen on the
-        members over one view); the live stream does not.
+        members over one view); the live stream does not. A member with its own input size
+        resizes ``image`` (the decoded image or camera frame ``rgb`` was made from), which it
+        then needs.
 
         ``tta``: average the probabilities over the bundle's test-time views (a few times the
         invoke cost; for on-demand classifications, not the live stream). Without ``tta`` in
@@ -337,6 +373,11 @@ class Classifier:
         t_start = time.perf_counter() - (times.get("decode", 0) + times.get("preprocess", 0)) / 1e3
         members = members and bool(self._members)
         views = tta_views(rgb, self.bundle.tta) if (tta or members) and self.bundle.tta else [rgb]
+        t_views = time.perf_counter()
+        member_views = self._member_views(views, image) if members else []
+        if members:  # resizing for members of another size is preprocessing
+            times["preprocess"] = times.get("preprocess", 0.0) + (
+                time.perf_counter() - t_views) * 1e3
         outputs = []
         notes: list[str] = []
         taps: list[np.ndarray] = []
@@ -350,11 +391,10 @@ class Classifier:
                 if i == 0:  # the first view's feature maps, as the model returned them
                     taps = got
                     tap_details = [self.backend.tap_details[j] for j in self._taps]
-            if members:
-                for backend, adapter, member_bias in self._members:
-                    for view in views:
-                        outputs.append((backend.invoke(adapter(view)), backend.output_detail,
-                                        member_bias))
+            for member, inputs in member_views:
+                for view in inputs:
+                    outputs.append((member.backend.invoke(member.adapter(view)),
+                                    member.backend.output_detail, member.bias))
             t1 = time.perf_counter()
             backend_name = self.backend.name
         kind = self.bundle.output_kind
@@ -407,6 +447,29 @@ class Classifier:
             map=cam,
         )
 
+    def _member_views(
+        self, views: list[np.ndarray], image: Image.Image | np.ndarray | None
+    ) -> list[tuple[Member, list[np.ndarray]]]:
+        """Each member's views: the first model's ``views`` where its input is the same size,
+        else those of ``image`` resized to its own size (once per size)."""
+        by_size = {self.adapter.size: views}
+        for member in self._members:
+            if member.size in by_size:
+                continue
+            if image is None:
+                raise ValueError(
+                    f"member {member.backend.artifact.path.name} takes {member.size[0]}×"
+                    f"{member.size[1]}: pass the decoded image (image=...) to resize it from")
+            if isinstance(image, np.ndarray):
+                small = resize_array(np.ascontiguousarray(image, dtype=np.uint8), member.size,
+                                     member.spec["resize"])
+            else:
+                small = np.asarray(resize(image, member.size, member.spec["resize"]),
+                                   dtype=np.uint8)
+            by_size[member.size] = tta_views(small, self.bundle.tta) if self.bundle.tta \
+                else [small]
+        return [(m, by_size[m.size]) for m in self._members]
+
     def _explain(self, scope: ScopeModel, fmap: np.ndarray, probs: np.ndarray,
                  cls: int) -> dict[str, Any] | None:
         """Activation maps for the top class and the decision group, on the first view."""
@@ -429,5 +492,5 @@ class Classifier:
         """Free the interpreter (and an Edge TPU); waits for an inference in progress."""
         with self._lock:
             self.backend.close()
-            for backend, _, _ in self._members:
-                backend.close()
+            for member in self._members:
+                member.backend.close()
