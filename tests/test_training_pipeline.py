@@ -465,3 +465,32 @@ def test_int8_export_agrees_with_float_on_a_decisive_model(shared, parrot, tmp_p
     assert len(confident) >= 15  # the check below means something only on decisive answers
     same = sum(top["float"][i].label == top["int8"][i].label for i in confident)
     assert same / len(confident) >= 0.95, (same, len(confident))
+
+
+def test_compare_scores_candidates_as_a_capture_classifies(tiny_run, tmp_path, capsys):
+    """`python -m training compare`: a bundle against itself and against the ensemble of it
+    with itself is exactly level; the baseline's score is that of the bundle's own capture
+    classification; probabilities are kept in the cache folder."""
+    from training.cli import main
+    from training.datasets import read_split
+    from training.evaluate import group_indices, predict
+    from training.metrics import headline, selection_score
+
+    cfg, run_dir, out, ev = tiny_run
+    cache = tmp_path / "cache"
+    argv = ["compare", "--baseline", str(out), "--candidate", str(out), "--candidate",
+            f"{out}+{out}", "--data", str(run_dir / "split.csv"), "--part", "val",
+            "--resamples", "50", "--cache", str(cache), "--json"]
+    assert main(argv) == 0
+    got = json.loads(capsys.readouterr().out)
+    for spec in (str(out), f"{out}+{out}"):
+        c = got["candidates"][spec]
+        assert c["difference"] == 0 and c["ci95"] == [0, 0] and c["better_share"] == 0
+    val = read_split(run_dir / "split.csv")["val"]
+    bundle = load_bundle(out)
+    probs, _ = predict(bundle, "int8", val, tta=bool(bundle.tta))
+    y = np.array([bundle.labels.index(s.label) for s in val])
+    want = selection_score(headline(y, probs, group_indices(bundle)))
+    assert got["candidates"][str(out)]["baseline"] == round(want, 4)
+    assert len(list(cache.glob("*.npy"))) == 1  # one bundle, classified once
+    assert main(argv[:-1]) == 0 and "lesion resamples" in capsys.readouterr().out

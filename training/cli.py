@@ -1,4 +1,4 @@
-"""``python -m training train|export|evaluate|compile``."""
+"""``python -m training train|export|evaluate|compare|compile|...``."""
 
 from __future__ import annotations
 
@@ -149,6 +149,28 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def cmd_compare(args) -> int:
+    from .compare import compare
+
+    samples = _samples_from(args.data, args.part)
+    out = compare(Path(args.baseline), args.candidate, samples, args.resamples,
+                  Path(args.cache) if args.cache else None)
+    if args.json:
+        print(json.dumps(out))
+        return 0
+    b = out["baseline_figures"]
+    print(f"{out['baseline']} (baseline, {out['n']} images, {out['lesions']} lesions): "
+          f"accuracy {b['accuracy']:.4f}, balanced {b['balanced_accuracy']:.4f}, group AUC "
+          f"{b['group_auc']:.4f}")
+    for spec, c in out["candidates"].items():
+        lo, hi = c["ci95"]
+        print(f"{spec}: accuracy {c['accuracy']:.4f}, balanced {c['balanced_accuracy']:.4f}, "
+              f"group AUC {c['group_auc']:.4f}; score {c['score']:.4f} vs {c['baseline']:.4f}: "
+              f"{c['difference']:+.4f} (95 % interval {lo:+.4f} to {hi:+.4f}), higher in "
+              f"{100 * c['better_share']:.0f} % of {c['resamples']} lesion resamples")
+    return 0
+
+
 def _keep_scores(bundle_dir: Path, args) -> int:
     """For a bundle built before its validation scores were kept: score the config's
     validation split through the bundle as its thresholds were chosen (the first model on one
@@ -296,6 +318,20 @@ def main(argv: list[str] | None = None) -> int:
     v.add_argument("--part", default="test")
     v.add_argument("--json", action="store_true")
     v.set_defaults(func=cmd_evaluate)
+    cp = sub.add_parser(
+        "compare",
+        help="candidates against the shipped bundle on validation, with a lesion-level "
+        "bootstrap of the score's difference",
+    )
+    cp.add_argument("--baseline", required=True, help="the shipped bundle")
+    cp.add_argument("--candidate", action="append", required=True,
+                    help="a bundle, or bundles joined by + (their mean: an ensemble)")
+    cp.add_argument("--data", required=True, help="split.csv (uses --part) or as for evaluate")
+    cp.add_argument("--part", default="val")
+    cp.add_argument("--resamples", type=int, default=1000)
+    cp.add_argument("--cache", help="a folder keeping each bundle's probabilities")
+    cp.add_argument("--json", action="store_true")
+    cp.set_defaults(func=cmd_compare)
     tp = sub.add_parser(
         "teacher-prep", help="write the folder training/gpu_teacher.py trains a teacher on"
     )

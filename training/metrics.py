@@ -58,6 +58,12 @@ def headline(y_true: np.ndarray, probs: np.ndarray, group_idx: list[int]) -> dic
     }
 
 
+def selection_score(m: dict[str, float]) -> float:
+    """What chooses an epoch and a model to ship: the mean of accuracy, balanced accuracy and
+    the decision group's AUC (from :func:`headline`)."""
+    return (m["accuracy"] + m["balanced_accuracy"] + m["group_auc"]) / 3
+
+
 def threshold_for_sensitivity(y_true: np.ndarray, score: np.ndarray, target: float) -> float:
     """The highest threshold whose sensitivity reaches ``target`` (most specific such rule)."""
     y = np.asarray(y_true).astype(bool)

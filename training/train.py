@@ -19,7 +19,7 @@ from .cached import activations, copies_dataset, split_at
 from .config import Config
 from .datasets import class_weights, config_split, write_split
 from .input_pipeline import cache_images, make_dataset, sampled_dataset
-from .metrics import headline
+from .metrics import headline, selection_score
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ def _callbacks(cfg: Config, run_dir: Path, val, group_idx: list[int], phase: str
             logs = logs if logs is not None else {}
             logs["val_group_auc"] = m["group_auc"]
             logs["val_balanced_accuracy"] = bal
-            logs["val_score"] = (logs["val_group_auc"] + acc + bal) / 3
+            logs["val_score"] = selection_score(m)
             log.info(
                 "%s epoch %d: val_group_auc %.4f, accuracy %.4f, balanced accuracy %.4f",
                 phase,
