@@ -22,7 +22,7 @@ from edge.inference.bundle import load_bundle
 
 from .datasets import Sample
 from .evaluate import group_indices, predict
-from .metrics import headline, selection_score
+from .metrics import headline, lesion_resamples, selection_score
 
 log = logging.getLogger(__name__)
 
@@ -67,14 +67,9 @@ def paired_bootstrap(y: np.ndarray, groups: np.ndarray, base: np.ndarray, cand: 
     lesion-level resamples (both judged on the same resample), and the share of resamples in
     which the candidate scores higher (of the resamples that hold both sides of the
     decision group)."""
-    names, index = np.unique(np.asarray(groups), return_inverse=True)
-    members = [np.flatnonzero(index == i) for i in range(len(names))]
-    rng = np.random.default_rng(seed)
-    diffs = np.empty(n_boot)
-    for b in range(n_boot):
-        pick = np.concatenate([members[i] for i in rng.integers(0, len(members), len(members))])
-        diffs[b] = (selection_score(headline(y[pick], cand[pick], group_idx))
-                    - selection_score(headline(y[pick], base[pick], group_idx)))
+    diffs = np.array([selection_score(headline(y[pick], cand[pick], group_idx))
+                      - selection_score(headline(y[pick], base[pick], group_idx))
+                      for pick in lesion_resamples(groups, n_boot, seed)])
     # A resample without a positive (or a negative) image has no AUC: it cannot judge.
     diffs = diffs[np.isfinite(diffs)]
     if not len(diffs):

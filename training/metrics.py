@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 
 
@@ -74,6 +76,16 @@ def threshold_for_sensitivity(y_true: np.ndarray, score: np.ndarray, target: flo
     return float(pos[max(k, 1) - 1])
 
 
+def lesion_resamples(groups: np.ndarray, n_boot: int, seed: int) -> Iterator[np.ndarray]:
+    """Indices of ``n_boot`` bootstrap resamples drawn by lesion (``groups``): a lesion's
+    images come in or stay out together, so two photos of one lesion count once."""
+    names, index = np.unique(np.asarray(groups), return_inverse=True)
+    members = [np.flatnonzero(index == i) for i in range(len(names))]
+    rng = np.random.default_rng(seed)
+    for _ in range(n_boot):
+        yield np.concatenate([members[i] for i in rng.integers(0, len(members), len(members))])
+
+
 def threshold_with_bound(
     y_true: np.ndarray, score: np.ndarray, groups: np.ndarray, target: float,
     confidence: float = 0.95, n_boot: int = 2000, seed: int = 0,
@@ -84,14 +96,8 @@ def threshold_with_bound(
     lower bound, so a split's luck does not set it). Returns it and the resampled thresholds."""
     y = np.asarray(y_true).astype(bool)
     s = np.asarray(score, dtype=np.float64)
-    g = np.asarray(groups)
-    names, index = np.unique(g, return_inverse=True)
-    members = [np.flatnonzero(index == i) for i in range(len(names))]
-    rng = np.random.default_rng(seed)
-    ts = np.empty(n_boot)
-    for b in range(n_boot):
-        pick = np.concatenate([members[i] for i in rng.integers(0, len(members), len(members))])
-        ts[b] = threshold_for_sensitivity(y[pick], s[pick], target)
+    ts = np.array([threshold_for_sensitivity(y[pick], s[pick], target)
+                   for pick in lesion_resamples(groups, n_boot, seed)])
     return float(np.quantile(ts, 1 - confidence)), ts
 
 
@@ -102,13 +108,8 @@ def sensitivity_interval(
     """Sensitivity at ``threshold`` and its 95 % interval by lesion-level bootstrap."""
     y = np.asarray(y_true).astype(bool)
     hit = np.asarray(score) >= threshold
-    g = np.asarray(groups)
-    names, index = np.unique(g, return_inverse=True)
-    members = [np.flatnonzero(index == i) for i in range(len(names))]
-    rng = np.random.default_rng(seed)
     values = []
-    for _ in range(n_boot):
-        pick = np.concatenate([members[i] for i in rng.integers(0, len(members), len(members))])
+    for pick in lesion_resamples(groups, n_boot, seed):
         pos = y[pick]
         if pos.any():
             values.append(hit[pick][pos].mean())
