@@ -42,7 +42,6 @@ class Member:
     backend: Backend
     adapter: InputAdapter
     bias: np.ndarray | None
-    spec: dict[str, Any]
 
     @property
     def size(self) -> tuple[int, int]:
@@ -199,7 +198,7 @@ class Classifier:
             )
         bias = art.info.get("class_bias")  # checked with the manifest (one per label)
         return Member(backend, InputAdapter.for_model(backend.input_detail, spec),
-                      None if bias is None else np.asarray(bias, dtype=np.float64), spec)
+                      None if bias is None else np.asarray(bias, dtype=np.float64))
 
     @property
     def members(self) -> int:
@@ -229,9 +228,7 @@ class Classifier:
         t0 = time.perf_counter()
         if isinstance(source, np.ndarray):  # a camera frame: no decoding
             t1 = t0
-            small = resize_array(
-                np.ascontiguousarray(source, dtype=np.uint8), (h, w), self.spec["resize"]
-            )
+            small = self._to_size(source, (h, w))
         else:
             small, times, _ = self.prepare_encoded(source)
             return small, times
@@ -248,9 +245,17 @@ class Classifier:
         dh, dw = self._decode_size
         img = open_image(source, target=(dw, dh), max_pixels=self.max_pixels, budget=budget)
         t1 = time.perf_counter()
-        small = np.asarray(resize(img, (h, w), self.spec["resize"]), dtype=np.uint8)
+        small = self._to_size(img, (h, w))
         t2 = time.perf_counter()
         return small, {"decode": (t1 - t0) * 1e3, "preprocess": (t2 - t1) * 1e3}, img
+
+    def _to_size(self, image: Image.Image | np.ndarray, size: tuple[int, int]) -> np.ndarray:
+        """A decoded image or a camera frame at a model's (H, W) input size, resized the
+        bundle's way: the first model's input and every member's come from here."""
+        if isinstance(image, np.ndarray):
+            return resize_array(np.ascontiguousarray(image, dtype=np.uint8), size,
+                                self.spec["resize"])
+        return np.asarray(resize(image, size, self.spec["resize"]), dtype=np.uint8)
 
     @contextmanager
     def exclusive(self) -> Iterator[Backend]:
@@ -373,9 +378,10 @@ class Classifier:
         t_start = time.perf_counter() - (times.get("decode", 0) + times.get("preprocess", 0)) / 1e3
         members = members and bool(self._members)
         views = tta_views(rgb, self.bundle.tta) if (tta or members) and self.bundle.tta else [rgb]
-        t_views = time.perf_counter()
-        member_views = self._member_views(views, image) if members else []
+        member_views = []
         if members:  # resizing for members of another size is preprocessing
+            t_views = time.perf_counter()
+            member_views = self._member_views(views, image)
             times["preprocess"] = times.get("preprocess", 0.0) + (
                 time.perf_counter() - t_views) * 1e3
         outputs = []
@@ -460,12 +466,7 @@ class Classifier:
                 raise ValueError(
                     f"member {member.backend.artifact.path.name} takes {member.size[0]}×"
                     f"{member.size[1]}: pass the decoded image (image=...) to resize it from")
-            if isinstance(image, np.ndarray):
-                small = resize_array(np.ascontiguousarray(image, dtype=np.uint8), member.size,
-                                     member.spec["resize"])
-            else:
-                small = np.asarray(resize(image, member.size, member.spec["resize"]),
-                                   dtype=np.uint8)
+            small = self._to_size(image, member.size)
             by_size[member.size] = tta_views(small, self.bundle.tta) if self.bundle.tta \
                 else [small]
         return [(m, by_size[m.size]) for m in self._members]
