@@ -494,3 +494,24 @@ def test_compare_scores_candidates_as_a_capture_classifies(tiny_run, tmp_path, c
     assert got["candidates"][str(out)]["baseline"] == round(want, 4)
     assert len(list(cache.glob("*.npy"))) == 1  # one bundle, classified once
     assert main(argv[:-1]) == 0 and "lesion resamples" in capsys.readouterr().out
+
+
+def test_compare_classifies_each_bundle_once(tiny_run, monkeypatch):
+    """Without a cache, a bundle named as the baseline and in several candidates is still
+    classified once: the validation split is the slow part of a comparison."""
+    import training.compare as compare_module
+    from training.datasets import read_split
+
+    cfg, run_dir, out, ev = tiny_run
+    calls = []
+    real = compare_module.predict
+
+    def counted(bundle, *args, **kw):
+        calls.append(bundle.root)
+        return real(bundle, *args, **kw)
+
+    monkeypatch.setattr(compare_module, "predict", counted)
+    val = read_split(run_dir / "split.csv")["val"]
+    got = compare_module.compare(out, [str(out), f"{out}+{out}"], val, n_boot=20)
+    assert len(got["candidates"]) == 2
+    assert calls == [out]

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from edge.errors import BundleError
-from edge.inference.bundle import load_bundle
+from edge.inference.bundle import Bundle, load_bundle
 
 from .datasets import Sample
 from .evaluate import group_indices, predict
@@ -27,19 +27,19 @@ from .metrics import headline, lesion_resamples, selection_score
 log = logging.getLogger(__name__)
 
 
-def capture_probs(bundle_dir: Path, samples: list[Sample], cache: Path | None = None
+def capture_probs(bundle: Bundle, samples: list[Sample], cache: Path | None = None
                   ) -> np.ndarray:
     """(N, classes) probabilities of a bundle as a capture gives them (every view, every
     member), kept in ``cache`` under the digest of the manifest and of the image list."""
-    bundle = load_bundle(bundle_dir)
-    key = hashlib.sha256((bundle_dir / "manifest.json").read_bytes()
+    assert bundle.root is not None
+    key = hashlib.sha256((bundle.root / "manifest.json").read_bytes()
                          + "\n".join(str(s.path) for s in samples).encode()).hexdigest()[:16]
     path = cache / f"{bundle.name}-{bundle.version}-{key}.npy" if cache else None
     if path is not None and path.is_file():
         return np.load(path)
     art = bundle.cpu_artifact()
     if art is None:
-        raise BundleError(f"{bundle_dir} has no CPU artifact to classify with")
+        raise BundleError(f"{bundle.root} has no CPU artifact to classify with")
     probs, _ = predict(bundle, art.kind, samples, desc=f"{bundle.name} {bundle.version}",
                        tta=bool(bundle.tta), members=bool(bundle.members))
     if path is not None:
@@ -48,17 +48,27 @@ def capture_probs(bundle_dir: Path, samples: list[Sample], cache: Path | None = 
     return probs
 
 
-def candidate_probs(spec: str, labels: list[str], samples: list[Sample],
-                    cache: Path | None = None) -> np.ndarray:
-    """One bundle, or the mean of several joined by ``+``; all with the baseline's labels."""
-    parts = []
-    for name in spec.split("+"):
-        bundle = load_bundle(name)
-        if bundle.labels != labels:
-            raise BundleError(f"{name}: labels {bundle.labels} differ from {labels}",
-                              "a candidate is compared on the baseline's labels")
-        parts.append(capture_probs(Path(name), samples, cache))
-    return np.mean(parts, axis=0)
+class _Probabilities:
+    """Each bundle of a comparison loaded and classified once, however many candidates name
+    it (the baseline included), with the baseline's labels or refused."""
+
+    def __init__(self, labels: list[str], samples: list[Sample], cache: Path | None) -> None:
+        self.labels, self.samples, self.cache = labels, samples, cache
+        self._done: dict[Path, np.ndarray] = {}
+
+    def of(self, name: str | Path) -> np.ndarray:
+        key = Path(name).resolve()
+        if key not in self._done:
+            bundle = load_bundle(name)
+            if bundle.labels != self.labels:
+                raise BundleError(f"{name}: labels {bundle.labels} differ from {self.labels}",
+                                  "a candidate is compared on the baseline's labels")
+            self._done[key] = capture_probs(bundle, self.samples, self.cache)
+        return self._done[key]
+
+    def candidate(self, spec: str) -> np.ndarray:
+        """One bundle, or the mean of several joined by ``+``."""
+        return np.mean([self.of(name) for name in spec.split("+")], axis=0)
 
 
 def paired_bootstrap(y: np.ndarray, groups: np.ndarray, base: np.ndarray, cand: np.ndarray,
@@ -90,12 +100,10 @@ def compare(baseline: Path, candidates: list[str], samples: list[Sample], n_boot
     y = np.array([first.labels.index(s.label) for s in samples])
     groups = np.array([s.group for s in samples])
     gidx = group_indices(first)
-    base = capture_probs(baseline, samples, cache)
-    out = {"baseline": str(baseline), "n": len(samples),
-           "lesions": int(len(np.unique(groups))),
-           "baseline_figures": {k: round(v, 4) for k, v in headline(y, base, gidx).items()},
-           "candidates": {}}
-    for spec in candidates:
-        probs = candidate_probs(spec, first.labels, samples, cache)
-        out["candidates"][spec] = paired_bootstrap(y, groups, base, probs, gidx, n_boot)
-    return out
+    probs = _Probabilities(first.labels, samples, cache)
+    base = probs.of(baseline)
+    return {"baseline": str(baseline), "n": len(samples),
+            "lesions": int(len(np.unique(groups))),
+            "baseline_figures": {k: round(v, 4) for k, v in headline(y, base, gidx).items()},
+            "candidates": {spec: paired_bootstrap(y, groups, base, probs.candidate(spec), gidx,
+                                                  n_boot) for spec in candidates}}
