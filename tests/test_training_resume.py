@@ -14,19 +14,23 @@ require_module("tensorflow", "training needs the train extra (installed in CI)")
 
 import keras  # noqa: E402
 
-from training.resume import best_and_backup, prior_best, state_path  # noqa: E402
+from training.resume import averaged_weights, best_and_backup, prior_best, state_path  # noqa: E402
 
 
 class Interrupted(Exception):
     pass
 
 
-def _fit(run_dir, scores, patience, stop_after=None, weights_seen=None):
+def _fit(run_dir, scores, patience, stop_after=None, weights_seen=None, ema=0.0):
     """Fit a tiny model whose validation score per epoch is ``scores[epoch]``; raise after
-    epoch ``stop_after`` (0-based) as a killed process would, after the backup was written."""
+    epoch ``stop_after`` (0-based) as a killed process would, after the backup was written.
+    With ``ema`` the optimizer averages the weights and the callbacks see the average."""
     keras.utils.set_random_seed(0)
     model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
-    model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
+    model.compile(
+        optimizer=keras.optimizers.SGD(0.1, use_ema=ema > 0, ema_momentum=ema or 0.99),
+        loss="mse",
+    )
     x = np.random.default_rng(0).normal(size=(16, 3)).astype(np.float32)
     y = np.random.default_rng(1).normal(size=(16, 2)).astype(np.float32)
 
@@ -48,8 +52,14 @@ def _fit(run_dir, scores, patience, stop_after=None, weights_seen=None):
         def on_epoch_begin(self, epoch, logs=None):
             ran.append(epoch)
 
+    first = [averaged_weights(run_dir, "finetune")] if ema else []
     model.fit(
-        x, y, epochs=len(scores), verbose=0, callbacks=[Ran(), Score(), *keep, backup, Kill()]
+        x,
+        y,
+        epochs=len(scores),
+        verbose=0,
+        shuffle=False,
+        callbacks=[*first, Ran(), Score(), *keep, backup, Kill()],
     )
     return model, ran
 
@@ -88,3 +98,32 @@ def test_resume_that_improves_keeps_the_new_best(tmp_path):
     assert json.loads(state_path(best_file).read_text()) == {"score": 0.95, "epoch": 3}
     assert _same(keras.models.load_model(best_file).get_weights(), seen[3])
     assert _same(model.get_weights(), seen[3])
+
+
+def _close(a, b):
+    return all(np.allclose(p, q, atol=1e-6) for p, q in zip(a, b, strict=True))
+
+
+def test_averaged_weights_are_scored_kept_and_resumed(tmp_path):
+    """With a moving average of the weights, every epoch is scored on the average, the best
+    average is what the run keeps, and a run resumed from its backup goes on training the
+    training weights, not the average: it sees what an uninterrupted run sees."""
+    scores = [0.5, 0.6, 0.9, 0.7, 0.8]
+    plain: dict[int, list] = {}
+    _fit(tmp_path / "plain", scores, patience=5, weights_seen=plain)
+    whole: dict[int, list] = {}
+    model, _ = _fit(tmp_path / "whole", scores, patience=5, weights_seen=whole, ema=0.5)
+    assert not _close(whole[2], plain[2])  # the average, not the last step's weights
+    assert _same(model.get_weights(), whole[2])
+    assert _same(
+        keras.models.load_model(tmp_path / "whole" / "best-finetune.keras").get_weights(), whole[2]
+    )
+
+    parts: dict[int, list] = {}
+    with pytest.raises(Interrupted):
+        _fit(tmp_path / "parts", scores, patience=5, stop_after=1, weights_seen=parts, ema=0.5)
+    model, ran = _fit(tmp_path / "parts", scores, patience=5, weights_seen=parts, ema=0.5)
+    assert ran == [2, 3, 4]
+    for epoch in range(len(scores)):
+        assert _close(parts[epoch], whole[epoch]), epoch
+    assert _close(model.get_weights(), whole[2])

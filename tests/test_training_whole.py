@@ -115,6 +115,7 @@ def test_config_checks_the_new_options(tmp_path):
         "train.sampling": "uniform",
         "export.tta": ["identity", "rot90"],
         "model.input_size": [168, 224, 3],
+        "train.ema_momentum": 1.0,
     }
     for key, value in bad.items():
         with pytest.raises(ConfigError) as err:

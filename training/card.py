@@ -361,6 +361,12 @@ def write_card(out: Path, manifest: dict, ev: dict, history: Path | None, cfg, e
         f"at learning rate {cfg.train.finetune_lr:g} with cosine decay "
         f"(BatchNorm frozen; {drawn}"
         + ("; images turned by any angle" if cfg.train.rotate else "")
+        + (
+            f"; a moving average of the weights, momentum {cfg.train.ema_momentum:g} per step, "
+            "validated and kept"
+            if cfg.train.ema_momentum
+            else ""
+        )
         + "; early stopping on the mean of validation "
         f"{rule['group']} AUC, accuracy and balanced accuracy).",
     ]

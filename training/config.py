@@ -108,6 +108,10 @@ class TrainConfig:
     # Learning-rate warm-up steps at the start of phase 2 (whole-network training starts with a
     # random head on a pretrained body; a cold start at the full rate disturbs the body).
     warmup_steps: int = 0
+    # > 0: phase 2 on images validates, keeps and exports an exponential moving average of the
+    # weights (Polyak averaging, this momentum per step) rather than the last step's weights:
+    # with BatchNorm frozen the average needs no new statistics. 0 = off.
+    ema_momentum: float = 0.0
     # > 0: phase 2 trains the layers from unfreeze_from on this many augmented copies of the
     # activations at that layer, computed once (the frozen bottom runs K times, not every epoch).
     cached_copies: int = 0
@@ -234,6 +238,10 @@ def _check(cfg: Config, path: Path) -> None:
             )
     if not 0 <= cfg.train.soft_weight <= 1:
         raise ConfigError(f"{path} [train] soft_weight must be between 0 and 1")
+    if not 0 <= cfg.train.ema_momentum < 1:
+        raise ConfigError(f"{path} [train] ema_momentum must be at least 0 (off) and below 1")
+    if cfg.train.ema_momentum and cfg.train.cached_copies:
+        raise ConfigError(f"{path} [train] ema_momentum works on images: set cached_copies = 0")
     if cfg.train.sampling not in SAMPLING:
         raise ConfigError(f"{path} [train] sampling must be one of {SAMPLING}")
     if cfg.train.sampling != "none" and cfg.train.cached_copies:

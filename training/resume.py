@@ -112,3 +112,23 @@ def best_and_backup(
         EarlyStopping(monitor=monitor, mode="max", patience=patience, restore_best_weights=True),
     ]
     return keep, keras.callbacks.BackupAndRestore(str(backup_dir))
+
+
+def averaged_weights(run_dir: Path, phase: str) -> object:
+    """The callback that puts the optimizer's moving average of the weights in the model at each
+    epoch's end, for the validation score, the best checkpoint, early stopping and the backup,
+    and the training weights back at the next epoch's start. List it before those callbacks.
+
+    The backup is therefore written with the average in the model and the training weights in
+    the optimizer: a phase resumed from it starts swapped, and the first epoch swaps back (a plain
+    ``SwapEMAWeights`` would go on training from the average)."""
+    import keras
+
+    resumed = (run_dir / f"backup-{phase}" / "training_metadata.json").exists()
+
+    class AveragedWeights(keras.callbacks.SwapEMAWeights):
+        def __init__(self) -> None:
+            super().__init__(swap_on_epoch=True)
+            self._ema_weights_in_model = resumed
+
+    return AveragedWeights()

@@ -49,7 +49,11 @@ def _strategy():
     return tf.distribute.MirroredStrategy() if len(gpus) > 1 else tf.distribute.get_strategy()
 
 
-def _callbacks(cfg: Config, run_dir: Path, val, group_idx: list[int], phase: str):
+def _callbacks(
+    cfg: Config, run_dir: Path, val, group_idx: list[int], phase: str, averaged: bool = False
+):
+    """The phase's callbacks; with ``averaged`` (an optimizer keeping a moving average of the
+    weights) everything from the validation score on sees the averaged weights."""
     import keras
 
     class ValAuc(keras.callbacks.Callback):
@@ -76,18 +80,22 @@ def _callbacks(cfg: Config, run_dir: Path, val, group_idx: list[int], phase: str
                 bal,
             )
 
-    from .resume import best_and_backup
+    from .resume import averaged_weights, best_and_backup
 
     # The int8 simulation's wrappers are not serialisable as a model: weights only.
     keep, backup = best_and_backup(run_dir, phase, "val_score", cfg.train.patience, phase == "qat")
     history = keras.callbacks.CSVLogger(str(run_dir / "history.csv"), append=True)
     # The history row before the backup: a restart repeats a row rather than losing one.
-    return [ValAuc(), *keep, history, backup]
+    first = [averaged_weights(run_dir, phase)] if averaged else []
+    return [*first, ValAuc(), *keep, history, backup]
 
 
-def _compile(model, lr: float, steps: int = 0, warmup: int = 0, soft: bool = False) -> None:
+def _compile(
+    model, lr: float, steps: int = 0, warmup: int = 0, soft: bool = False, ema: float = 0.0
+) -> None:
     """Adam and cross-entropy (on class indices, or on probability rows with ``soft``), with a
-    cosine decay over ``steps`` when given (after ``warmup`` steps rising linearly from 0)."""
+    cosine decay over ``steps`` when given (after ``warmup`` steps rising linearly from 0), and
+    with ``ema`` > 0 a moving average of the weights at that momentum."""
     import keras
 
     if steps and warmup:
@@ -97,7 +105,7 @@ def _compile(model, lr: float, steps: int = 0, warmup: int = 0, soft: bool = Fal
     elif steps:
         lr = keras.optimizers.schedules.CosineDecay(lr, steps)
     model.compile(
-        optimizer=keras.optimizers.Adam(lr),
+        optimizer=keras.optimizers.Adam(lr, use_ema=ema > 0, ema_momentum=ema or 0.99),
         loss=keras.losses.CategoricalCrossentropy()
         if soft
         else keras.losses.SparseCategoricalCrossentropy(),
@@ -191,13 +199,16 @@ def _finetune_images(cfg: Config, run_dir: Path, model, data, weights, group_idx
         cfg.train.finetune_epochs * steps_per_epoch,
         cfg.train.warmup_steps,
         soft=soft,
+        ema=cfg.train.ema_momentum,
     )
     val_norm = (np.asarray((data["x_val"].astype(np.float32) - 127.5) / 127.5), data["y_val"])
     model.fit(
         train_ds,
         epochs=cfg.train.finetune_epochs,
         validation_data=make_dataset(data["x_val"], y_val, 64, train=False),
-        callbacks=_callbacks(cfg, run_dir, val_norm, group_idx, "finetune"),
+        callbacks=_callbacks(
+            cfg, run_dir, val_norm, group_idx, "finetune", averaged=cfg.train.ema_momentum > 0
+        ),
         verbose=2,
         **fit_kw,
     )
