@@ -316,3 +316,35 @@ def test_every_target_the_config_accepts_has_a_row_in_the_card():
           "int8_float_agreement": 1.0}
     for key in (*TARGETS, "recall_mel", "referred_mel"):
         assert len(target_results({key: 0.5}, ev)) == 1, key
+
+
+class _Stream:
+    """A standard error that says whether it is a terminal and keeps what is written."""
+
+    def __init__(self, tty: bool) -> None:
+        self.tty, self.text = tty, ""
+
+    def isatty(self) -> bool:
+        return self.tty
+
+    def write(self, s: str) -> int:
+        self.text += s
+        return len(s)
+
+    def flush(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("tty", [True, False])
+def test_progress_bars_redraw_rarely_into_a_log_file(monkeypatch, tty):
+    from training.progress import bar
+
+    err = _Stream(tty)
+    monkeypatch.setattr("sys.stderr", err)
+    clock = iter(range(0, 10_000, 2))  # each step takes 2 s
+    monkeypatch.setattr("tqdm.std.time", lambda: float(next(clock)))
+    for _ in bar(range(50), desc="decode", file=err, miniters=1):
+        pass
+    redraws = err.text.count("\r")
+    # 100 s of work: redrawn about every step on a terminal, once or twice into a file.
+    assert redraws > 40 if tty else redraws <= 4, redraws

@@ -13,7 +13,8 @@ import logging
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
+
+from .progress import bar
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +141,7 @@ def int8_activations(
         log.info("%s int8 activations, copy %d of %d", desc, k + 1, copies)
         tf.random.set_seed(seed + 1000 + k)  # other augmentations than the float copies'
         acts = np.empty((len(images), *outp["shape"][1:]), dtype=np.float32)
-        for start in tqdm(range(0, len(images), chunk), desc=f"{desc} int8 copy {k + 1}"):
+        for start in bar(range(0, len(images), chunk), desc=f"{desc} int8 copy {k + 1}"):
             part = images[start : start + chunk]
             pixels = augmented_uint8(part) if augmented else part
             for b in range(0, len(pixels), batch):

@@ -6,13 +6,13 @@ import time
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from edge.inference.bundle import Bundle, load_bundle
 from edge.inference.classifier import Classifier
 
 from .datasets import Sample
 from .metrics import headline_kind, sensitivity_interval, summarise
+from .progress import bar
 from .threshold import Scores, choose
 
 
@@ -32,7 +32,7 @@ def predict(
     labels = bundle.labels
     probs = np.zeros((len(samples), len(labels)), dtype=np.float32)
     invoke = []
-    for i, s in enumerate(tqdm(samples, desc=desc or f"evaluate {kind}", unit="img", leave=False)):
+    for i, s in enumerate(bar(samples, desc=desc or f"evaluate {kind}", unit="img", leave=False)):
         r = clf.classify(str(s.path), tta=tta, members=members)
         probs[i] = [r.probabilities[lab] for lab in labels]
         invoke.append(r.timings_ms["invoke"])

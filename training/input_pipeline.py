@@ -12,11 +12,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from edge.inference.preprocess import open_image, resize
 
 from .datasets import Sample
+from .progress import bar
 
 
 def load_model_input(path: Path, hw: tuple[int, int], mode: str) -> np.ndarray:
@@ -46,7 +46,7 @@ def cache_images(
     out = np.empty((len(samples), h, w, 3), dtype=np.uint8)
     with ThreadPoolExecutor(max_workers=2) as pool:
         jobs = pool.map(lambda s: load_model_input(s.path, (h, w), mode), samples)
-        for i, arr in enumerate(tqdm(jobs, total=len(samples), desc=f"decode {desc}", unit="img")):
+        for i, arr in enumerate(bar(jobs, total=len(samples), desc=f"decode {desc}", unit="img")):
             out[i] = arr
     tmp = cache.with_suffix(".tmp.npy")
     np.save(tmp, out)

@@ -110,10 +110,10 @@ def head_layers(path: Path) -> list[tuple[np.ndarray, np.ndarray, bool]]:
 # -- fitting ---------------------------------------------------------------------------------
 def _features(clf: Classifier, images: list[Image], desc: str) -> list[np.ndarray]:
     """Per tap, the (n, D) scope features of ``images`` through the kit's classifier."""
-    from tqdm import tqdm
+    from .progress import bar
 
     per_tap: list[list[np.ndarray]] = []
-    for img in tqdm(images, desc=desc, unit="img", mininterval=2):
+    for img in bar(images, desc=desc, unit="img", mininterval=2):
         small, _ = clf.prepare(img.load())
         maps = clf.feature_maps(small)
         if not per_tap:
