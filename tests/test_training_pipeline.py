@@ -30,6 +30,8 @@ TINY = {
     "train.head_epochs": 1,
     "train.finetune_epochs": 1,
     "train.batch_size": 8,
+    # The whole-network phase keeps a moving average of the weights, validated and exported.
+    "train.ema_momentum": 0.9,
     "export.representative_images": 16,
     # The small CNN's middle and last feature maps: the scope step runs as in a real build.
     "export.scope_layers": ["relu1", "relu2"],
@@ -38,15 +40,39 @@ TINY = {
 
 @pytest.fixture(scope="module")
 def tiny_run(shared, tmp_path_factory):
+    import training.resume as resume
     from training.build import build_bundle
     from training.train import train
 
     cfg = load_config(ROOT / "training/configs/blood-smear.toml", TINY)
     work = tmp_path_factory.mktemp("train")
     run_dir, out = work / "run", work / "bundle"
-    train(cfg, run_dir)
+    real = resume.averaged_weights
+
+    def averaged_weights(run_dir, phase):
+        AVERAGES.append((phase, real(run_dir, phase)))
+        return AVERAGES[-1][1]
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("training.resume.averaged_weights", averaged_weights)
+        train(cfg, run_dir)
     ev = build_bundle(cfg, run_dir, out, keep_float=True, samples_per_class=1)
     return cfg, run_dir, out, ev
+
+
+# The moving-average callbacks the tiny run made: (phase, callback).
+AVERAGES: list = []
+
+
+def test_the_whole_network_phase_is_validated_and_kept_on_its_moving_average(tiny_run):
+    cfg, run_dir, out, ev = tiny_run
+    assert [phase for phase, _ in AVERAGES] == ["finetune"]
+    # Keras ran it: after the last epoch the average is in the model, as validated and saved.
+    assert AVERAGES[0][1]._ema_weights_in_model
+    import keras
+
+    assert keras.models.load_model(run_dir / "model.keras").optimizer.use_ema
+    assert "moving average of the weights, momentum 0.9" in (out / "CARD.md").read_text()
 
 
 def test_pipeline_writes_a_valid_bundle(tiny_run):

@@ -127,3 +127,39 @@ def test_averaged_weights_are_scored_kept_and_resumed(tmp_path):
     for epoch in range(len(scores)):
         assert _close(parts[epoch], whole[epoch]), epoch
     assert _close(model.get_weights(), whole[2])
+
+
+def test_a_phase_is_not_resumed_under_settings_its_backup_was_not_written_with(tmp_path):
+    """Turning the moving average on while a phase waits to resume would swap the optimizer's
+    zero-initialised average into the model (Keras only warns that it skipped the slots): the
+    start is refused before any work, saying which setting differs."""
+    from dataclasses import asdict
+    from pathlib import Path
+
+    from training.config import ConfigError, load_config
+    from training.resume import check_resumable
+    from training.train import train
+
+    cfg_path = Path(__file__).resolve().parent.parent / "training/configs/blood-smear.toml"
+    first = load_config(cfg_path)
+    (tmp_path / "backup-finetune").mkdir()
+    (tmp_path / "backup-finetune" / "training_metadata.json").write_text('{"epoch": 2}')
+    stored = json.loads(json.dumps(asdict(first), default=str))
+    (tmp_path / "config.json").write_text(json.dumps(stored))
+
+    with pytest.raises(ConfigError, match=r"backup-finetune.*train\.ema_momentum") as err:
+        train(load_config(cfg_path, {"train.ema_momentum": 0.99}), tmp_path)
+    assert "new --run-dir" in str(err.value)
+    assert json.loads((tmp_path / "config.json").read_text()) == stored  # left as it was
+    assert not (tmp_path / "split.csv").exists()  # refused before any work
+
+    changed = json.loads(json.dumps(stored))
+    changed["model"]["dense"] = 64
+    with pytest.raises(ConfigError, match="model"):
+        check_resumable(tmp_path, changed)
+    changed = json.loads(json.dumps(stored))
+    changed["train"]["finetune_epochs"] += 4  # more epochs: a resume may ask for them
+    check_resumable(tmp_path, changed)
+    # Once the phase ends Keras deletes its backup: a new start may change anything.
+    (tmp_path / "backup-finetune" / "training_metadata.json").unlink()
+    check_resumable(tmp_path, {"model": {"dense": 64}})

@@ -121,6 +121,15 @@ def test_config_checks_the_new_options(tmp_path):
         with pytest.raises(ConfigError) as err:
             load_config(SKIN, {key: value})
         assert key.split(".")[-1] in str(err.value)
+    assert load_config(SKIN, {"train.ema_momentum": 0.998}).train.ema_momentum == 0.998
+    for together in (
+        {"train.ema_momentum": -0.5},
+        {"train.ema_momentum": 0.99, "train.cached_copies": 2, "train.sampling": "none",
+         "train.unfreeze_from": "top_conv", "train.soft_labels": ""},
+        {"train.ema_momentum": 0.99, "train.finetune_epochs": 0},
+    ):
+        with pytest.raises(ConfigError, match="ema_momentum"):
+            load_config(SKIN, together)
 
 
 def test_soft_targets_mix_labels_with_the_teacher(tmp_path):

@@ -242,6 +242,10 @@ def _check(cfg: Config, path: Path) -> None:
         raise ConfigError(f"{path} [train] ema_momentum must be at least 0 (off) and below 1")
     if cfg.train.ema_momentum and cfg.train.cached_copies:
         raise ConfigError(f"{path} [train] ema_momentum works on images: set cached_copies = 0")
+    if cfg.train.ema_momentum and not cfg.train.finetune_epochs:
+        raise ConfigError(
+            f"{path} [train] ema_momentum averages the whole-network phase: finetune_epochs is 0"
+        )
     if cfg.train.sampling not in SAMPLING:
         raise ConfigError(f"{path} [train] sampling must be one of {SAMPLING}")
     if cfg.train.sampling != "none" and cfg.train.cached_copies:

@@ -19,7 +19,13 @@ LOG_INTERVAL = 60.0
 
 
 def bar(items: Iterable[T], **kw: Any) -> Iterable[T]:
-    """``tqdm(items, **kw)``, redrawn at most every LOG_INTERVAL seconds into a file."""
-    if not sys.stderr.isatty():
+    """``tqdm(items, **kw)``, redrawn at most every LOG_INTERVAL seconds into a file.
+
+    Both of tqdm's clocks are slowed: ``mininterval`` between updates, and ``maxinterval``, after
+    which its monitor thread redraws a bar that has not drawn itself (every 10 s by default)."""
+    stream = kw.get("file") or sys.stderr
+    isatty = getattr(stream, "isatty", None)
+    if not (isatty and isatty()):
         kw["mininterval"] = max(kw.get("mininterval", 0.1), LOG_INTERVAL)
+        kw["maxinterval"] = max(kw.get("maxinterval", 10.0), LOG_INTERVAL)
     return tqdm(items, **kw)

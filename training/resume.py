@@ -13,9 +13,42 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
+
+from .config import ConfigError
 
 log = logging.getLogger(__name__)
+
+# What a phase's backup holds depends on these settings: resumed with others, Keras would load
+# weights of another shape, or skip the optimizer's slots with a warning (a moving average
+# switched on mid-phase would start from zeros and swap them into the model).
+STATE_KEYS = ("model", "train.unfreeze_from", "train.ema_momentum")
+
+
+def _setting(config: dict[str, Any], key: str) -> Any:
+    for part in key.split("."):
+        config = config.get(part, {}) if isinstance(config, dict) else {}
+    return config
+
+
+def check_resumable(run_dir: Path, config: dict[str, Any]) -> None:
+    """Refuse to resume an interrupted phase under settings its backup was not written with.
+
+    ``config`` is the run's configuration as ``run_dir/config.json`` stores it; that file is the
+    one the interrupted start wrote."""
+    backups = sorted(p.parent.name for p in run_dir.glob("backup-*/training_metadata.json"))
+    stored = run_dir / "config.json"
+    if not backups or not stored.exists():
+        return
+    before = json.loads(stored.read_text())
+    changed = [k for k in STATE_KEYS if _setting(before, k) != _setting(config, k)]
+    if changed:
+        raise ConfigError(
+            f"{run_dir} holds an interrupted phase ({', '.join(backups)}) trained with other "
+            f"{', '.join(changed)} than this start's",
+            "resume it with the settings it started with (its config.json), or train into a "
+            "new --run-dir",
+        )
 
 
 class Prior(NamedTuple):

@@ -246,9 +246,12 @@ def train(cfg: Config, run_dir: Path) -> Path:
     import tensorflow as tf
 
     from .model import build_backbone, build_head, unfreeze_from
+    from .resume import check_resumable
 
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=2, default=str))
+    settings = json.loads(json.dumps(asdict(cfg), default=str))
+    check_resumable(run_dir, settings)
+    (run_dir / "config.json").write_text(json.dumps(settings, indent=2))
     keras.utils.set_random_seed(cfg.train.run_seed(cfg.dataset.seed))
     t0 = time.time()
     data = prepare_data(cfg, run_dir)
