@@ -38,6 +38,10 @@ TINY = {
 }
 
 
+# The moving-average callbacks the tiny run made: (phase, callback).
+AVERAGES: list = []
+
+
 @pytest.fixture(scope="module")
 def tiny_run(shared, tmp_path_factory):
     import training.resume as resume
@@ -58,10 +62,6 @@ def tiny_run(shared, tmp_path_factory):
         train(cfg, run_dir)
     ev = build_bundle(cfg, run_dir, out, keep_float=True, samples_per_class=1)
     return cfg, run_dir, out, ev
-
-
-# The moving-average callbacks the tiny run made: (phase, callback).
-AVERAGES: list = []
 
 
 def test_the_whole_network_phase_is_validated_and_kept_on_its_moving_average(tiny_run):

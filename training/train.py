@@ -249,6 +249,7 @@ def train(cfg: Config, run_dir: Path) -> Path:
     from .resume import check_resumable
 
     run_dir.mkdir(parents=True, exist_ok=True)
+    # As config.json stores it (paths as text, tuples as lists), to compare with the stored one.
     settings = json.loads(json.dumps(asdict(cfg), default=str))
     check_resumable(run_dir, settings)
     (run_dir / "config.json").write_text(json.dumps(settings, indent=2))
