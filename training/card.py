@@ -230,6 +230,45 @@ def _teacher_line(cfg) -> str:
     return text
 
 
+def _elsewhere_lines(cfg, info: dict, group: str) -> list[str]:
+    """The recipe of a model trained by training/gpu_members.py (``trained_elsewhere.json``
+    of its run), its commands and its time."""
+    h, w = info["input_size"]
+    r, v = info["recipe"], info["validation"]
+    soft = (
+        f"; targets {1 - float(r['soft_weight']):.0%} the label and {float(r['soft_weight']):.0%} "
+        f"the teacher's out-of-fold probabilities (`{Path(r['soft']).name}`, see "
+        "`training/gpu_teacher.py`)"
+        if r.get("soft") not in (None, "None", "")
+        else ""
+    )
+    member = info["member"]
+    return [
+        f"- Backbone {cfg.model.backbone} (ImageNet initialisation from its wheel), input "
+        f"{w}×{h} px (width × height), no hidden dense layer; every layer trained for "
+        f"{info['epochs']} epochs on a GPU in PyTorch (`training/gpu_members.py`, the model "
+        "`training/torch_lite.py` with the wheel's tensor names), seed "
+        f"{info['seed']}: AdamW at learning rate {r['lr']} with weight decay {r['wd']}, "
+        f"batch {r['batch']}, a one-epoch warm-up then cosine decay, dropout {r['dropout']}, "
+        f"stochastic depth up to {r['drop_connect']}, BatchNorm statistics frozen, classes drawn "
+        f"in proportion to their counts to the power {r['power']}, any rotation, flips, zoom "
+        f"0.8-1.25, shifts and colour jitter{soft}. The epoch kept is the one with the best "
+        f"validation score (mean of accuracy, balanced accuracy and {group} AUC over the four "
+        f"views, in PyTorch): epoch {info['best_epoch']}, {v['accuracy']:.3f} / "
+        f"{v['balanced_accuracy']:.3f} / {v['group_auc']:.3f}.",
+        "- The weights came back to this Keras model tensor by tensor (`python -m training "
+        "import-member`, the mapping the ImageNet transplant uses); export, logit adjustment, "
+        "threshold and every figure here were made on the CPU from there, as for any run.",
+        f"- Commands: `python -m training teacher-prep --config {cfg.source} --out DATA`, "
+        f"`python -m training.gpu_members --data DATA --out OUT --member {h}x{w}:{info['seed']}"
+        + (f" --soft {r['soft']}" if soft else "")
+        + f"`, then `python -m training import-member --member OUT/{member} --config "
+        f"{cfg.source} --set model.dense=0 --set 'model.input_size=[{h}, {w}]'`.",
+        f"- Time: {info['minutes']} min on one {info['device']} (PyTorch {info['torch']}); the "
+        "kit needs neither the GPU nor PyTorch.",
+    ]
+
+
 def write_card(out: Path, manifest: dict, ev: dict, history: Path | None, cfg, extra: dict) -> Path:
     labels = manifest["labels"]
     rule = manifest["decision"]
@@ -352,9 +391,12 @@ def write_card(out: Path, manifest: dict, ev: dict, history: Path | None, cfg, e
         "sqrt": "classes drawn in proportion to the square root of their counts",
         "balanced": "every class drawn equally often",
     }[cfg.train.sampling]
-    lines += [
-        "## Training",
-        "",
+    elsewhere = extra.get("elsewhere")
+    lines += ["## Training", ""]
+    if elsewhere:
+        lines += _elsewhere_lines(cfg, elsewhere, rule["group"])
+    else:
+        lines.append(
         f"- Backbone {cfg.model.backbone} ({cfg.model.weights} initialisation), input "
         f"{w}×{h} px (width × height); head on cached features {cfg.train.head_epochs} "
         f"epochs, then fine-tuning of {which} for up to {cfg.train.finetune_epochs} epochs "
@@ -368,9 +410,9 @@ def write_card(out: Path, manifest: dict, ev: dict, history: Path | None, cfg, e
             else ""
         )
         + "; early stopping on the mean of validation "
-        f"{rule['group']} AUC, accuracy and balanced accuracy).",
-    ]
-    if cfg.train.soft_labels:
+        f"{rule['group']} AUC, accuracy and balanced accuracy)."
+        )
+    if cfg.train.soft_labels and not elsewhere:
         lines.append(_teacher_line(cfg))
     adj = manifest.get("evaluation", {}).get("class_bias")
     if adj:
@@ -387,28 +429,31 @@ def write_card(out: Path, manifest: dict, ev: dict, history: Path | None, cfg, e
                 else "."
             )
         )
-    if cfg.train.cached_copies:
+    if elsewhere:
+        lines.append("")
+    if cfg.train.cached_copies and not elsewhere:
         lines.append(
             f"- The frozen bottom ran once on {cfg.train.cached_copies} augmented copies of "
             "the training set; the layers from there on trained on those stored activations."
         )
-    if cfg.train.int8_copies:
+    if cfg.train.int8_copies and not elsewhere:
         lines.append(
             f"- {cfg.train.int8_copies} more augmented copies came from the bottom converted to "
             "int8 (calibrated on the export's images), and validation used int8 activations, so "
             "the top learnt from what the int8 model computes as well as from the float one."
         )
-    if cfg.train.qat_epochs:
+    if cfg.train.qat_epochs and not elsewhere:
         lines.append(
             f"- Then {cfg.train.qat_epochs} quantisation-aware epochs (int8 activations "
             "simulated, `training/qat.py`) before the int8 export."
         )
-    lines += [
-        f"- Command: `python -m training train --config {cfg.source}`",
-        f"- Time: {extra.get('train_minutes', '?')} min training on this machine: "
-        f"{_machine()}, no GPU.",
-        "",
-    ]
+    if not elsewhere:
+        lines += [
+            f"- Command: `python -m training train --config {cfg.source}`",
+            f"- Time: {extra.get('train_minutes', '?')} min training on this machine: "
+            f"{_machine()}, no GPU.",
+            "",
+        ]
     if cfg.export.runs:
         keys = list(dict.fromkeys(k for r in cfg.export.runs for k in r))
         lines += [

@@ -49,6 +49,18 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_import_member(args) -> int:
+    """A member trained by training/gpu_members.py, made a run and built as train builds."""
+    from .imported import import_member
+
+    cfg = _cfg(args)
+    member = Path(args.member)
+    run_dir = Path(args.run_dir or f"runs/{cfg.name}-{member.name}")
+    print(f"Keras model: {import_member(cfg, member, run_dir)}")
+    args.run_dir, args.skip_training = str(run_dir), True
+    return cmd_train(args)
+
+
 def cmd_ensemble(args) -> int:
     from .datasets import config_split
     from .ensemble import build_ensemble
@@ -303,6 +315,19 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--samples-per-class", type=int, default=0)
     t.add_argument("--skip-training", action="store_true", help="reuse run-dir/model.keras")
     t.set_defaults(func=cmd_train)
+    im = sub.add_parser(
+        "import-member",
+        help="a member trained by training/gpu_members.py → a run and its bundle, as train",
+    )
+    im.add_argument("--member", required=True,
+                    help="DIR/NAME of its NAME.a.npz and NAME.b.npz (report.json beside)")
+    im.add_argument("--config", required=True)
+    im.add_argument("--run-dir", help="default runs/<name>-<member>")
+    im.add_argument("--out", help="bundle folder (default models/<name>)")
+    im.add_argument("--set", action="append", metavar="KEY=VALUE")
+    im.add_argument("--keep-float", action="store_true", help="ship the float artifact too")
+    im.add_argument("--samples-per-class", type=int, default=0)
+    im.set_defaults(func=cmd_import_member)
     e = sub.add_parser("export", help="export float and int8 TFLite from a run")
     e.add_argument("--config", required=True)
     e.add_argument("--run-dir")

