@@ -1,4 +1,5 @@
-# FieldScope — `make demo` runs the kit on the bundled model; `make test` runs the tests.
+# FieldScope — `make demo` runs the kit on both bundled models; `make test` runs the linters
+# and the tests.
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -43,7 +44,7 @@ test-arm64: $(STAMP)
 doctor: $(STAMP)
 	$(PY) -m edge doctor
 
-# The kit's main job on this machine: the bundled blood-smear model on a replay of its samples.
+# The kit on this machine: both bundled uses (blood smear, skin), each replaying its samples.
 DEMO_PORT ?= 8080
 demo: $(STAMP)
 	$(PY) -m edge serve --config scripts/demo.toml --port $(DEMO_PORT)
