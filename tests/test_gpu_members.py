@@ -60,10 +60,10 @@ def test_the_pytorch_model_gives_the_reference_logits(imagenet_state, parrot, co
 
 
 @pytest.fixture(scope="module")
-def member(shared, imagenet_state, tmp_path_factory):
-    """A real run of gpu_members.py on this CPU: a handful of HAM10000 images, one epoch."""
-    work = tmp_path_factory.mktemp("gpu")
-    data, out = work / "data", work / "out"
+def data_dir(shared, imagenet_state, tmp_path_factory):
+    """The folder teacher-prep writes, for 21 HAM10000 images (3 of each class, one of them
+    in validation), at a small input."""
+    data = tmp_path_factory.mktemp("gpu") / "data"
     (data / "images").mkdir(parents=True)
     meta = shared / "datasets/ham10000/HAM10000_metadata.csv"
     rows = meta.read_text().splitlines()[1:]
@@ -84,12 +84,48 @@ def member(shared, imagenet_state, tmp_path_factory):
         {"labels": labels, "group": ["mel", "bcc", "akiec"], "backbone": "efficientnet_lite0",
          "input_size": list(HW)}))
     np.savez(data / "init.npz", **imagenet_state)
+    return data
+
+
+def _gpu_members(data: Path, out: Path, *more: str) -> str:
     cmd = [sys.executable, "-m", "training.gpu_members", "--data", str(data), "--out", str(out),
            "--member", f"{HW[0]}x{HW[1]}:3", "--max-epochs", "2", "--budget-s", "60",
-           "--batch", "4", "--reference", str(ROOT / "tests/data/efficientnet_lite0_reference.npz")]
+           "--batch", "4", *more]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    return out / f"lite-{HW[0]}x{HW[1]}-s3", done.stdout
+    return done.stdout
+
+
+@pytest.fixture(scope="module")
+def member(data_dir):
+    """A real run of gpu_members.py on this CPU: a handful of HAM10000 images, two epochs."""
+    out = data_dir.parent / "out"
+    stdout = _gpu_members(data_dir, out, "--reference",
+                          str(ROOT / "tests/data/efficientnet_lite0_reference.npz"))
+    return out / f"lite-{HW[0]}x{HW[1]}-s3", stdout
+
+
+def test_folds_give_every_image_one_prediction_from_a_model_that_never_saw_it(data_dir):
+    out = data_dir.parent / "folds"
+    stdout = _gpu_members(data_dir, out, "--folds", "3")
+    with np.load(out / f"oof-lite-{HW[0]}x{HW[1]}-s3.npz") as d:
+        oof = {k: d[k] for k in d.files}
+    split = (data_dir / "split.csv").read_text().splitlines()[1:]
+    ids = [row.split(",")[1] for row in split if row.startswith("train,")]
+    ids += [row.split(",")[1] for row in split if row.startswith("val,")]
+    assert list(oof["image_id"]) == ids  # train + validation, each once
+    assert oof["logits"].shape == (len(ids), 4, 7) and np.isfinite(oof["logits"]).all()
+    assert list(oof["views"]) == ["identity", "flip_lr", "flip_ud", "rot180"]
+    fold_of: dict = {}
+    for lesion, fold in zip(oof["lesion"], oof["fold"], strict=True):
+        assert fold_of.setdefault(lesion, fold) == fold  # a lesion's images in one fold
+    # Each fold model trained on the other folds' images only.
+    sizes = [int(n) for n in np.bincount(oof["fold"], minlength=3)]
+    for f, held in enumerate(sizes):
+        assert f" fold {f + 1}/3: {len(ids) - held} train, {held} held out" in stdout
+    report = json.loads((out / "report.json").read_text())
+    assert report["oof"][f"lite-{HW[0]}x{HW[1]}-s3"]["n"] == len(ids)
+    assert not list(out.glob("*.a.npz"))  # no member is written in this mode
 
 
 def test_a_run_writes_each_member_in_two_halves_with_its_report(member):
@@ -170,3 +206,48 @@ def test_the_card_says_where_and_how_the_member_trained(member, tmp_path):
     assert f"{info['epochs']} epochs on a GPU in PyTorch" in text
     assert f"{info['minutes']} min on one cpu" in text
     assert f"--member OUT/{prefix.name}" in text and "input 64×48 px" in text
+
+
+def _oof_file(path: Path, ids, lesions, y, logits, views, size) -> Path:
+    np.savez(path, image_id=np.array(ids), lesion=np.array(lesions), y=np.array(y),
+             fold=np.zeros(len(ids), int), logits=logits, views=np.array(views),
+             input_size=np.array(size), labels=np.array(["akiec", "bcc", "bkl", "df", "mel",
+                                                          "nv", "vasc"]))
+    return path
+
+
+def test_oof_scores_are_what_the_bundle_would_give(tmp_path):
+    """Each model's own logit offsets, the softmax, the malignant sum, the mean over models
+    and the bundle's views; the live stream's score is the first model's identity view."""
+    from edge.inference.bundle import load_bundle
+    from training.oof import oof_scores
+
+    skin = load_bundle(ROOT / "models/skin-lesion")
+    rng = np.random.default_rng(1)
+    n, ids = 40, [f"img{i}" for i in range(40)]
+    lesions, y = [f"L{i // 2}" for i in range(n)], rng.integers(0, 7, n)
+    views = ["identity", "flip_lr", "flip_ud", "rot180"]
+    a, b = rng.normal(0, 2, (n, 4, 7)), rng.normal(0, 2, (n, 4, 7))
+    fa = _oof_file(tmp_path / "a.npz", ids, lesions, y, a, views, [168, 224])
+    # The second file keeps its views in another order: they are matched by name.
+    order = [3, 1, 0, 2]
+    fb = _oof_file(tmp_path / "b.npz", ids, lesions, y, b[:, order], [views[i] for i in order],
+                   [168, 224])
+    scores = oof_scores([(skin, fa), (skin, fb)])
+    bias = np.array(skin.manifest["class_bias"])
+    mal = [skin.labels.index(m) for m in ("mel", "bcc", "akiec")]
+
+    def group(z):
+        e = np.exp(z + bias - (z + bias).max(-1, keepdims=True))
+        return (e / e.sum(-1, keepdims=True))[..., mal].sum(-1)
+
+    np.testing.assert_allclose(scores.score, group(a[:, 0]), rtol=1e-12)
+    np.testing.assert_allclose(scores.tta, (group(a).mean(1) + group(b).mean(1)) / 2, rtol=1e-12)
+    assert list(scores.positive) == [int(v) in mal for v in y]
+    assert list(scores.lesion) == lesions and scores.image == ids
+    small = _oof_file(tmp_path / "c.npz", ids, lesions, y, a, views, [48, 64])
+    with pytest.raises(ValueError, match=r"predictions at \[48, 64\], but the bundle takes"):
+        oof_scores([(skin, small)])
+    other = _oof_file(tmp_path / "d.npz", ids[::-1], lesions, y, b, views, [168, 224])
+    with pytest.raises(ValueError, match="not the same images"):
+        oof_scores([(skin, fa), (skin, other)])

@@ -288,6 +288,44 @@ def test_an_ensemble_bundle_is_built_thresholded_evaluated_and_carded(tiny_run, 
     assert bundle.decision["threshold"] == load_bundle(out).decision["threshold"]
 
 
+def test_an_ensemble_can_take_its_thresholds_from_out_of_fold_scores(tiny_run, tmp_path):
+    """`ensemble --oof-scores`: the thresholds come from the given scores (kept in the bundle,
+    recomputed from it), the manifest and the card say so, and the test split is still
+    evaluated at them."""
+    from training.datasets import read_split
+    from training.ensemble import OOF_SOURCE, build_ensemble
+    from training.threshold import Scores, choose, recompute, shipped, write_scores
+
+    cfg, run_dir, out, _ = tiny_run
+    parts = read_split(run_dir / "split.csv")
+    rng = np.random.default_rng(3)
+    n = 300
+    positive = rng.random(n) < 0.3
+    score = np.clip(rng.normal(0.3 + 0.4 * positive, 0.15), 0, 1)
+    scores = Scores(image=[f"i{k}" for k in range(n)], lesion=np.array([f"L{k // 2}" for k in
+                    range(n)]), positive=positive, score=score,
+                    tta=np.clip(score + rng.normal(0, 0.02, n), 0, 1))
+    csv_path = tmp_path / "oof.csv"
+    write_scores(csv_path, scores)
+    ens = tmp_path / "ensemble"
+    ev = build_ensemble(cfg, out, [out], ens, parts, "9.9.9-oof", oof_scores=csv_path)
+    rule = load_bundle(ens).decision
+    how = {"method": cfg.decision.threshold_method,
+           "confidence": cfg.decision.threshold_confidence}
+    target = cfg.decision.target_sensitivity
+    assert rule["tta_threshold"] == shipped(choose(positive, scores.tta, scores.lesion, target,
+                                                   **how))
+    assert rule["threshold"] == shipped(choose(positive, score, scores.lesion, target, **how))
+    assert rule["chosen_on"]["source"] == OOF_SOURCE and rule["chosen_on"]["n"] == n
+    assert (ens / "threshold_scores.csv").read_bytes() == csv_path.read_bytes()
+    again = recompute(ens, rule)
+    assert shipped(again["tta_threshold"]) == rule["tta_threshold"]
+    assert ev["rows"]["ensemble (shipped decision)"]["threshold"] == rule["tta_threshold"]
+    card = (ens / "CARD.md").read_text()
+    assert "each chosen on the out-of-fold predictions of lesion-grouped fold models" in card
+    assert f"On the {n} images of train + validation they were chosen on" in card
+
+
 def test_evaluate_judges_an_ensemble_as_a_capture_classifies(tiny_run, tmp_path):
     """`python -m training evaluate` on an ensemble bundle reports every member over every
     view under the shipped rule: a member made to differ (a strong logit bias towards the first

@@ -61,6 +61,24 @@ def cmd_import_member(args) -> int:
     return cmd_train(args)
 
 
+def cmd_oof_scores(args) -> int:
+    from edge.inference.bundle import load_bundle
+
+    from .oof import oof_scores
+    from .threshold import write_scores
+
+    if len(args.bundle) != len(args.oof):
+        print("error: give one --oof file per --bundle, in the same order", file=sys.stderr)
+        return 2
+    scores = oof_scores([(load_bundle(Path(b)), Path(f))
+                         for b, f in zip(args.bundle, args.oof, strict=True)])
+    digest = write_scores(Path(args.out), scores)
+    print(f"{args.out}: {len(scores.image)} images from {len(set(scores.lesion))} lesions, "
+          f"{int(scores.positive.sum())} in the decision group (sha256 {digest[:12]}); build "
+          f"with python -m training ensemble ... --oof-scores {args.out}")
+    return 0
+
+
 def cmd_ensemble(args) -> int:
     from .datasets import config_split
     from .ensemble import build_ensemble
@@ -68,7 +86,8 @@ def cmd_ensemble(args) -> int:
     cfg = _cfg(args)
     parts = config_split(cfg.dataset)  # the split the bundles were trained on
     ev = build_ensemble(cfg, Path(args.first), [Path(m) for m in args.member], Path(args.out),
-                        parts, args.version)
+                        parts, args.version,
+                        Path(args.oof_scores) if args.oof_scores else None)
     for name, m in ev["rows"].items():
         print(f"{name}: accuracy {m['accuracy']:.4f}, balanced {m['balanced_accuracy']:.4f}, "
               f"macro AUC {m['macro_auc']:.4f}, group AUC {m['group_auc']:.4f}, sensitivity "
@@ -328,6 +347,16 @@ def main(argv: list[str] | None = None) -> int:
     im.add_argument("--keep-float", action="store_true", help="ship the float artifact too")
     im.add_argument("--samples-per-class", type=int, default=0)
     im.set_defaults(func=cmd_import_member)
+    oo = sub.add_parser(
+        "oof-scores",
+        help="referral scores from gpu_members.py --folds logits, for ensemble --oof-scores",
+    )
+    oo.add_argument("--bundle", action="append", required=True,
+                    help="a model of the ensemble, in its order (the first: the live stream's)")
+    oo.add_argument("--oof", action="append", required=True,
+                    help="that model's oof-NAME.npz, in the same order")
+    oo.add_argument("--out", required=True, help="the scores file to write (CSV)")
+    oo.set_defaults(func=cmd_oof_scores)
     e = sub.add_parser("export", help="export float and int8 TFLite from a run")
     e.add_argument("--config", required=True)
     e.add_argument("--run-dir")
@@ -386,6 +415,8 @@ def main(argv: list[str] | None = None) -> int:
     en.add_argument("--member", action="append", required=True, help="another trained bundle")
     en.add_argument("--out", required=True)
     en.add_argument("--version", required=True)
+    en.add_argument("--oof-scores", help="choose the thresholds on these scores "
+                    "(python -m training oof-scores) instead of the validation split's")
     en.add_argument("--set", action="append")
     en.set_defaults(func=cmd_ensemble)
     th = sub.add_parser(

@@ -28,7 +28,7 @@ from .config import Config
 from .datasets import Sample
 from .evaluate import group_indices, predict, sensitivity_ci, validation_scores
 from .metrics import summarise
-from .threshold import SCORES_FILE, choose, chosen_on, shipped, write_scores
+from .threshold import SCORES_FILE, choose, chosen_on, read_scores, shipped, write_scores
 
 log = logging.getLogger(__name__)
 KEYS = ("accuracy", "balanced_accuracy", "macro_auc", "group_auc", "sensitivity", "specificity",
@@ -75,9 +75,15 @@ def capture_latency_ms(bundle_dir: Path, image: Path, threads: int, runs: int = 
     return float(np.median(times))
 
 
+OOF_SOURCE = "out-of-fold predictions over train + validation"
+
+
 def build_ensemble(cfg: Config, first_dir: Path, others: list[Path], out: Path,
-                   parts: dict[str, list[Sample]], version: str) -> dict:
-    """Write the ensemble bundle to ``out``; returns its evaluation."""
+                   parts: dict[str, list[Sample]], version: str,
+                   oof_scores: Path | None = None) -> dict:
+    """Write the ensemble bundle to ``out``; returns its evaluation. With ``oof_scores``
+    (``python -m training oof-scores``) the thresholds are chosen on those scores instead of
+    the validation split's."""
     first = load_bundle(first_dir)
     if out.exists():
         shutil.rmtree(out)
@@ -107,7 +113,13 @@ def build_ensemble(cfg: Config, first_dir: Path, others: list[Path], out: Path,
     # Two thresholds, each chosen on the scores it will judge: `threshold` on the first model
     # alone, one view (what the live stream runs), `tta_threshold` on the mean of every member
     # over every view (what captures, uploads and `classify` give).
-    scores = validation_scores(staged, parts["val"], "int8", tta=bool(staged.tta), members=True)
+    if oof_scores is not None:
+        scores = read_scores(oof_scores)
+        if scores.tta is None:
+            raise ValueError(f"{oof_scores}: no score_tta column (make it with oof-scores)")
+    else:
+        scores = validation_scores(staged, parts["val"], "int8", tta=bool(staged.tta),
+                                   members=True)
     assert scores.tta is not None
     rule = manifest["decision"]
     rule.update(threshold=shipped(choose(scores.positive, scores.score, scores.lesion, target,
@@ -120,6 +132,8 @@ def build_ensemble(cfg: Config, first_dir: Path, others: list[Path], out: Path,
         rule["threshold_confidence"] = cfg.decision.threshold_confidence
     # The ensemble's own validation scores replace the first bundle's copy.
     rule["chosen_on"] = chosen_on(scores, write_scores(out / SCORES_FILE, scores), rule)
+    if oof_scores is not None:
+        rule["chosen_on"]["source"] = OOF_SOURCE
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     staged = load_bundle(out)
 
@@ -158,7 +172,10 @@ def _chosen_text(rule: dict) -> str:
     if not all(k in c for k in ("sensitivity", "specificity", "tta_sensitivity",
                                 "tta_specificity")):
         return ""
-    return (f" On the {c['n']} validation images they were chosen on, the live stream's "
+    where = (f"{c['n']} images of train + validation they were chosen on (each predicted "
+             "by a fold model that never saw it)" if c.get("source") == OOF_SOURCE
+             else f"{c['n']} validation images they were chosen on")
+    return (f" On the {where}, the live stream's "
             f"threshold flags {_pct(c['sensitivity'])} of the {rule['group']} ones at "
             f"specificity {_pct(c['specificity'])}, the captures' {_pct(c['tta_sensitivity'])} "
             f"at {_pct(c['tta_specificity'])}. Their scores are kept in `{c['file']}`: "
@@ -194,7 +211,10 @@ def _card_section(out: Path, manifest: dict, rows: dict, latency: dict, n: int,
         + ", ".join(m["from"] for m in manifest["members"]) + f". The shipped decision: "
         f"{rule['group']} ≥ {rule['tta_threshold']:.4f} on the ensemble's averages (the live "
         f"stream, on the first model's one view: {rule['threshold']:.4f}), each chosen on the "
-        "validation split on the scores it judges"
+        + ("out-of-fold predictions of lesion-grouped fold models over train + validation "
+           "(float, before the int8 export)"
+           if (rule.get("chosen_on") or {}).get("source") == OOF_SOURCE
+           else "validation split") + " on the scores it judges"
         + (" at the lesion-level lower bound" if rule.get("threshold_method") == "lesion_bound"
            else "") + "." + _chosen_text(rule)
         + " The tables above describe the first model alone, and so does the threshold "

@@ -16,6 +16,11 @@ label and half the teacher (``--soft``), and the epoch kept is the one with the 
 validation score (mean of accuracy, balanced accuracy and malignant AUC over the four views).
 Each member's weights are written as soon as it is done, as two ``.npz`` halves, with
 ``report.json`` (per-epoch validation figures, times, device).
+
+With ``--folds K`` it trains no member but, for each ``--member`` spec, K models on
+lesion-grouped folds of train + validation, each giving its held-out fold's logits over the
+four views (``oof-NAME.npz``): predictions no selection has seen, for ``python -m training
+oof-scores`` to choose a referral threshold on.
 """
 
 from __future__ import annotations
@@ -32,13 +37,18 @@ import torch.nn.functional as F  # noqa: N812
 from .gpu_teacher import (
     augment,
     freeze_bn_stats,
+    group_folds,
     load_images,
     metrics,
+    plain,
     predict,
     read_split,
     sampling_probs,
 )
 from .torch_lite import EfficientNetLite, from_imagenet
+
+# The kit's test-time views (export.tta), in the order the logits keep them.
+VIEWS = ("identity", "flip_lr", "flip_ud", "rot180")
 
 
 def parse_member(text: str) -> tuple[tuple[int, int], int]:
@@ -116,6 +126,12 @@ def train_member(x, y, targets, xv, yv, group, init: dict, args, hw, seed: int, 
             opt.step()
             sched.step()
             loss_sum += loss.detach().item()
+        if xv is None:  # a fold model: nothing to choose an epoch on, the last one is kept
+            history.append({"epoch": ep + 1, "loss": loss_sum / steps,
+                            "seconds": round(time.time() - t0, 1)})
+            log(f"  epoch {ep + 1}/{epochs}: loss {loss_sum / steps:.3f}")
+            best = model.state_dict()
+            continue
         m = metrics(yv, predict(model, xv, hw).cpu().numpy(), group)
         m["score"] = (m["accuracy"] + m["balanced_accuracy"] + m["group_auc"]) / 3
         m.update(epoch=ep + 1, loss=loss_sum / steps, seconds=round(time.time() - t0, 1))
@@ -126,7 +142,45 @@ def train_member(x, y, targets, xv, yv, group, init: dict, args, hw, seed: int, 
         if m["score"] > best_score:
             best_score = m["score"]
             best = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    if xv is None and best is not None:
+        best = {k: v.detach().cpu().clone() for k, v in best.items()}
     return best, history
+
+
+@torch.no_grad()
+def view_logits(model: EfficientNetLite, x: torch.Tensor, hw, batch: int = 256) -> np.ndarray:
+    """(N, 4, classes) logits over the kit's four views, in VIEWS order."""
+    model.eval()
+    out = []
+    for i in range(0, len(x), batch):
+        v = plain(x[i : i + batch], hw)
+        views = [v, v.flip(3), v.flip(2), v.flip(2).flip(3)]
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=v.is_cuda):
+            out.append(torch.stack([model(u).float() for u in views], dim=1).cpu())
+    return torch.cat(out).numpy()
+
+
+def out_of_fold(x, y, targets, ids, lesions, group, init, args, hw, seed, epochs, deadline,
+                log) -> dict:
+    """Train ``args.folds`` models on lesion-grouped folds of ``x`` (train + validation),
+    each predicting the fold it never saw: every image once, with its fold."""
+    folds = group_folds(lesions, args.folds, 0)
+    logits = np.zeros((len(y), len(VIEWS), targets.shape[1]), np.float32)
+    for f in range(args.folds):
+        tr, ho = np.flatnonzero(folds != f), np.flatnonzero(folds == f)
+        log(f" fold {f + 1}/{args.folds}: {len(tr)} train, {len(ho)} held out")
+        state, _ = train_member(x[tr], y[tr], targets[tr], None, None, group, init, args, hw,
+                                seed + 100 * f, epochs, deadline, log)
+        if state is None or time.time() > deadline:
+            raise SystemExit(f"deadline reached in fold {f + 1}: no out-of-fold file written")
+        model = EfficientNetLite(args.variant, targets.shape[1]).to(x.device)
+        model.load_state_dict(state)
+        logits[ho] = view_logits(model.to(memory_format=torch.channels_last), x[ho], hw)
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    probs = (probs / probs.sum(-1, keepdims=True)).mean(1)
+    return {"image_id": np.array(ids), "lesion": np.array(lesions), "y": y, "fold": folds,
+            "logits": logits, "views": np.array(VIEWS), "input_size": np.array(hw),
+            "metrics": metrics(y, probs, group)}
 
 
 def seconds_per_epoch(x, n_classes: int, init: dict, args, hw, n_images: int) -> float:
@@ -186,7 +240,12 @@ def main() -> int:
     ap.add_argument("--deadline-s", type=float, default=0, help="hard stop (0: 1.2 × budget)")
     ap.add_argument("--reference", type=Path, help="reference logits to check the model with")
     ap.add_argument("--limit", type=int, default=0, help="images per part (a quick check)")
+    ap.add_argument("--folds", type=int, default=0,
+                    help="K ≥ 2: instead of members, out-of-fold logits over train + validation "
+                         "from K lesion-grouped fold models per --member (oof-NAME.npz)")
     args = ap.parse_args()
+    if args.folds == 1 or args.folds < 0:
+        ap.error("--folds is 0 (members) or at least 2")
     start = time.time()
     deadline = start + (args.deadline_s or 1.2 * args.budget_s)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -225,6 +284,9 @@ def main() -> int:
                            args.soft_weight if args.soft else 0.0)
     log(f"device {report['device']}; torch {torch.__version__}; {len(y['train'])} train, "
         f"{len(y['val'])} val images loaded in {time.time() - start:.0f} s")
+    if args.folds:
+        return folds_main(args, split, x, y, labels, group, init, members, report, start,
+                          deadline, log, write_report)
     per = {hw: seconds_per_epoch(x["train"], len(labels), init, args, hw, len(y["train"]))
            for hw in {hw for hw, _ in members}}
     eval_s = 0.05 * sum(per.values()) / len(per)  # four views of validation, an estimate
@@ -252,6 +314,41 @@ def main() -> int:
     write_report()
     log(json.dumps({k: {"best": v["best"], "minutes": v["minutes"]}
                     for k, v in report["members"].items()}, indent=1))
+    return 0
+
+
+def folds_main(args, split, x, y, labels, group, init, members, report, start, deadline, log,
+               write_report) -> int:
+    """Out-of-fold logits over train + validation for each member spec: what a referral
+    threshold can be chosen on without reusing the images that chose epochs and models."""
+    ids = split["train"]["id"] + split["val"]["id"]
+    lesions = split["train"]["group"] + split["val"]["group"]
+    pool = torch.cat([x["train"], x["val"]])
+    yy = np.concatenate([y["train"], y["val"]])
+    targets = soft_targets(args.soft, ids, yy, labels, args.soft_weight if args.soft else 0.0)
+    n_fit = int(len(yy) * (args.folds - 1) / args.folds)
+    per = {hw: seconds_per_epoch(pool, len(labels), init, args, hw, n_fit)
+           for hw in {hw for hw, _ in members}}
+    left = args.budget_s - (time.time() - start)
+    epochs = int(max(1, min(args.max_epochs,
+                            left / (args.folds * sum(per[hw] for hw, _ in members)))))
+    report.update(folds=args.folds, epochs=epochs, oof={},
+                  seconds_per_epoch={f"{h}x{w}": round(t, 2) for (h, w), t in per.items()})
+    log(f"seconds per epoch {report['seconds_per_epoch']} → {epochs} epochs per fold model")
+    for hw, seed in members:
+        name = f"lite-{hw[0]}x{hw[1]}-s{seed}"
+        t0 = time.time()
+        log(f"out-of-fold {name}")
+        oof = out_of_fold(pool, yy, targets, ids, lesions, group, init, args, hw, seed, epochs,
+                          deadline, log)
+        found = oof.pop("metrics")
+        np.savez(args.out / f"oof-{name}.npz", labels=np.array(labels), **oof)
+        report["oof"][name] = {"input_size": list(hw), "seed": seed, "n": len(yy),
+                               "metrics": found, "minutes": round((time.time() - t0) / 60, 2)}
+        log(f" {name} out of fold: {json.dumps(found)}")
+        write_report()
+    report["minutes"] = round((time.time() - start) / 60, 2)
+    write_report()
     return 0
 
 

@@ -1,0 +1,68 @@
+"""Referral scores from out-of-fold predictions (``gpu_members.py --folds``), for choosing a
+threshold on images that chose nothing else.
+
+A threshold chosen on the validation split that also picked each member's epoch, its logit
+adjustment and the ensemble itself inherits their optimism: it referred fewer malignant test
+lesions than it promised. Fold models trained on lesion-grouped folds of train + validation
+give each image a prediction from a model that never saw it; this module turns those logits
+into the scores the shipped bundle would give (each member's own logit offsets, the softmax,
+the decision group's sum, the mean over members and views) in the format of
+``threshold_scores.csv``, so that ``python -m training ensemble --threshold-scores`` chooses on
+them and ``python -m training threshold`` recomputes from them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from edge.inference.bundle import Bundle
+
+from .evaluate import group_indices
+from .threshold import Scores
+
+
+def _softmax(z: np.ndarray) -> np.ndarray:
+    z = z - z.max(-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(-1, keepdims=True)
+
+
+def oof_scores(models: list[tuple[Bundle, Path]]) -> Scores:
+    """Scores from ``(bundle, oof file)`` pairs, one per model of the ensemble in its order
+    (the first is the live stream's), each bundle the one the member came from (its logit
+    offsets are the member's): ``score`` is the first model on the identity view, ``tta`` the
+    mean over every model and the first bundle's views. Each file must hold the same images,
+    the bundle's labels and the input size its bundle takes."""
+    first = models[0][0]
+    group = group_indices(first)
+    views = list(first.tta or ["identity"])
+    ref = None
+    per_model = []
+    for bundle, path in models:
+        with np.load(path) as d:
+            data = {k: d[k] for k in d.files}
+        if list(data["labels"]) != list(bundle.labels):
+            raise ValueError(f"{path}: labels {list(data['labels'])} are not {bundle.labels}")
+        size = [int(v) for v in data["input_size"]]
+        if size != list(bundle.input_spec["size"]):
+            raise ValueError(f"{path}: predictions at {size}, but the "
+                             f"bundle takes {list(bundle.input_spec['size'])}")
+        if ref is None:
+            ref = data
+        elif list(data["image_id"]) != list(ref["image_id"]):
+            raise ValueError(f"{path}: not the same images, in the same order, as "
+                             f"{models[0][1]}")
+        have = [str(v) for v in data["views"]]
+        missing = [v for v in views if v not in have]
+        if missing:
+            raise ValueError(f"{path}: no logits for the views {missing}")
+        bias = np.asarray(bundle.manifest.get("class_bias") or [0.0] * len(bundle.labels))
+        p = _softmax(data["logits"][:, [have.index(v) for v in views]].astype(np.float64) + bias)
+        per_model.append(p[..., group].sum(-1))  # (N, views)
+    assert ref is not None
+    return Scores(image=[str(i) for i in ref["image_id"]], lesion=ref["lesion"].astype(str),
+                  positive=np.isin(ref["y"], group),
+                  score=per_model[0][:, views.index("identity")],
+                  tta=np.mean([g.mean(1) for g in per_model], axis=0))
