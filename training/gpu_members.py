@@ -35,8 +35,9 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 
 from .gpu_teacher import (
+    adamw_cosine,
     augment,
-    freeze_bn_stats,
+    epoch_batches,
     group_folds,
     load_images,
     metrics,
@@ -99,11 +100,7 @@ def train_member(x, y, targets, xv, yv, group, init: dict, args, hw, seed: int, 
     model = model.to(memory_format=torch.channels_last)
     gen = torch.Generator(device=dev).manual_seed(seed)
     steps = int(np.ceil(len(y) / args.batch))
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.wd)
-    total, warm = epochs * steps, steps
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + np.cos(np.pi * min(s, total) / total))
-    )
+    opt, sched = adamw_cosine(model, args, steps, epochs)
     probs = torch.from_numpy(sampling_probs(y, targets.shape[1], args.power)).to(dev)
     tt = torch.from_numpy(targets).to(dev)
     best, best_score, history = None, -1.0, []
@@ -111,13 +108,8 @@ def train_member(x, y, targets, xv, yv, group, init: dict, args, hw, seed: int, 
         if time.time() > deadline:
             log(f"  deadline reached: stopping after {ep} epochs")
             break
-        model.train()
-        freeze_bn_stats(model)
-        idx = torch.multinomial(probs, steps * args.batch, replacement=True, generator=gen)
         t0, loss_sum = time.time(), 0.0
-        for s in range(steps):
-            b = idx[s * args.batch : (s + 1) * args.batch]
-            xb = augment(x[b], hw, gen).contiguous(memory_format=torch.channels_last)
+        for b, xb in epoch_batches(model, x, probs, steps, args.batch, hw, gen):
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=xb.is_cuda):
                 logits = model(xb).float()
             loss = -(tt[b] * F.log_softmax(logits, dim=1)).sum(1).mean()

@@ -196,6 +196,29 @@ def sampling_probs(y: np.ndarray, n: int, power: float) -> np.ndarray:
     return p / p.sum()
 
 
+def adamw_cosine(model: nn.Module, args, steps: int, epochs: int):
+    """AdamW at ``args.lr`` (weight decay ``args.wd``): one epoch of linear warm-up, then a
+    cosine decay to zero at the last step."""
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.wd)
+    total, warm = epochs * steps, steps
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + np.cos(np.pi * min(s, total) / total))
+    )
+    return opt, sched
+
+
+def epoch_batches(model: nn.Module, x, probs, steps: int, batch: int, hw, gen):
+    """One epoch's batches: the model in training mode with BatchNorm statistics frozen,
+    ``steps`` batches drawn with ``probs`` (class sampling), each augmented to ``hw``;
+    yields (indices, images)."""
+    model.train()
+    freeze_bn_stats(model)
+    idx = torch.multinomial(probs, steps * batch, replacement=True, generator=gen)
+    for s in range(steps):
+        b = idx[s * batch : (s + 1) * batch]
+        yield b, augment(x[b], hw, gen).contiguous(memory_format=torch.channels_last)
+
+
 def train_one(x, y, init: Path, n_classes: int, args, epochs: int, seed: int, log) -> nn.Module:
     dev = x.device
     torch.manual_seed(seed)
@@ -204,22 +227,12 @@ def train_one(x, y, init: Path, n_classes: int, args, epochs: int, seed: int, lo
     model = model.to(memory_format=torch.channels_last)
     gen = torch.Generator(device=dev).manual_seed(seed)
     steps = int(np.ceil(len(y) / args.batch))
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.wd)
-    total = epochs * steps
-    warm = steps
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + np.cos(np.pi * min(s, total) / total))
-    )
+    opt, sched = adamw_cosine(model, args, steps, epochs)
     probs = torch.from_numpy(sampling_probs(y, n_classes, args.power)).to(dev)
     yt = torch.from_numpy(y).to(dev)
     for ep in range(epochs):
-        model.train()
-        freeze_bn_stats(model)
-        idx = torch.multinomial(probs, steps * args.batch, replacement=True, generator=gen)
         t0, loss_sum = time.time(), 0.0
-        for s in range(steps):
-            b = idx[s * args.batch : (s + 1) * args.batch]
-            xb = augment(x[b], args.hw, gen).contiguous(memory_format=torch.channels_last)
+        for b, xb in epoch_batches(model, x, probs, steps, args.batch, args.hw, gen):
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=xb.is_cuda):
                 loss = F.cross_entropy(model(xb).float(), yt[b], label_smoothing=0.1)
             opt.zero_grad(set_to_none=True)
