@@ -41,14 +41,14 @@ from .gpu_teacher import (
     group_folds,
     load_images,
     metrics,
-    plain,
     predict,
     read_split,
     sampling_probs,
+    view_logits,
 )
 from .torch_lite import EfficientNetLite, from_imagenet
 
-# The kit's test-time views (export.tta), in the order the logits keep them.
+# The kit's test-time views (export.tta), in the order view_logits keeps them.
 VIEWS = ("identity", "flip_lr", "flip_ud", "rot180")
 
 
@@ -139,19 +139,6 @@ def train_member(x, y, targets, xv, yv, group, init: dict, args, hw, seed: int, 
     return best, history
 
 
-@torch.no_grad()
-def view_logits(model: EfficientNetLite, x: torch.Tensor, hw, batch: int = 256) -> np.ndarray:
-    """(N, 4, classes) logits over the kit's four views, in VIEWS order."""
-    model.eval()
-    out = []
-    for i in range(0, len(x), batch):
-        v = plain(x[i : i + batch], hw)
-        views = [v, v.flip(3), v.flip(2), v.flip(2).flip(3)]
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=v.is_cuda):
-            out.append(torch.stack([model(u).float() for u in views], dim=1).cpu())
-    return torch.cat(out).numpy()
-
-
 def out_of_fold(x, y, targets, ids, lesions, group, init, args, hw, seed, epochs, deadline,
                 log) -> dict:
     """Train ``args.folds`` models on lesion-grouped folds of ``x`` (train + validation),
@@ -167,7 +154,8 @@ def out_of_fold(x, y, targets, ids, lesions, group, init, args, hw, seed, epochs
             raise SystemExit(f"deadline reached in fold {f + 1}: no out-of-fold file written")
         model = EfficientNetLite(args.variant, targets.shape[1]).to(x.device)
         model.load_state_dict(state)
-        logits[ho] = view_logits(model.to(memory_format=torch.channels_last), x[ho], hw)
+        model = model.to(memory_format=torch.channels_last)
+        logits[ho] = view_logits(model, x[ho], hw).cpu().numpy()
     probs = np.exp(logits - logits.max(-1, keepdims=True))
     probs = (probs / probs.sum(-1, keepdims=True)).mean(1)
     return {"image_id": np.array(ids), "lesion": np.array(lesions), "y": y, "fold": folds,

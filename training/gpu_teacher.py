@@ -176,17 +176,22 @@ def plain(x: torch.Tensor, out_hw: tuple[int, int]) -> torch.Tensor:
 
 
 @torch.no_grad()
-def predict(model: nn.Module, x: torch.Tensor, out_hw, batch: int = 256) -> torch.Tensor:
-    """Probabilities averaged over the four shape-keeping views (as the kit's TTA)."""
+def view_logits(model: nn.Module, x: torch.Tensor, out_hw, batch: int = 256) -> torch.Tensor:
+    """(N, 4, classes) logits over the four shape-keeping views of the kit's TTA, in its order:
+    identity, flip_lr, flip_ud, rot180."""
     model.eval()
     out = []
     for i in range(0, len(x), batch):
         v = plain(x[i : i + batch], out_hw)
         views = [v, v.flip(3), v.flip(2), v.flip(2).flip(3)]
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=v.is_cuda):
-            p = sum(F.softmax(model(u).float(), dim=1) for u in views) / len(views)
-        out.append(p)
+            out.append(torch.stack([model(u).float() for u in views], dim=1))
     return torch.cat(out)
+
+
+def predict(model: nn.Module, x: torch.Tensor, out_hw, batch: int = 256) -> torch.Tensor:
+    """Probabilities averaged over the four views (as the kit's TTA)."""
+    return F.softmax(view_logits(model, x, out_hw, batch), dim=2).mean(1)
 
 
 def sampling_probs(y: np.ndarray, n: int, power: float) -> np.ndarray:
