@@ -251,3 +251,27 @@ def test_oof_scores_are_what_the_bundle_would_give(tmp_path):
     other = _oof_file(tmp_path / "d.npz", ids[::-1], lesions, y, b, views, [168, 224])
     with pytest.raises(ValueError, match="not the same images"):
         oof_scores([(skin, fa), (skin, other)])
+
+
+def test_import_member_builds_a_bundle_as_users_run_it(member, tmp_path):
+    """The command as the card gives it, on a few images per class: a bundle that loads, whose
+    version names the member and whose card says where and how long it trained."""
+    from edge.inference.bundle import load_bundle
+
+    prefix, _ = member
+    out, run = tmp_path / "bundle", tmp_path / "run"
+    cmd = [sys.executable, "-m", "training", "import-member", "--member", str(prefix),
+           "--config", str(CONFIG), "--run-dir", str(run), "--out", str(out),
+           "--set", "model.dense=0", "--set", f"model.input_size=[{HW[0]}, {HW[1]}]",
+           "--set", "dataset.limit_per_class=8", "--set", "export.representative_images=8"]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    bundle = load_bundle(out)
+    version = load_config(CONFIG).version
+    assert bundle.version == f"{version}+{prefix.name}"
+    assert list(bundle.input_spec["size"]) == list(HW)
+    card = (out / "CARD.md").read_text()
+    entry = json.loads((prefix.parent / "report.json").read_text())["members"][prefix.name]
+    assert f"every layer trained for {entry['epochs']} epochs on a GPU in PyTorch" in card
+    assert "python -m training train --config" not in card  # not the CPU recipe's command
+    assert f"bundle written to {out}" in done.stdout

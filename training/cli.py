@@ -53,8 +53,11 @@ def cmd_import_member(args) -> int:
     """A member trained by training/gpu_members.py, made a run and built as train builds."""
     from .imported import import_member
 
-    cfg = _cfg(args)
     member = Path(args.member)
+    if not any(item.startswith("version=") for item in args.set or []):
+        # The member's name as build metadata: an ensemble's members then tell themselves apart.
+        args.set = [*(args.set or []), f"version={_cfg(args).version}+{member.name}"]
+    cfg = _cfg(args)
     run_dir = Path(args.run_dir or f"runs/{cfg.name}-{member.name}")
     print(f"Keras model: {import_member(cfg, member, run_dir)}")
     args.run_dir, args.skip_training = str(run_dir), True
