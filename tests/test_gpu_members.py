@@ -42,15 +42,18 @@ def imagenet_state():
             if not k.endswith("num_batches_tracked")}
 
 
-def test_the_pytorch_model_gives_the_reference_logits(imagenet_state, parrot, coral):
+@pytest.mark.parametrize("variant, size", [("lite0", 224), ("lite1", 240), ("lite2", 260)])
+def test_the_pytorch_model_gives_the_reference_logits(variant, size, parrot, coral):
     from PIL import Image
 
-    ref = np.load(ROOT / "tests/data/efficientnet_lite0_reference.npz")
-    model = EfficientNetLite("lite0", 1000).eval()
-    model.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in imagenet_state.items()})
+    ref = np.load(ROOT / f"tests/data/efficientnet_{variant}_reference.npz")
+    state = read_state_dict(wheel_weights(variant))
+    model = EfficientNetLite(variant, 1000).eval()
+    model.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in state.items()
+                           if not k.endswith("num_batches_tracked")})  # strict: every tensor
     with torch.no_grad():
         out = model(torch.from_numpy(ref["inputs"].transpose(0, 3, 1, 2).copy())).numpy()
-        img = Image.open(parrot).convert("RGB").resize((224, 224))
+        img = Image.open(parrot).convert("RGB").resize((size, size))
         x = (np.asarray(img, np.float32) - 127.5) / 127.5
         logits = model(torch.from_numpy(x.transpose(2, 0, 1)[None].copy()))[0].numpy()
     assert np.abs(out - ref["logits"]).max() <= 1e-4

