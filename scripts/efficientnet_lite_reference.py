@@ -11,8 +11,9 @@ Usage: python scripts/efficientnet_lite_reference.py [--variant lite0] [--size 6
 
 The PyTorch code pads each strided convolution for its variant's own image size (224 for Lite0,
 240 for Lite1), TensorFlow's "same" for the input in hand: the two agree when the input halves
-with the same parity, so use 64 for Lite0 (224 and 64 stay even) and 80 for Lite1 (240 and 80
-both reach an odd 15 and 5 at the last stride).
+with the same parity, so use 64 for Lite0 (224 and 64 stay even), 80 for Lite1 (240 and 80
+both reach an odd 15 and 5 at the last stride) and 68 for Lite2 (260 and 68 halve to even
+130 and 34, then odd 65 and 17 onwards).
 """
 
 from __future__ import annotations
