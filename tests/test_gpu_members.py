@@ -118,6 +118,7 @@ def test_folds_give_every_image_one_prediction_from_a_model_that_never_saw_it(da
     ids += [row.split(",")[1] for row in split if row.startswith("val,")]
     assert list(oof["image_id"]) == ids  # train + validation, each once
     assert oof["logits"].shape == (len(ids), 4, 7) and np.isfinite(oof["logits"]).all()
+    assert (np.abs(oof["logits"]).sum(axis=(1, 2)) > 0).all()  # every row was predicted
     assert list(oof["views"]) == ["identity", "flip_lr", "flip_ud", "rot180"]
     fold_of: dict = {}
     for lesion, fold in zip(oof["lesion"], oof["fold"], strict=True):
@@ -211,6 +212,28 @@ def test_the_card_says_where_and_how_the_member_trained(member, tmp_path):
     assert f"--member OUT/{prefix.name}" in text and "input 64×48 px" in text
 
 
+def test_the_gpu_views_are_the_kits_views():
+    """The four views the GPU scripts predict, in the order oof files name them, are the
+    kit's own test-time views of the same image."""
+    from edge.inference.preprocess import TTA_VIEWS
+    from training.gpu_members import VIEWS
+    from training.gpu_teacher import four_views
+
+    rgb = np.random.default_rng(0).integers(0, 256, (5, 7, 3), dtype=np.uint8)
+    batch = torch.from_numpy(rgb.transpose(2, 0, 1)[None].copy())
+    for name, view in zip(VIEWS, four_views(batch), strict=True):
+        want = np.ascontiguousarray(TTA_VIEWS[name](rgb))
+        assert (view[0].numpy().transpose(1, 2, 0) == want).all(), name
+
+
+def test_folds_refuse_the_teacher_s_labels(data_dir, tmp_path):
+    cmd = [sys.executable, "-m", "training.gpu_members", "--data", str(data_dir), "--out",
+           str(tmp_path), "--member", "48x64:0", "--folds", "3", "--soft",
+           str(ROOT / "training/teachers/skin-lesion.npz")]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "the teacher saw the held-out images" in done.stderr
+
+
 def _oof_file(path: Path, ids, lesions, y, logits, views, size) -> Path:
     np.savez(path, image_id=np.array(ids), lesion=np.array(lesions), y=np.array(y),
              fold=np.zeros(len(ids), int), logits=logits, views=np.array(views),
@@ -226,6 +249,13 @@ def test_oof_scores_are_what_the_bundle_would_give(tmp_path):
     from training.oof import oof_scores
 
     skin = load_bundle(ROOT / "models/skin-lesion")
+    # A second model with logit offsets of its own: each model's scores take its own.
+    copy = tmp_path / "other"
+    shutil.copytree(ROOT / "models/skin-lesion", copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["class_bias"] = [0.5, -0.3, 0.2, 0.0, 0.9, -0.6, 0.1]
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    other = load_bundle(copy)
     rng = np.random.default_rng(1)
     n, ids = 40, [f"img{i}" for i in range(40)]
     lesions, y = [f"L{i // 2}" for i in range(n)], rng.integers(0, 7, n)
@@ -236,16 +266,17 @@ def test_oof_scores_are_what_the_bundle_would_give(tmp_path):
     order = [3, 1, 0, 2]
     fb = _oof_file(tmp_path / "b.npz", ids, lesions, y, b[:, order], [views[i] for i in order],
                    [168, 224])
-    scores = oof_scores([(skin, fa), (skin, fb)])
-    bias = np.array(skin.manifest["class_bias"])
+    scores = oof_scores([(skin, fa), (other, fb)])
     mal = [skin.labels.index(m) for m in ("mel", "bcc", "akiec")]
 
-    def group(z):
-        e = np.exp(z + bias - (z + bias).max(-1, keepdims=True))
+    def group(z, bundle):
+        zb = z + np.array(bundle.manifest["class_bias"])
+        e = np.exp(zb - zb.max(-1, keepdims=True))
         return (e / e.sum(-1, keepdims=True))[..., mal].sum(-1)
 
-    np.testing.assert_allclose(scores.score, group(a[:, 0]), rtol=1e-12)
-    np.testing.assert_allclose(scores.tta, (group(a).mean(1) + group(b).mean(1)) / 2, rtol=1e-12)
+    np.testing.assert_allclose(scores.score, group(a[:, 0], skin), rtol=1e-12)
+    want = (group(a, skin).mean(1) + group(b, other).mean(1)) / 2
+    np.testing.assert_allclose(scores.tta, want, rtol=1e-12)
     assert list(scores.positive) == [int(v) in mal for v in y]
     assert list(scores.lesion) == lesions and scores.image == ids
     small = _oof_file(tmp_path / "c.npz", ids, lesions, y, a, views, [48, 64])

@@ -294,7 +294,8 @@ def test_an_ensemble_can_take_its_thresholds_from_out_of_fold_scores(tiny_run, t
     evaluated at them."""
     from training.datasets import read_split
     from training.ensemble import OOF_SOURCE, build_ensemble
-    from training.threshold import Scores, choose, recompute, shipped, write_scores
+    from training.oof import write_oof_scores
+    from training.threshold import Scores, choose, recompute, shipped
 
     cfg, run_dir, out, _ = tiny_run
     parts = read_split(run_dir / "split.csv")
@@ -306,8 +307,27 @@ def test_an_ensemble_can_take_its_thresholds_from_out_of_fold_scores(tiny_run, t
                     range(n)]), positive=positive, score=score,
                     tta=np.clip(score + rng.normal(0, 0.02, n), 0, 1))
     csv_path = tmp_path / "oof.csv"
-    write_scores(csv_path, scores)
+    logits = tmp_path / "oof-first.npz"
+    logits.write_bytes(b"the logits the scores came from")
+    first = load_bundle(out)
+    write_oof_scores(csv_path, scores, [(first, logits), (first, logits)])
     ens = tmp_path / "ensemble"
+    # Scores made for other models (here: for the first model alone) are refused before
+    # anything is written.
+    alone = tmp_path / "alone.csv"
+    write_oof_scores(alone, scores, [(first, logits)])
+    with pytest.raises(ValueError, match="not for this ensemble's"):
+        build_ensemble(cfg, out, [out], ens, parts, "9.9.9-oof", oof_scores=alone)
+    assert not ens.exists()
+    # So are scores of test images: a threshold is never chosen on the test split.
+    test_ids = [s.path.stem for s in parts["test"]][:3]
+    leaky = tmp_path / "leaky.csv"
+    write_oof_scores(leaky, Scores(image=test_ids, lesion=np.array(test_ids),
+                                   positive=np.array([True, False, True]),
+                                   score=np.array([0.9, 0.1, 0.8]),
+                                   tta=np.array([0.9, 0.1, 0.8])), [(first, logits)] * 2)
+    with pytest.raises(ValueError, match="scores 3 test images"):
+        build_ensemble(cfg, out, [out], ens, parts, "9.9.9-oof", oof_scores=leaky)
     ev = build_ensemble(cfg, out, [out], ens, parts, "9.9.9-oof", oof_scores=csv_path)
     rule = load_bundle(ens).decision
     how = {"method": cfg.decision.threshold_method,
@@ -324,6 +344,10 @@ def test_an_ensemble_can_take_its_thresholds_from_out_of_fold_scores(tiny_run, t
     card = (ens / "CARD.md").read_text()
     assert "each chosen on the out-of-fold predictions of lesion-grouped fold models" in card
     assert f"On the {n} images of train + validation they were chosen on" in card
+    # What those thresholds reach on the kit's own validation scores is reported beside them.
+    check = rule["chosen_on"]["validation"]
+    assert check["n"] == len(parts["val"]) and "tta_sensitivity" in check
+    assert "On the kit's own validation scores (int8" in card
 
 
 def test_evaluate_judges_an_ensemble_as_a_capture_classifies(tiny_run, tmp_path):

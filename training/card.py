@@ -246,7 +246,10 @@ def _elsewhere_lines(cfg, info: dict, group: str) -> list[str]:
     return [
         f"- Backbone {cfg.model.backbone} (ImageNet initialisation from its wheel), input "
         f"{w}×{h} px (width × height), no hidden dense layer; every layer trained for "
-        f"{info['epochs']} epochs on a GPU in PyTorch (`training/gpu_members.py`, the model "
+        f"{info['epochs']} epochs"
+        + (f" (of {info['planned_epochs']} planned: the run's time limit cut it short)"
+           if info.get("planned_epochs", info["epochs"]) > info["epochs"] else "")
+        + " on a GPU in PyTorch (`training/gpu_members.py`, the model "
         "`training/torch_lite.py` with the wheel's tensor names), seed "
         f"{info['seed']}: AdamW at learning rate {r['lr']} with weight decay {r['wd']}, "
         f"batch {r['batch']}, a one-epoch warm-up then cosine decay, dropout {r['dropout']}, "
@@ -262,8 +265,11 @@ def _elsewhere_lines(cfg, info: dict, group: str) -> list[str]:
         f"- Commands: `python -m training teacher-prep --config {cfg.source} --out DATA`, "
         f"`python -m training.gpu_members --data DATA --out OUT --member {h}x{w}:{info['seed']}"
         + (f" --soft {r['soft']}" if soft else "")
-        + f"`, then `python -m training import-member --member OUT/{member} --config "
-        f"{cfg.source} --set model.dense=0 --set 'model.input_size=[{h}, {w}]'`.",
+        + "".join(f" --{k.replace('_', '-')} {r[k]}" for k in ("max_epochs", "budget_s",
+                                                                 "deadline_s") if r.get(k))
+        + f"` (with the other members of its run, which share the budget), then `python -m "
+        f"training import-member --member OUT/{member} --config {cfg.source} --set "
+        f"model.dense=0 --set 'model.input_size=[{h}, {w}]' --out BUNDLE`.",
         f"- Time: {info['minutes']} min on one {info['device']} (PyTorch {info['torch']}); the "
         "kit needs neither the GPU nor PyTorch.",
     ]

@@ -60,6 +60,8 @@ def cmd_import_member(args) -> int:
     cfg = _cfg(args)
     run_dir = Path(args.run_dir or f"runs/{cfg.name}-{member.name}")
     print(f"Keras model: {import_member(cfg, member, run_dir)}")
+    # A candidate until it is chosen: never over the shipped bundle unless --out says so.
+    args.out = args.out or str(run_dir / "bundle")
     args.run_dir, args.skip_training = str(run_dir), True
     return cmd_train(args)
 
@@ -67,15 +69,14 @@ def cmd_import_member(args) -> int:
 def cmd_oof_scores(args) -> int:
     from edge.inference.bundle import load_bundle
 
-    from .oof import oof_scores
-    from .threshold import write_scores
+    from .oof import oof_scores, write_oof_scores
 
     if len(args.bundle) != len(args.oof):
         print("error: give one --oof file per --bundle, in the same order", file=sys.stderr)
         return 2
-    scores = oof_scores([(load_bundle(Path(b)), Path(f))
-                         for b, f in zip(args.bundle, args.oof, strict=True)])
-    digest = write_scores(Path(args.out), scores)
+    models = [(load_bundle(Path(b)), Path(f)) for b, f in zip(args.bundle, args.oof, strict=True)]
+    scores = oof_scores(models)
+    digest = write_oof_scores(Path(args.out), scores, models)
     print(f"{args.out}: {len(scores.image)} images from {len(set(scores.lesion))} lesions, "
           f"{int(scores.positive.sum())} in the decision group (sha256 {digest[:12]}); build "
           f"with python -m training ensemble ... --oof-scores {args.out}")
@@ -264,7 +265,9 @@ def cmd_threshold(args) -> int:
     rows = compare(got, decision)
     for key, mine, given, same in rows:
         print(f"{key}: recomputed {mine}, shipped {given} ({'the same' if same else 'DIFFERENT'})")
-    print(f"on the {decision['chosen_on']['n']} stored validation images: sensitivity "
+    where = ("out-of-fold images" if decision["chosen_on"].get("source") else
+             "validation images")
+    print(f"on the {decision['chosen_on']['n']} stored {where}: sensitivity "
           f"{got.get('sensitivity', float('nan')):.4f}, specificity "
           f"{got.get('specificity', float('nan')):.4f}"
           + (f"; every view {got['tta_sensitivity']:.4f} / {got['tta_specificity']:.4f}"
@@ -345,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="DIR/NAME of its NAME.a.npz and NAME.b.npz (report.json beside)")
     im.add_argument("--config", required=True)
     im.add_argument("--run-dir", help="default runs/<name>-<member>")
-    im.add_argument("--out", help="bundle folder (default models/<name>)")
+    im.add_argument("--out", help="bundle folder (default RUN_DIR/bundle)")
     im.add_argument("--set", action="append", metavar="KEY=VALUE")
     im.add_argument("--keep-float", action="store_true", help="ship the float artifact too")
     im.add_argument("--samples-per-class", type=int, default=0)

@@ -28,7 +28,7 @@ from .config import Config
 from .datasets import Sample
 from .evaluate import group_indices, predict, sensitivity_ci, validation_scores
 from .metrics import summarise
-from .threshold import SCORES_FILE, choose, chosen_on, read_scores, shipped, write_scores
+from .threshold import SCORES_FILE, choose, chosen_on, rates, shipped, write_scores
 
 log = logging.getLogger(__name__)
 KEYS = ("accuracy", "balanced_accuracy", "macro_auc", "group_auc", "sensitivity", "specificity",
@@ -85,6 +85,12 @@ def build_ensemble(cfg: Config, first_dir: Path, others: list[Path], out: Path,
     (``python -m training oof-scores``) the thresholds are chosen on those scores instead of
     the validation split's."""
     first = load_bundle(first_dir)
+    given = None
+    if oof_scores is not None:  # checked before anything is written
+        from .oof import read_for
+
+        given = read_for(oof_scores, first, [load_bundle(d) for d in others],
+                         {s.path.stem for s in parts["test"]})
     if out.exists():
         shutil.rmtree(out)
     shutil.copytree(first_dir, out)
@@ -113,14 +119,10 @@ def build_ensemble(cfg: Config, first_dir: Path, others: list[Path], out: Path,
     # Two thresholds, each chosen on the scores it will judge: `threshold` on the first model
     # alone, one view (what the live stream runs), `tta_threshold` on the mean of every member
     # over every view (what captures, uploads and `classify` give).
-    if oof_scores is not None:
-        scores = read_scores(oof_scores)
-        if scores.tta is None:
-            raise ValueError(f"{oof_scores}: no score_tta column (make it with oof-scores)")
-    else:
-        scores = validation_scores(staged, parts["val"], "int8", tta=bool(staged.tta),
+    val_scores = validation_scores(staged, parts["val"], "int8", tta=bool(staged.tta),
                                    members=True)
-    assert scores.tta is not None
+    scores = given if given is not None else val_scores
+    assert scores.tta is not None and val_scores.tta is not None
     rule = manifest["decision"]
     rule.update(threshold=shipped(choose(scores.positive, scores.score, scores.lesion, target,
                                          **how)),
@@ -132,8 +134,16 @@ def build_ensemble(cfg: Config, first_dir: Path, others: list[Path], out: Path,
         rule["threshold_confidence"] = cfg.decision.threshold_confidence
     # The ensemble's own validation scores replace the first bundle's copy.
     rule["chosen_on"] = chosen_on(scores, write_scores(out / SCORES_FILE, scores), rule)
-    if oof_scores is not None:
+    if given is not None:
         rule["chosen_on"]["source"] = OOF_SOURCE
+        # The fold models stand in for the shipped ones: what the thresholds chosen on them
+        # reach on the kit's own (int8, every member and view) validation scores.
+        rule["chosen_on"]["validation"] = {
+            "n": len(val_scores.image),
+            **rates(val_scores.positive, val_scores.score, rule["threshold"]),
+            **{f"tta_{k}": v for k, v in
+               rates(val_scores.positive, val_scores.tta, rule["tta_threshold"]).items()},
+        }
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     staged = load_bundle(out)
 
@@ -175,11 +185,17 @@ def _chosen_text(rule: dict) -> str:
     where = (f"{c['n']} images of train + validation they were chosen on (each predicted "
              "by a fold model that never saw it)" if c.get("source") == OOF_SOURCE
              else f"{c['n']} validation images they were chosen on")
+    v = c.get("validation")
+    check = (f" On the kit's own validation scores (int8, {v['n']} images) the captures' "
+             f"threshold flags {_pct(v.get('tta_sensitivity'))} at specificity "
+             f"{_pct(v.get('tta_specificity'))}: the fold models are the members' recipe "
+             "trained again, not the shipped models, and their float scores stand in for these."
+             if v else "")
     return (f" On the {where}, the live stream's "
             f"threshold flags {_pct(c['sensitivity'])} of the {rule['group']} ones at "
             f"specificity {_pct(c['specificity'])}, the captures' {_pct(c['tta_sensitivity'])} "
             f"at {_pct(c['tta_specificity'])}. Their scores are kept in `{c['file']}`: "
-            "`python -m training threshold --model DIR` recomputes both from them.")
+            "`python -m training threshold --model DIR` recomputes both from them." + check)
 
 
 def _targets(targets: dict[str, float], row: dict) -> list[str]:
@@ -212,7 +228,7 @@ def _card_section(out: Path, manifest: dict, rows: dict, latency: dict, n: int,
         f"{rule['group']} ≥ {rule['tta_threshold']:.4f} on the ensemble's averages (the live "
         f"stream, on the first model's one view: {rule['threshold']:.4f}), each chosen on the "
         + ("out-of-fold predictions of lesion-grouped fold models over train + validation "
-           "(float, before the int8 export)"
+           "(the members' recipe trained again on four fifths of them; float scores)"
            if (rule.get("chosen_on") or {}).get("source") == OOF_SOURCE
            else "validation split") + " on the scores it judges"
         + (" at the lesion-level lower bound" if rule.get("threshold_method") == "lesion_bound"

@@ -189,6 +189,19 @@ def seconds_per_epoch(x, n_classes: int, init: dict, args, hw, n_images: int) ->
     return (time.time() - t0) / n * np.ceil(n_images / args.batch)
 
 
+def seconds_to_validate(xv, n_classes: int, init: dict, args, hw) -> float:
+    """Time one four-view pass over the validation images at ``hw`` (after a warm-up)."""
+    model = from_imagenet(args.variant, init, n_classes).to(xv.device)
+    model = model.to(memory_format=torch.channels_last)
+    sync = torch.cuda.synchronize if xv.is_cuda else (lambda: None)
+    predict(model, xv[: args.batch], hw)
+    sync()
+    t0 = time.time()
+    predict(model, xv, hw)
+    sync()
+    return time.time() - t0
+
+
 def check_reference(init: dict, ref: Path, variant: str, dev, log) -> float:
     """The ImageNet model's logits against the stored PyTorch reference (float32)."""
     data = np.load(ref)
@@ -226,6 +239,10 @@ def main() -> int:
     args = ap.parse_args()
     if args.folds == 1 or args.folds < 0:
         ap.error("--folds is 0 (members) or at least 2")
+    if args.folds and args.soft:
+        # The teacher's labels for the other images came from teacher models that trained on
+        # the held-out ones: through them a fold model would learn about images it must not see.
+        ap.error("--soft with --folds: the teacher saw the held-out images; leave --soft out")
     start = time.time()
     deadline = start + (args.deadline_s or 1.2 * args.budget_s)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -267,11 +284,11 @@ def main() -> int:
     if args.folds:
         return folds_main(args, split, x, y, labels, group, init, members, report, start,
                           deadline, log, write_report)
+    sizes = {hw for hw, _ in members}
     per = {hw: seconds_per_epoch(x["train"], len(labels), init, args, hw, len(y["train"]))
-           for hw in {hw for hw, _ in members}}
-    eval_s = 0.05 * sum(per.values()) / len(per)  # four views of validation, an estimate
+           + seconds_to_validate(x["val"], len(labels), init, args, hw) for hw in sizes}
     left = args.budget_s - (time.time() - start)
-    epochs = int(max(1, min(args.max_epochs, left / sum(per[hw] + eval_s for hw, _ in members))))
+    epochs = int(max(1, min(args.max_epochs, left / sum(per[hw] for hw, _ in members))))
     report["seconds_per_epoch"] = {f"{h}x{w}": round(s, 2) for (h, w), s in per.items()}
     report["epochs"] = epochs
     log(f"seconds per epoch {report['seconds_per_epoch']} → {epochs} epochs per member")
@@ -282,19 +299,26 @@ def main() -> int:
         best, history = train_member(x["train"], y["train"], targets, x["val"], y["val"],
                                      group, init, args, hw, seed, epochs, deadline, log)
         if best is None:
+            report["skipped"] = [f"lite-{h}x{w}-s{s}" for (h, w), s in
+                                 members[members.index((hw, seed)):]]
+            log(f"deadline reached before {name} finished an epoch: not written, nor "
+                f"{', '.join(report['skipped'][1:]) or 'any after it'}")
             break
         save_halves(best, args.out, name)
         top = max(history, key=lambda m: m["score"])
         report["members"][name] = {"input_size": list(hw), "seed": seed, "epochs": len(history),
-                                   "best_epoch": top["epoch"], "best": top,
-                                   "minutes": round((time.time() - t0) / 60, 2),
+                                   "planned_epochs": epochs, "best_epoch": top["epoch"],
+                                   "best": top, "minutes": round((time.time() - t0) / 60, 2),
                                    "history": history}
+        if len(history) < epochs:
+            log(f"{name}: cut short by the deadline after {len(history)} of {epochs} epochs "
+                "(its schedule did not finish); written, and marked so in report.json")
         write_report()
     report["minutes"] = round((time.time() - start) / 60, 2)
     write_report()
     log(json.dumps({k: {"best": v["best"], "minutes": v["minutes"]}
                     for k, v in report["members"].items()}, indent=1))
-    return 0
+    return 1 if report.get("skipped") else 0
 
 
 def folds_main(args, split, x, y, labels, group, init, members, report, start, deadline, log,

@@ -175,16 +175,20 @@ def plain(x: torch.Tensor, out_hw: tuple[int, int]) -> torch.Tensor:
     return y * 2 - 1
 
 
+def four_views(v: torch.Tensor) -> list[torch.Tensor]:
+    """The kit's four shape-keeping test-time views of an N,C,H,W batch, in its order:
+    identity, flip_lr (width), flip_ud (height), rot180."""
+    return [v, v.flip(3), v.flip(2), v.flip(2).flip(3)]
+
+
 @torch.no_grad()
 def view_logits(model: nn.Module, x: torch.Tensor, out_hw, batch: int = 256) -> torch.Tensor:
-    """(N, 4, classes) logits over the four shape-keeping views of the kit's TTA, in its order:
-    identity, flip_lr, flip_ud, rot180."""
+    """(N, 4, classes) logits over :func:`four_views`."""
     model.eval()
     out = []
     for i in range(0, len(x), batch):
-        v = plain(x[i : i + batch], out_hw)
-        views = [v, v.flip(3), v.flip(2), v.flip(2).flip(3)]
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=v.is_cuda):
+        views = four_views(plain(x[i : i + batch], out_hw))
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=views[0].is_cuda):
             out.append(torch.stack([model(u).float() for u in views], dim=1))
     return torch.cat(out)
 

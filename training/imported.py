@@ -112,7 +112,9 @@ def import_member(cfg: Config, prefix: Path, run_dir: Path) -> Path:
         "validation": {k: info["best"][k] for k in ("accuracy", "balanced_accuracy",
                                                      "group_auc", "score")},
         "recipe": {k: args.get(k) for k in ("batch", "lr", "wd", "dropout", "drop_connect",
-                                            "power", "soft", "soft_weight")},
+                                            "power", "soft", "soft_weight", "max_epochs",
+                                            "budget_s", "deadline_s")},
+        "planned_epochs": info.get("planned_epochs", info["epochs"]),
     }
     (run_dir / ELSEWHERE).write_text(json.dumps(elsewhere, indent=1))
     path = run_dir / "model.keras"

@@ -7,12 +7,19 @@ lesions than it promised. Fold models trained on lesion-grouped folds of train +
 give each image a prediction from a model that never saw it; this module turns those logits
 into the scores the shipped bundle would give (each member's own logit offsets, the softmax,
 the decision group's sum, the mean over members and views) in the format of
-``threshold_scores.csv``, so that ``python -m training ensemble --threshold-scores`` chooses on
+``threshold_scores.csv``, so that ``python -m training ensemble --oof-scores`` chooses on
 them and ``python -m training threshold`` recomputes from them.
+
+The fold models are the members' recipe trained again on four fifths of train + validation, not
+the shipped models: their float scores (bf16 on a GPU, the GPU script's own resize) stand in
+for the int8 ensemble's. The ensemble build therefore also reports what the chosen thresholds
+reach on the kit's own validation scores.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +27,7 @@ import numpy as np
 from edge.inference.bundle import Bundle
 
 from .evaluate import group_indices
-from .threshold import Scores
+from .threshold import Scores, read_scores, write_scores
 
 
 def _softmax(z: np.ndarray) -> np.ndarray:
@@ -66,3 +73,50 @@ def oof_scores(models: list[tuple[Bundle, Path]]) -> Scores:
                   positive=np.isin(ref["y"], group),
                   score=per_model[0][:, views.index("identity")],
                   tta=np.mean([g.mean(1) for g in per_model], axis=0))
+
+
+def _model_ids(bundles: list[Bundle]) -> list[dict]:
+    """What identifies each model: its bundle's name and version and its int8 file's digest."""
+    out = []
+    for b in bundles:
+        out.append({"bundle": f"{b.name} {b.version}",
+                    "sha256": b.manifest["artifacts"]["int8"]["sha256"]})
+    return out
+
+
+def write_oof_scores(path: Path, scores: Scores, models: list[tuple[Bundle, Path]]) -> str:
+    """The scores file, and beside it ``PATH.json``: the models and OOF files it came from, so
+    that an ensemble build can check it was made for the models it is given."""
+    digest = write_scores(path, scores)
+    record = {"models": _model_ids([b for b, _ in models]),
+              "oof_files": [{"file": f.name,
+                             "sha256": hashlib.sha256(f.read_bytes()).hexdigest()}
+                            for _, f in models],
+              "scores_sha256": digest}
+    path.with_name(path.name + ".json").write_text(json.dumps(record, indent=1))
+    return digest
+
+
+def read_for(path: Path, first: Bundle, members: list[Bundle], test_ids: set[str]) -> Scores:
+    """The scores at ``path``, refused unless its record says they were made for exactly these
+    models in this order, the file is the one recorded, and no test image is among them."""
+    side = path.with_name(path.name + ".json")
+    if not side.is_file():
+        raise ValueError(f"{side}: missing (python -m training oof-scores writes it beside "
+                         "the scores)")
+    record = json.loads(side.read_text())
+    if hashlib.sha256(path.read_bytes()).hexdigest() != record.get("scores_sha256"):
+        raise ValueError(f"{path}: its digest differs from {side.name}'s")
+    want = _model_ids([first, *members])
+    if record.get("models") != want:
+        raise ValueError(f"{path} was made for {[m['bundle'] for m in record.get('models', [])]}"
+                         f", not for this ensemble's {[m['bundle'] for m in want]} (same "
+                         "models, same order, same int8 files)")
+    scores = read_scores(path)
+    if scores.tta is None:
+        raise ValueError(f"{path}: no score_tta column (make it with oof-scores)")
+    leaked = sorted(set(scores.image) & test_ids)
+    if leaked:
+        raise ValueError(f"{path} scores {len(leaked)} test images (e.g. {leaked[0]}): a "
+                         "threshold is never chosen on the test split")
+    return scores
