@@ -200,7 +200,9 @@ def build_bundle(
     tt = run_dir / "train_time.json"
     if tt.is_file():
         extra["train_minutes"] = json.loads(tt.read_text())["minutes"]
-    elsewhere = run_dir / "trained_elsewhere.json"  # training/imported.py
+    from .imported import ELSEWHERE
+
+    elsewhere = run_dir / ELSEWHERE
     if elsewhere.is_file():
         extra["elsewhere"] = json.loads(elsewhere.read_text())
     final_files = {k: v for k, v in files.items() if k == "int8" or keep_float}

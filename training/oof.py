@@ -25,15 +25,10 @@ from pathlib import Path
 import numpy as np
 
 from edge.inference.bundle import Bundle
+from edge.inference.postprocess import softmax
 
 from .evaluate import group_indices
 from .threshold import Scores, read_scores, write_scores
-
-
-def _softmax(z: np.ndarray) -> np.ndarray:
-    z = z - z.max(-1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(-1, keepdims=True)
 
 
 def oof_scores(models: list[tuple[Bundle, Path]]) -> Scores:
@@ -65,8 +60,10 @@ def oof_scores(models: list[tuple[Bundle, Path]]) -> Scores:
         missing = [v for v in views if v not in have]
         if missing:
             raise ValueError(f"{path}: no logits for the views {missing}")
-        bias = np.asarray(bundle.manifest.get("class_bias") or [0.0] * len(bundle.labels))
-        p = _softmax(data["logits"][:, [have.index(v) for v in views]].astype(np.float64) + bias)
+        z = data["logits"][:, [have.index(v) for v in views]].astype(np.float64)
+        if bundle.class_bias is not None:
+            z = z + bundle.class_bias
+        p = np.apply_along_axis(softmax, -1, z)  # the kit's own, row by row
         per_model.append(p[..., group].sum(-1))  # (N, views)
     assert ref is not None
     return Scores(image=[str(i) for i in ref["image_id"]], lesion=ref["lesion"].astype(str),

@@ -245,12 +245,13 @@ def train(cfg: Config, run_dir: Path) -> Path:
     import keras
     import tensorflow as tf
 
+    from .imported import ELSEWHERE
     from .model import build_backbone, build_head, unfreeze_from
     from .resume import check_resumable
 
     run_dir.mkdir(parents=True, exist_ok=True)
-    # A model trained here is not one imported from elsewhere (training/imported.py).
-    (run_dir / "trained_elsewhere.json").unlink(missing_ok=True)
+    # A model trained here is not one imported from elsewhere.
+    (run_dir / ELSEWHERE).unlink(missing_ok=True)
     # As config.json stores it (paths as text, tuples as lists), to compare with the stored one.
     settings = json.loads(json.dumps(asdict(cfg), default=str))
     check_resumable(run_dir, settings)
