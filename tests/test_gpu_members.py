@@ -9,6 +9,7 @@ import json
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -130,6 +131,95 @@ def test_folds_give_every_image_one_prediction_from_a_model_that_never_saw_it(da
     report = json.loads((out / "report.json").read_text())
     assert report["oof"][f"lite-{HW[0]}x{HW[1]}-s3"]["n"] == len(ids)
     assert not list(out.glob("*.a.npz"))  # no member is written in this mode
+
+
+class _Killed(Exception):
+    pass
+
+
+def test_a_fold_model_stopped_mid_run_goes_on_to_the_same_weights(data_dir, imagenet_state):
+    """A checkpointed fold model stopped during its second epoch and started again ends with
+    the weights of one that ran through; a checkpoint of other options is refused."""
+    import argparse
+
+    from training.gpu_members import fold_recipe, train_member
+    from training.gpu_teacher import load_images, read_split
+
+    labels = ["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"]
+    split = read_split(data_dir, labels)["train"]
+    x, y = load_images(data_dir, split["id"]), np.array(split["y"])
+    targets = np.eye(len(labels), dtype=np.float32)[y]
+    args = argparse.Namespace(variant="lite0", dropout=0.3, drop_connect=0.1, batch=4, lr=4e-4,
+                              wd=0.01, power=0.5, precision="bf16", folds=3)
+    recipe = fold_recipe(args, HW, 5, 3, split["id"])
+
+    def run(checkpoint=None, log=lambda msg: None):
+        state, history = train_member(x, y, targets, None, None, [0, 1, 4], imagenet_state,
+                                      args, HW, 5, 3, float("inf"), log, checkpoint, recipe)
+        return state, history
+
+    whole, _ = run()
+    ckpt = data_dir.parent / "stopped.ckpt"
+
+    def stop_in_epoch_2(msg: str) -> None:
+        if msg.startswith("  epoch 2/3"):  # the second epoch is done, not yet kept
+            raise _Killed
+
+    with pytest.raises(_Killed):
+        run(ckpt, stop_in_epoch_2)
+    assert torch.load(ckpt, weights_only=True)["epoch"] == 1
+    lines: list[str] = []
+    again, history = run(ckpt, lines.append)
+    assert lines[0] == "  going on after epoch 1/3 (stopped.ckpt)"
+    assert [h["epoch"] for h in history] == [1, 2, 3]
+    assert whole.keys() == again.keys()
+    for k in whole:
+        assert torch.equal(whole[k], again[k]), k
+    other = dict(recipe, lr=1e-3)
+    with pytest.raises(SystemExit, match="run with the same options or another --out"):
+        train_member(x, y, targets, None, None, [0, 1, 4], imagenet_state, args, HW, 5, 3,
+                     float("inf"), print, ckpt, other)
+
+
+def _fold_cmd(data: Path, out: Path, epochs: int) -> list[str]:
+    return [sys.executable, "-m", "training.gpu_members", "--data", str(data), "--out",
+            str(out), "--member", f"{HW[0]}x{HW[1]}:3", "--folds", "3", "--epochs",
+            str(epochs), "--batch", "4"]
+
+
+def test_a_fold_run_killed_and_started_again_gives_the_same_logits(data_dir):
+    """What a CPU user does: a long fold run killed (SIGKILL, at its first checkpoint) and the
+    same command run again gives the logits of a run that was never stopped, and leaves no
+    checkpoint behind; a rerun with other options refuses the files it finds."""
+    name = f"oof-lite-{HW[0]}x{HW[1]}-s3"
+    whole, killed = data_dir.parent / "whole", data_dir.parent / "killed"
+    done = subprocess.run(_fold_cmd(data_dir, whole, 2), cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    killed.mkdir()
+    proc = subprocess.Popen(_fold_cmd(data_dir, killed, 2), cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(30000):
+            if list(killed.glob("*.ckpt")) or proc.poll() is not None:
+                break
+            time.sleep(0.01)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == -9, "the run ended before it could be killed"
+    assert not (killed / f"{name}.npz").exists()
+    again = subprocess.run(_fold_cmd(data_dir, killed, 2), cwd=ROOT, capture_output=True,
+                           text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "going on after epoch" in again.stdout or "done before" in again.stdout
+    with np.load(whole / f"{name}.npz") as a, np.load(killed / f"{name}.npz") as b:
+        assert np.array_equal(a["logits"], b["logits"]) and np.array_equal(a["fold"], b["fold"])
+    assert sorted(p.name for p in killed.iterdir()) == sorted(p.name for p in whole.iterdir())
+    assert not list(killed.glob("*.ckpt*")) and not list(killed.glob("*.tmp*"))
+    other = subprocess.run(_fold_cmd(data_dir, killed, 3), cwd=ROOT, capture_output=True,
+                           text=True, timeout=300)
+    assert other.returncode == 1 and "run with the same options or another --out" in other.stderr
 
 
 def test_a_run_writes_each_member_in_two_halves_with_its_report(member):

@@ -20,13 +20,18 @@ Each member's weights are written as soon as it is done, as two ``.npz`` halves,
 With ``--folds K`` it trains no member but, for each ``--member`` spec, K models on
 lesion-grouped folds of train + validation, each giving its held-out fold's logits over the
 four views (``oof-NAME.npz``): predictions no selection has seen, for ``python -m training
-oof-scores`` to choose a referral threshold on.
+oof-scores`` to choose a referral threshold on. A fold run also goes on a CPU (bf16 where
+the CPU has it): with ``--epochs N`` it keeps a checkpoint after every epoch and each finished
+fold's logits (``oof-NAME.foldFofK.npz``), so the same command, run again after a kill, goes
+on where it stopped; files made with other options are refused, not mixed in.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import os
 import time
 from pathlib import Path
 
@@ -90,9 +95,24 @@ def save_halves(model: EfficientNetLite | dict, out: Path, name: str) -> list[Pa
     return paths
 
 
+def autocast(dev: torch.device, args) -> torch.autocast:
+    """bf16 mixed precision (``--precision``) on the device the batch is on."""
+    return torch.autocast(dev.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    """Write ``path`` whole or not at all: a kill mid-write leaves the previous epoch's."""
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
 def train_member(x, y, targets, xv, yv, group, init: dict, args, hw, seed: int, epochs: int,
-                 deadline: float, log) -> tuple[dict, list[dict]]:
-    """Train one member; returns the best epoch's state dict (on the CPU) and the history."""
+                 deadline: float, log, checkpoint: Path | None = None,
+                 recipe: dict | None = None) -> tuple[dict, list[dict]]:
+    """Train one member; returns the best epoch's state dict (on the CPU) and the history.
+    With ``checkpoint`` it goes on from that file when it exists (refusing one written for
+    another ``recipe``) and rewrites it after every epoch."""
     dev = x.device
     torch.manual_seed(seed)
     model = from_imagenet(args.variant, init, int(targets.shape[1]), dropout=args.dropout,
@@ -103,14 +123,29 @@ def train_member(x, y, targets, xv, yv, group, init: dict, args, hw, seed: int, 
     opt, sched = adamw_cosine(model, args, steps, epochs)
     probs = torch.from_numpy(sampling_probs(y, targets.shape[1], args.power)).to(dev)
     tt = torch.from_numpy(targets).to(dev)
-    best, best_score, history = None, -1.0, []
-    for ep in range(epochs):
+    best, best_score, history, done = None, -1.0, [], 0
+    if checkpoint is not None and checkpoint.is_file():
+        saved = torch.load(checkpoint, weights_only=True)
+        if saved["recipe"] != recipe:
+            raise SystemExit(f"{checkpoint}: written for {saved['recipe']}, this run is "
+                             f"{recipe}: run with the same options or another --out")
+        model.load_state_dict(saved["model"])
+        opt.load_state_dict(saved["opt"])
+        sched.load_state_dict(saved["sched"])
+        gen.set_state(saved["gen"])
+        torch.set_rng_state(saved["rng"])
+        if dev.type == "cuda":
+            torch.cuda.set_rng_state(saved["cuda_rng"], dev)
+        history, done = saved["history"], saved["epoch"]
+        best, best_score = saved.get("best"), saved.get("best_score", -1.0)
+        log(f"  going on after epoch {done}/{epochs} ({checkpoint.name})")
+    for ep in range(done, epochs):
         if time.time() > deadline:
             log(f"  deadline reached: stopping after {ep} epochs")
             break
         t0, loss_sum = time.time(), 0.0
         for b, xb in epoch_batches(model, x, probs, steps, args.batch, hw, gen):
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=xb.is_cuda):
+            with autocast(dev, args):
                 logits = model(xb).float()
             loss = -(tt[b] * F.log_softmax(logits, dim=1)).sum(1).mean()
             opt.zero_grad(set_to_none=True)
@@ -121,8 +156,10 @@ def train_member(x, y, targets, xv, yv, group, init: dict, args, hw, seed: int, 
         if xv is None:  # a fold model: nothing to choose an epoch on, the last one is kept
             history.append({"epoch": ep + 1, "loss": loss_sum / steps,
                             "seconds": round(time.time() - t0, 1)})
-            log(f"  epoch {ep + 1}/{epochs}: loss {loss_sum / steps:.3f}")
+            log(f"  epoch {ep + 1}/{epochs}: loss {loss_sum / steps:.3f} "
+                f"({history[-1]['seconds']} s)")
             best = model.state_dict()
+            _keep(checkpoint, recipe, model, opt, sched, gen, ep + 1, history)
             continue
         m = metrics(yv, predict(model, xv, hw).cpu().numpy(), group)
         m["score"] = (m["accuracy"] + m["balanced_accuracy"] + m["group_auc"]) / 3
@@ -134,28 +171,72 @@ def train_member(x, y, targets, xv, yv, group, init: dict, args, hw, seed: int, 
         if m["score"] > best_score:
             best_score = m["score"]
             best = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        _keep(checkpoint, recipe, model, opt, sched, gen, ep + 1, history, best=best,
+              best_score=best_score)
     if xv is None and best is not None:
         best = {k: v.detach().cpu().clone() for k, v in best.items()}
     return best, history
 
 
+def _keep(checkpoint: Path | None, recipe, model, opt, sched, gen, epoch: int, history,
+          **best) -> None:
+    if checkpoint is None:
+        return
+    state = {"recipe": recipe, "model": model.state_dict(), "opt": opt.state_dict(),
+             "sched": sched.state_dict(), "gen": gen.get_state(), "rng": torch.get_rng_state(),
+             "epoch": epoch, "history": history, **best}
+    if gen.device.type == "cuda":
+        state["cuda_rng"] = torch.cuda.get_rng_state(gen.device)
+    save_checkpoint(checkpoint, state)
+
+
+def fold_recipe(args, hw, seed: int, epochs: int, ids: list[str]) -> dict:
+    """What a fold file depends on: a resumed run must ask for the same."""
+    return {"variant": args.variant, "input_size": list(hw), "seed": seed,
+            "folds": args.folds, "epochs": epochs,
+            **{k: getattr(args, k) for k in ("batch", "lr", "wd", "dropout", "drop_connect",
+                                             "power", "precision")},
+            "images": hashlib.sha256("\n".join(ids).encode()).hexdigest()}
+
+
 def out_of_fold(x, y, targets, ids, lesions, group, init, args, hw, seed, epochs, deadline,
-                log) -> dict:
+                log, name: str) -> dict:
     """Train ``args.folds`` models on lesion-grouped folds of ``x`` (train + validation),
-    each predicting the fold it never saw: every image once, with its fold."""
+    each predicting the fold it never saw: every image once, with its fold. A fold whose
+    file is in ``args.out`` is read back, one with a checkpoint goes on from it."""
     folds = group_folds(lesions, args.folds, 0)
     logits = np.zeros((len(y), len(VIEWS), targets.shape[1]), np.float32)
+    recipe = fold_recipe(args, hw, seed, epochs, ids)
     for f in range(args.folds):
         tr, ho = np.flatnonzero(folds != f), np.flatnonzero(folds == f)
+        stem = f"oof-{name}.fold{f + 1}of{args.folds}"
+        part = args.out / f"{stem}.npz"
+        if part.is_file():
+            with np.load(part) as d:
+                if json.loads(str(d["recipe"])) != recipe or not np.array_equal(d["index"], ho):
+                    raise SystemExit(f"{part}: made with {str(d['recipe'])}, this run is "
+                                     f"{recipe}: run with the same options or another --out")
+                logits[ho] = d["logits"]
+            log(f" fold {f + 1}/{args.folds}: done before ({part.name})")
+            continue
         log(f" fold {f + 1}/{args.folds}: {len(tr)} train, {len(ho)} held out")
-        state, _ = train_member(x[tr], y[tr], targets[tr], None, None, group, init, args, hw,
-                                seed + 100 * f, epochs, deadline, log)
-        if state is None or time.time() > deadline:
-            raise SystemExit(f"deadline reached in fold {f + 1}: no out-of-fold file written")
+        checkpoint = args.out / f"{stem}.ckpt" if args.epochs else None
+        state, history = train_member(x[tr], y[tr], targets[tr], None, None, group, init, args,
+                                      hw, seed + 100 * f, epochs, deadline, log, checkpoint,
+                                      recipe)
+        if state is None or len(history) < epochs:
+            raise SystemExit(f"deadline reached in fold {f + 1}, after {len(history)} of "
+                             f"{epochs} epochs: no out-of-fold file written" +
+                             ("; the same command goes on from there" if checkpoint else ""))
         model = EfficientNetLite(args.variant, targets.shape[1]).to(x.device)
         model.load_state_dict(state)
         model = model.to(memory_format=torch.channels_last)
         logits[ho] = view_logits(model, x[ho], hw).cpu().numpy()
+        tmp = part.with_name(part.name + ".tmp.npz")
+        np.savez(tmp, index=ho, logits=logits[ho], recipe=np.array(json.dumps(recipe)))
+        os.replace(tmp, part)
+        if checkpoint is not None:
+            checkpoint.unlink(missing_ok=True)
     probs = np.exp(logits - logits.max(-1, keepdims=True))
     probs = (probs / probs.sum(-1, keepdims=True)).mean(1)
     return {"image_id": np.array(ids), "lesion": np.array(lesions), "y": y, "fold": folds,
@@ -173,7 +254,7 @@ def seconds_per_epoch(x, n_classes: int, init: dict, args, hw, n_images: int) ->
 
     def step():
         xb = augment(x[: args.batch], hw, gen).contiguous(memory_format=torch.channels_last)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=xb.is_cuda):
+        with autocast(xb.device, args):
             loss = model(xb).float().logsumexp(1).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -229,6 +310,12 @@ def main() -> int:
     ap.add_argument("--drop-connect", type=float, default=0.1)
     ap.add_argument("--power", type=float, default=0.5, help="class sampling ∝ count^power")
     ap.add_argument("--max-epochs", type=int, default=40)
+    ap.add_argument("--epochs", type=int, default=0,
+                    help="with --folds: this many epochs per fold model, not what the budget "
+                         "allows, with no deadline unless --deadline-s; checkpoints every "
+                         "epoch, so the same command goes on after a kill")
+    ap.add_argument("--precision", choices=("bf16", "fp32"), default="bf16",
+                    help="training arithmetic (bf16: mixed precision, on a GPU or a CPU)")
     ap.add_argument("--budget-s", type=float, default=420, help="training time, all members")
     ap.add_argument("--deadline-s", type=float, default=0, help="hard stop (0: 1.2 × budget)")
     ap.add_argument("--reference", type=Path, help="reference logits to check the model with")
@@ -239,12 +326,14 @@ def main() -> int:
     args = ap.parse_args()
     if args.folds == 1 or args.folds < 0:
         ap.error("--folds is 0 (members) or at least 2")
+    if args.epochs and not args.folds:
+        ap.error("--epochs is for --folds (a member's epochs follow --budget-s)")
     if args.folds and args.soft:
         # The teacher's labels for the other images came from teacher models that trained on
         # the held-out ones: through them a fold model would learn about images it must not see.
         ap.error("--soft with --folds: the teacher saw the held-out images; leave --soft out")
     start = time.time()
-    deadline = start + (args.deadline_s or 1.2 * args.budget_s)
+    deadline = start + (args.deadline_s or (float("inf") if args.epochs else 1.2 * args.budget_s))
     args.out.mkdir(parents=True, exist_ok=True)
     meta = json.loads((args.data / "meta.json").read_text())
     args.variant = meta["backbone"].removeprefix("efficientnet_")
@@ -331,20 +420,25 @@ def folds_main(args, split, x, y, labels, group, init, members, report, start, d
     yy = np.concatenate([y["train"], y["val"]])
     targets = soft_targets(args.soft, ids, yy, labels, args.soft_weight if args.soft else 0.0)
     n_fit = int(len(yy) * (args.folds - 1) / args.folds)
-    per = {hw: seconds_per_epoch(pool, len(labels), init, args, hw, n_fit)
-           for hw in {hw for hw, _ in members}}
-    left = args.budget_s - (time.time() - start)
-    epochs = int(max(1, min(args.max_epochs,
-                            left / (args.folds * sum(per[hw] for hw, _ in members)))))
-    report.update(folds=args.folds, epochs=epochs, oof={},
-                  seconds_per_epoch={f"{h}x{w}": round(t, 2) for (h, w), t in per.items()})
-    log(f"seconds per epoch {report['seconds_per_epoch']} → {epochs} epochs per fold model")
+    if args.epochs:
+        epochs = args.epochs
+        report.update(folds=args.folds, epochs=epochs, oof={})
+        log(f"{epochs} epochs per fold model")
+    else:
+        per = {hw: seconds_per_epoch(pool, len(labels), init, args, hw, n_fit)
+               for hw in {hw for hw, _ in members}}
+        left = args.budget_s - (time.time() - start)
+        epochs = int(max(1, min(args.max_epochs,
+                                left / (args.folds * sum(per[hw] for hw, _ in members)))))
+        report.update(folds=args.folds, epochs=epochs, oof={},
+                      seconds_per_epoch={f"{h}x{w}": round(t, 2) for (h, w), t in per.items()})
+        log(f"seconds per epoch {report['seconds_per_epoch']} → {epochs} epochs per fold model")
     for hw, seed in members:
         name = f"lite-{hw[0]}x{hw[1]}-s{seed}"
         t0 = time.time()
         log(f"out-of-fold {name}")
         oof = out_of_fold(pool, yy, targets, ids, lesions, group, init, args, hw, seed, epochs,
-                          deadline, log)
+                          deadline, log, name)
         found = oof.pop("metrics")
         np.savez(args.out / f"oof-{name}.npz", labels=np.array(labels), **oof)
         report["oof"][name] = {"input_size": list(hw), "seed": seed, "n": len(yy),

@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 import time
 from pathlib import Path
 
@@ -210,9 +211,11 @@ def adamw_cosine(model: nn.Module, args, steps: int, epochs: int):
     cosine decay to zero at the last step."""
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.wd)
     total, warm = epochs * steps, steps
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + np.cos(np.pi * min(s, total) / total))
-    )
+
+    def factor(s: int) -> float:  # a Python float: the scheduler's state then loads back
+        return min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, total) / total))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
     return opt, sched
 
 
