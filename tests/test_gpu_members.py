@@ -39,8 +39,7 @@ def small_cfg(**more):
 
 @pytest.fixture(scope="module")
 def imagenet_state():
-    return {k: v for k, v in read_state_dict(wheel_weights("lite0")).items()
-            if not k.endswith("num_batches_tracked")}
+    return read_state_dict(wheel_weights("lite0"), counters=False)
 
 
 @pytest.mark.parametrize("variant, size", [("lite0", 224), ("lite1", 240), ("lite2", 260)])
@@ -48,10 +47,10 @@ def test_the_pytorch_model_gives_the_reference_logits(variant, size, parrot, cor
     from PIL import Image
 
     ref = np.load(ROOT / f"tests/data/efficientnet_{variant}_reference.npz")
-    state = read_state_dict(wheel_weights(variant))
+    state = read_state_dict(wheel_weights(variant), counters=False)
     model = EfficientNetLite(variant, 1000).eval()
-    model.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in state.items()
-                           if not k.endswith("num_batches_tracked")})  # strict: every tensor
+    # strict: every tensor
+    model.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in state.items()})
     with torch.no_grad():
         out = model(torch.from_numpy(ref["inputs"].transpose(0, 3, 1, 2).copy())).numpy()
         img = Image.open(parrot).convert("RGB").resize((size, size))

