@@ -130,6 +130,7 @@ def test_folds_give_every_image_one_prediction_from_a_model_that_never_saw_it(da
     report = json.loads((out / "report.json").read_text())
     assert report["oof"][f"lite-{HW[0]}x{HW[1]}-s3"]["n"] == len(ids)
     assert not list(out.glob("*.a.npz"))  # no member is written in this mode
+    assert not list(out.glob("*.fold*"))  # nor fold files: a budget's epochs vary by run
 
 
 class _Killed(Exception):
@@ -174,10 +175,33 @@ def test_a_fold_model_stopped_mid_run_goes_on_to_the_same_weights(data_dir, imag
     assert whole.keys() == again.keys()
     for k in whole:
         assert torch.equal(whole[k], again[k]), k
+    # Killed after its last epoch was kept (while predicting): nothing left to train.
+    lines.clear()
+    last, _ = run(ckpt, lines.append)
+    assert lines == ["  going on after epoch 3/3 (stopped.ckpt)"]
+    assert all(torch.equal(whole[k], last[k]) for k in whole)
+    saved = torch.load(ckpt, weights_only=True)
+    torch.save(dict(saved, device="cuda"), ckpt)
+    with pytest.raises(SystemExit, match="written on a cuda, this run is on a cpu"):
+        run(ckpt)
+    torch.save(saved, ckpt)
     other = dict(recipe, lr=1e-3)
     with pytest.raises(SystemExit, match="run with the same options or another --out"):
         train_member(x, y, targets, None, None, [0, 1, 4], imagenet_state, args, HW, 5, 3,
                      float("inf"), print, ckpt, other)
+
+
+def test_bf16_is_the_default_only_where_the_cpu_has_it(tmp_path):
+    from training.gpu_members import cpu_has_bf16
+
+    info = tmp_path / "cpuinfo"
+    info.write_text("flags\t\t: fpu sse avx2 avx512f avx512_vnni avx512_bf16\n")
+    assert cpu_has_bf16(info)
+    info.write_text("flags\t\t: fpu sse avx2 amx_bf16 amx_tile\n")
+    assert cpu_has_bf16(info)
+    info.write_text("flags\t\t: fpu sse avx2 avx512f avx512_vnni\n")
+    assert not cpu_has_bf16(info)
+    assert not cpu_has_bf16(tmp_path / "absent")
 
 
 def _fold_cmd(data: Path, out: Path, epochs: int) -> list[str]:
@@ -208,10 +232,16 @@ def test_a_fold_run_killed_and_started_again_gives_the_same_logits(data_dir):
         proc.wait()
     assert proc.returncode == -9, "the run ended before it could be killed"
     assert not (killed / f"{name}.npz").exists()
+    kept = {p.name: torch.load(p, weights_only=True)["epoch"] for p in killed.glob("*.ckpt")}
+    finished = sorted(p.name for p in killed.glob("*.fold*of3.npz"))
+    assert kept or finished
     again = subprocess.run(_fold_cmd(data_dir, killed, 2), cwd=ROOT, capture_output=True,
                            text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-2000:]
-    assert "going on after epoch" in again.stdout or "done before" in again.stdout
+    for ckpt, epoch in kept.items():  # where the kill left off
+        assert f"going on after epoch {epoch}/2 ({ckpt})" in again.stdout
+    for part in finished:
+        assert f"done before ({part})" in again.stdout
     with np.load(whole / f"{name}.npz") as a, np.load(killed / f"{name}.npz") as b:
         assert np.array_equal(a["logits"], b["logits"]) and np.array_equal(a["fold"], b["fold"])
     assert sorted(p.name for p in killed.iterdir()) == sorted(p.name for p in whole.iterdir())

@@ -21,9 +21,10 @@ With ``--folds K`` it trains no member but, for each ``--member`` spec, K models
 lesion-grouped folds of train + validation, each giving its held-out fold's logits over the
 four views (``oof-NAME.npz``): predictions no selection has seen, for ``python -m training
 oof-scores`` to choose a referral threshold on. A fold run also goes on a CPU (bf16 where
-the CPU has it): with ``--epochs N`` it keeps a checkpoint after every epoch and each finished
-fold's logits (``oof-NAME.foldFofK.npz``), so the same command, run again after a kill, goes
-on where it stopped; files made with other options are refused, not mixed in.
+the CPU has the instructions, ``--precision``): with ``--epochs N`` it keeps a checkpoint
+after every epoch and each finished fold's logits (``oof-NAME.foldFofK.npz``), so the same
+command, run again after a kill, goes on where it stopped; files made with other options are
+refused, not mixed in.
 """
 
 from __future__ import annotations
@@ -81,6 +82,16 @@ def save_halves(model: EfficientNetLite | dict, out: Path, name: str) -> list[Pa
     return paths
 
 
+def cpu_has_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
+    """Whether this CPU does bf16 arithmetic itself (AVX-512 BF16 or AMX); elsewhere PyTorch
+    emulates it, slower than fp32."""
+    try:
+        flags = set(cpuinfo.read_text().split())
+    except OSError:
+        return False
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
+
+
 def autocast(dev: torch.device, args) -> torch.autocast:
     """bf16 mixed precision (``--precision``) on the device the batch is on."""
     return torch.autocast(dev.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
@@ -111,10 +122,13 @@ def train_member(x, y, targets, xv, yv, group, init: dict, args, hw, seed: int, 
     tt = torch.from_numpy(targets).to(dev)
     best, best_score, history, done = None, -1.0, [], 0
     if checkpoint is not None and checkpoint.is_file():
-        saved = torch.load(checkpoint, weights_only=True)
+        saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
         if saved["recipe"] != recipe:
             raise SystemExit(f"{checkpoint}: written for {saved['recipe']}, this run is "
                              f"{recipe}: run with the same options or another --out")
+        if saved.get("device", dev.type) != dev.type:  # random streams do not cross devices
+            raise SystemExit(f"{checkpoint}: written on a {saved['device']}, this run is on a "
+                             f"{dev.type}: go on there, or delete it to train this fold again")
         model.load_state_dict(saved["model"])
         opt.load_state_dict(saved["opt"])
         sched.load_state_dict(saved["sched"])
@@ -124,6 +138,8 @@ def train_member(x, y, targets, xv, yv, group, init: dict, args, hw, seed: int, 
             torch.cuda.set_rng_state(saved["cuda_rng"], dev)
         history, done = saved["history"], saved["epoch"]
         best, best_score = saved.get("best"), saved.get("best_score", -1.0)
+        if xv is None:  # a fold model keeps its last epoch, the one just loaded
+            best = model.state_dict()
         log(f"  going on after epoch {done}/{epochs} ({checkpoint.name})")
     for ep in range(done, epochs):
         if time.time() > deadline:
@@ -170,7 +186,7 @@ def _keep(checkpoint: Path | None, recipe, model, opt, sched, gen, epoch: int, h
         return
     state = {"recipe": recipe, "model": model.state_dict(), "opt": opt.state_dict(),
              "sched": sched.state_dict(), "gen": gen.get_state(), "rng": torch.get_rng_state(),
-             "epoch": epoch, "history": history, **best}
+             "epoch": epoch, "history": history, "device": gen.device.type, **best}
     if gen.device.type == "cuda":
         state["cuda_rng"] = torch.cuda.get_rng_state(gen.device)
     save_checkpoint(checkpoint, state)
@@ -189,7 +205,8 @@ def out_of_fold(x, y, targets, ids, lesions, group, init, args, hw, seed, epochs
                 log, name: str) -> dict:
     """Train ``args.folds`` models on lesion-grouped folds of ``x`` (train + validation),
     each predicting the fold it never saw: every image once, with its fold. A fold whose
-    file is in ``args.out`` is read back, one with a checkpoint goes on from it."""
+    file is in ``args.out`` is read back, one with a checkpoint goes on from it (both only
+    with ``--epochs``: a budget's epoch count changes from run to run)."""
     folds = group_folds(lesions, args.folds, 0)
     logits = np.zeros((len(y), len(VIEWS), targets.shape[1]), np.float32)
     recipe = fold_recipe(args, hw, seed, epochs, ids)
@@ -197,32 +214,34 @@ def out_of_fold(x, y, targets, ids, lesions, group, init, args, hw, seed, epochs
         tr, ho = np.flatnonzero(folds != f), np.flatnonzero(folds == f)
         stem = f"oof-{name}.fold{f + 1}of{args.folds}"
         part = args.out / f"{stem}.npz"
-        if part.is_file():
+        checkpoint = args.out / f"{stem}.ckpt" if args.epochs else None
+        if checkpoint is not None and part.is_file():
             with np.load(part) as d:
                 if json.loads(str(d["recipe"])) != recipe or not np.array_equal(d["index"], ho):
                     raise SystemExit(f"{part}: made with {str(d['recipe'])}, this run is "
                                      f"{recipe}: run with the same options or another --out")
                 logits[ho] = d["logits"]
             log(f" fold {f + 1}/{args.folds}: done before ({part.name})")
+            checkpoint.unlink(missing_ok=True)  # left by a kill between the two steps below
             continue
         log(f" fold {f + 1}/{args.folds}: {len(tr)} train, {len(ho)} held out")
-        checkpoint = args.out / f"{stem}.ckpt" if args.epochs else None
         state, history = train_member(x[tr], y[tr], targets[tr], None, None, group, init, args,
                                       hw, seed + 100 * f, epochs, deadline, log, checkpoint,
                                       recipe)
         if state is None or len(history) < epochs:
             raise SystemExit(f"deadline reached in fold {f + 1}, after {len(history)} of "
-                             f"{epochs} epochs: no out-of-fold file written" +
-                             ("; the same command goes on from there" if checkpoint else ""))
+                             f"{epochs} epochs: " + ("its checkpoint is kept, the same command "
+                                                     "goes on from there" if checkpoint else
+                                                     "no out-of-fold file written"))
         model = EfficientNetLite(args.variant, targets.shape[1]).to(x.device)
         model.load_state_dict(state)
         model = model.to(memory_format=torch.channels_last)
         logits[ho] = view_logits(model, x[ho], hw).cpu().numpy()
-        tmp = part.with_name(part.name + ".tmp.npz")
-        np.savez(tmp, index=ho, logits=logits[ho], recipe=np.array(json.dumps(recipe)))
-        os.replace(tmp, part)
         if checkpoint is not None:
-            checkpoint.unlink(missing_ok=True)
+            tmp = part.with_name(part.name + ".tmp.npz")
+            np.savez(tmp, index=ho, logits=logits[ho], recipe=np.array(json.dumps(recipe)))
+            os.replace(tmp, part)
+            checkpoint.unlink()
     probs = np.exp(logits - logits.max(-1, keepdims=True))
     probs = (probs / probs.sum(-1, keepdims=True)).mean(1)
     return {"image_id": np.array(ids), "lesion": np.array(lesions), "y": y, "fold": folds,
@@ -300,8 +319,9 @@ def main() -> int:
                     help="with --folds: this many epochs per fold model, not what the budget "
                          "allows, with no deadline unless --deadline-s; checkpoints every "
                          "epoch, so the same command goes on after a kill")
-    ap.add_argument("--precision", choices=("bf16", "fp32"), default="bf16",
-                    help="training arithmetic (bf16: mixed precision, on a GPU or a CPU)")
+    ap.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
+                    help="training arithmetic: bf16 mixed precision or fp32 (auto: bf16 on a "
+                         "GPU and on a CPU with bf16 instructions, fp32 on other CPUs)")
     ap.add_argument("--budget-s", type=float, default=420, help="training time, all members")
     ap.add_argument("--deadline-s", type=float, default=0, help="hard stop (0: 1.2 × budget)")
     ap.add_argument("--reference", type=Path, help="reference logits to check the model with")
@@ -334,6 +354,8 @@ def main() -> int:
         (args.out / "report.json").write_text(json.dumps(report, indent=1))
 
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.precision == "auto":
+        args.precision = "bf16" if dev.type == "cuda" or cpu_has_bf16() else "fp32"
     torch.backends.cudnn.benchmark = True
     report["device"] = torch.cuda.get_device_name(0) if dev.type == "cuda" else "cpu"
     report["torch"] = torch.__version__

@@ -12,8 +12,8 @@ them and ``python -m training threshold`` recomputes from them.
 
 The fold models are the members' recipe trained again on K − 1 of K folds of train +
 validation, not the shipped models: their float scores (trained in bf16 on a GPU or a CPU, the
-PyTorch script's own resize) stand in for the int8 ensemble's. The ensemble build therefore also reports what the chosen thresholds
-reach on the kit's own validation scores.
+PyTorch script's own resize) stand in for the int8 ensemble's. The ensemble build therefore
+also reports what the chosen thresholds reach on the kit's own validation scores.
 """
 
 from __future__ import annotations

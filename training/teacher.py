@@ -89,7 +89,7 @@ def mixed_targets(path: Path | None, ids: list[str], y, labels: list[str],
         return onehot
     data = np.load(path)
     if list(data["labels"]) != list(labels):
-        raise ValueError(f"{path}: labels {list(data['labels'])} are not the config's {labels}")
+        raise ValueError(f"{path}: labels {list(data['labels'])}, not the model's {labels}")
     row = {str(i): k for k, i in enumerate(data["image_id"])}
     missing = [i for i in ids if i not in row]
     if missing:
