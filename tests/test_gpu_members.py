@@ -153,10 +153,9 @@ def test_a_fold_model_stopped_mid_run_goes_on_to_the_same_weights(data_dir, imag
                               wd=0.01, power=0.5, precision="bf16", folds=3)
     recipe = fold_recipe(args, HW, 5, 3, split["id"])
 
-    def run(checkpoint=None, log=lambda msg: None):
-        state, history = train_member(x, y, targets, None, None, [0, 1, 4], imagenet_state,
-                                      args, HW, 5, 3, float("inf"), log, checkpoint, recipe)
-        return state, history
+    def run(checkpoint=None, log=lambda msg: None, recipe=recipe):
+        return train_member(x, y, targets, None, None, [0, 1, 4], imagenet_state, args, HW, 5,
+                            3, float("inf"), log, checkpoint, recipe)
 
     whole, _ = run()
     ckpt = data_dir.parent / "stopped.ckpt"
@@ -185,10 +184,8 @@ def test_a_fold_model_stopped_mid_run_goes_on_to_the_same_weights(data_dir, imag
     with pytest.raises(SystemExit, match="written on a cuda, this run is on a cpu"):
         run(ckpt)
     torch.save(saved, ckpt)
-    other = dict(recipe, lr=1e-3)
     with pytest.raises(SystemExit, match="run with the same options or another --out"):
-        train_member(x, y, targets, None, None, [0, 1, 4], imagenet_state, args, HW, 5, 3,
-                     float("inf"), print, ckpt, other)
+        run(ckpt, recipe=dict(recipe, lr=1e-3))
 
 
 def test_bf16_is_the_default_only_where_the_cpu_has_it(tmp_path):

@@ -228,7 +228,7 @@ def _card_section(out: Path, manifest: dict, rows: dict, latency: dict, n: int,
         f"{rule['group']} ≥ {rule['tta_threshold']:.4f} on the ensemble's averages (the live "
         f"stream, on the first model's one view: {rule['threshold']:.4f}), each chosen on the "
         + ("out-of-fold predictions of lesion-grouped fold models over train + validation "
-           "(the members' recipe trained again on four fifths of them; float scores)"
+           "(the members' recipe trained again on the other folds; float scores)"
            if (rule.get("chosen_on") or {}).get("source") == OOF_SOURCE
            else "validation split") + " on the scores it judges"
         + (" at the lesion-level lower bound" if rule.get("threshold_method") == "lesion_bound"

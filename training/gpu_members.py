@@ -34,7 +34,10 @@ import hashlib
 import json
 import os
 import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
+from typing import BinaryIO, NoReturn
 
 import numpy as np
 import torch
@@ -97,11 +100,18 @@ def autocast(dev: torch.device, args) -> torch.autocast:
     return torch.autocast(dev.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
 
 
-def save_checkpoint(path: Path, state: dict) -> None:
-    """Write ``path`` whole or not at all: a kill mid-write leaves the previous epoch's."""
+def write_whole(path: Path, write: Callable[[BinaryIO], None]) -> None:
+    """Write ``path`` whole or not at all (``write`` fills an open file): a kill mid-write
+    leaves the file as it was."""
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
+    with open(tmp, "wb") as fh:
+        write(fh)
     os.replace(tmp, path)
+
+
+def refuse_other(path: Path, found, recipe: dict) -> NoReturn:
+    raise SystemExit(f"{path}: made with {found}, this run is {recipe}: run with the same "
+                     "options or another --out")
 
 
 def train_member(x, y, targets, xv, yv, group, init: dict, args, hw, seed: int, epochs: int,
@@ -124,8 +134,7 @@ def train_member(x, y, targets, xv, yv, group, init: dict, args, hw, seed: int, 
     if checkpoint is not None and checkpoint.is_file():
         saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
         if saved["recipe"] != recipe:
-            raise SystemExit(f"{checkpoint}: written for {saved['recipe']}, this run is "
-                             f"{recipe}: run with the same options or another --out")
+            refuse_other(checkpoint, saved["recipe"], recipe)
         if saved.get("device", dev.type) != dev.type:  # random streams do not cross devices
             raise SystemExit(f"{checkpoint}: written on a {saved['device']}, this run is on a "
                              f"{dev.type}: go on there, or delete it to train this fold again")
@@ -189,7 +198,7 @@ def _keep(checkpoint: Path | None, recipe, model, opt, sched, gen, epoch: int, h
              "epoch": epoch, "history": history, "device": gen.device.type, **best}
     if gen.device.type == "cuda":
         state["cuda_rng"] = torch.cuda.get_rng_state(gen.device)
-    save_checkpoint(checkpoint, state)
+    write_whole(checkpoint, partial(torch.save, state))
 
 
 def fold_recipe(args, hw, seed: int, epochs: int, ids: list[str]) -> dict:
@@ -218,8 +227,7 @@ def out_of_fold(x, y, targets, ids, lesions, group, init, args, hw, seed, epochs
         if checkpoint is not None and part.is_file():
             with np.load(part) as d:
                 if json.loads(str(d["recipe"])) != recipe or not np.array_equal(d["index"], ho):
-                    raise SystemExit(f"{part}: made with {str(d['recipe'])}, this run is "
-                                     f"{recipe}: run with the same options or another --out")
+                    refuse_other(part, str(d["recipe"]), recipe)
                 logits[ho] = d["logits"]
             log(f" fold {f + 1}/{args.folds}: done before ({part.name})")
             checkpoint.unlink(missing_ok=True)  # left by a kill between the two steps below
@@ -238,12 +246,10 @@ def out_of_fold(x, y, targets, ids, lesions, group, init, args, hw, seed, epochs
         model = model.to(memory_format=torch.channels_last)
         logits[ho] = view_logits(model, x[ho], hw).cpu().numpy()
         if checkpoint is not None:
-            tmp = part.with_name(part.name + ".tmp.npz")
-            np.savez(tmp, index=ho, logits=logits[ho], recipe=np.array(json.dumps(recipe)))
-            os.replace(tmp, part)
+            write_whole(part, partial(np.savez, index=ho, logits=logits[ho],
+                                      recipe=np.array(json.dumps(recipe))))
             checkpoint.unlink()
-    probs = np.exp(logits - logits.max(-1, keepdims=True))
-    probs = (probs / probs.sum(-1, keepdims=True)).mean(1)
+    probs = F.softmax(torch.from_numpy(logits), dim=2).mean(1).numpy()
     return {"image_id": np.array(ids), "lesion": np.array(lesions), "y": y, "fold": folds,
             "logits": logits, "views": np.array(VIEWS), "input_size": np.array(hw),
             "metrics": metrics(y, probs, group)}
@@ -429,19 +435,17 @@ def folds_main(args, split, x, y, labels, group, init, members, report, start, d
     yy = np.concatenate([y["train"], y["val"]])
     targets = mixed_targets(args.soft, ids, yy, labels, args.soft_weight)
     n_fit = int(len(yy) * (args.folds - 1) / args.folds)
-    if args.epochs:
-        epochs = args.epochs
-        report.update(folds=args.folds, epochs=epochs, oof={})
-        log(f"{epochs} epochs per fold model")
-    else:
+    epochs = args.epochs
+    if not epochs:
         per = {hw: seconds_per_epoch(pool, len(labels), init, args, hw, n_fit)
                for hw in {hw for hw, _ in members}}
         left = args.budget_s - (time.time() - start)
         epochs = int(max(1, min(args.max_epochs,
                                 left / (args.folds * sum(per[hw] for hw, _ in members)))))
-        report.update(folds=args.folds, epochs=epochs, oof={},
-                      seconds_per_epoch={f"{h}x{w}": round(t, 2) for (h, w), t in per.items()})
-        log(f"seconds per epoch {report['seconds_per_epoch']} → {epochs} epochs per fold model")
+        report["seconds_per_epoch"] = {f"{h}x{w}": round(t, 2) for (h, w), t in per.items()}
+        log(f"seconds per epoch {report['seconds_per_epoch']}")
+    report.update(folds=args.folds, epochs=epochs, oof={})
+    log(f"{epochs} epochs per fold model")
     for hw, seed in members:
         name = f"lite-{hw[0]}x{hw[1]}-s{seed}"
         t0 = time.time()
