@@ -453,12 +453,15 @@ def folds_main(args, split, x, y, labels, group, init, members, report, start, d
         oof = out_of_fold(pool, yy, targets, ids, lesions, group, init, args, hw, seed, epochs,
                           deadline, log, name)
         found = oof.pop("metrics")
-        np.savez(args.out / f"oof-{name}.npz", labels=np.array(labels), **oof)
+        write_whole(args.out / f"oof-{name}.npz",
+                    partial(np.savez, labels=np.array(labels), **oof))
         report["oof"][name] = {"input_size": list(hw), "seed": seed, "n": len(yy),
-                               "metrics": found, "minutes": round((time.time() - t0) / 60, 2)}
+                               "metrics": found,
+                               # a resumed run skips finished folds and epochs: its own time only
+                               "minutes_this_run": round((time.time() - t0) / 60, 2)}
         log(f" {name} out of fold: {json.dumps(found)}")
         write_report()
-    report["minutes"] = round((time.time() - start) / 60, 2)
+    report["minutes_this_run"] = round((time.time() - start) / 60, 2)
     write_report()
     return 0
 
