@@ -23,7 +23,7 @@ install-edge:
 	$(PY) -m pip install --quiet -e '.[edge]'
 
 # ruff, then the architecture's checkers: import contracts (layers, no cycles, no TensorFlow
-# in edge/), mypy on the clean part of edge/, declared vs used dependencies.
+# in edge/), mypy on all of edge/, declared vs used dependencies.
 lint: $(STAMP)
 	$(PY) -m ruff check edge training scripts tests
 	$(VENV)/bin/lint-imports
