@@ -123,9 +123,10 @@ class Recorder(Destination):
         self.sent.append(msg.result_id)
 
 
-def run_sender(outbox: Outbox, dest: Destination, until) -> None:
+def run_sender(outbox: Outbox, dest: Destination, until, **options) -> None:
     stop = threading.Event()
-    sender = Sender(dest, outbox, stop, retry_max_s=1.0, poll_s=0.05)
+    options = {"retry_max_s": 1.0, **options}
+    sender = Sender(dest, outbox, stop, poll_s=0.05, **options)
     t = threading.Thread(target=sender.run)
     t.start()
     deadline = time.monotonic() + 20
@@ -149,6 +150,75 @@ def test_the_sender_retries_in_order_and_drops_what_can_never_go(tmp_path):
     assert st["delivered"] == 4 and st["dropped"] == 1 and st["failed"] == 2
     assert dest.opened == 3  # reconnected after each failure
     store.close()
+
+
+def test_a_message_that_keeps_failing_does_not_hold_up_the_others(tmp_path):
+    """A PACS that answers 500 to one object, again and again, while it takes the rest: that
+    message keeps its place for its first tries, then waits its own growing delay while the
+    messages behind it are delivered; it stays queued (counted, with its error), not lost."""
+
+    class OneBad(Recorder):
+        def __init__(self, bad: int) -> None:
+            super().__init__()
+            self.bad, self.tries = bad, 0
+
+        def send(self, msg: Message) -> None:
+            if msg.result_id == self.bad:
+                self.tries += 1
+                raise ValueError("HTTP 500 for this object")
+            super().send(msg)
+
+    store, outbox = open_store(tmp_path, ("mqtt",))
+    ids = [store.save(RESULT, "live") for _ in range(4)]
+    dest = OneBad(bad=ids[0])
+    run_sender(outbox, dest, lambda: len(dest.sent) == 3, retry_max_s=60.0, keep_order_tries=1)
+    assert dest.sent == ids[1:]  # the others, in their order
+    assert dest.tries == 2  # once in its place, once more; then it waited
+    (attempts, next_try, error), = store._db.execute(
+        "SELECT attempts, next_try, last_error FROM outbox").fetchall()
+    assert attempts == 2 and next_try > time.time() and "500" in error
+    st = outbox.status()["mqtt"]
+    assert (st["queued"], st["delivered"], st["failed"]) == (1, 3, 2)
+    store.close()
+
+
+def test_the_sender_outlives_a_failing_store(tmp_path):
+    """The card fills or turns read-only under the outbox: the sender says so in the status
+    and goes on; once the store works again, what was queued is delivered."""
+    import sqlite3
+
+    store, outbox = open_store(tmp_path, ("mqtt",))
+    ids = [store.save(RESULT, "live") for _ in range(2)]
+    failing = threading.Event()
+    failing.set()
+    due = outbox.due
+
+    def flaky_due(destination, *args, **kwargs):
+        if failing.is_set():
+            raise sqlite3.OperationalError("database or disk is full")
+        return due(destination, *args, **kwargs)
+
+    outbox.due = flaky_due
+    dest = Recorder()
+
+    def until() -> bool:
+        if failing.is_set() and "disk is full" in (outbox.last_error.get("mqtt") or ""):
+            failing.clear()  # the status said so; now the card works again
+        return dest.sent == ids
+
+    run_sender(outbox, dest, until)
+    assert outbox.status()["mqtt"]["queued"] == 0 and outbox.last_error["mqtt"] is None
+    store.close()
+
+
+def test_a_damaged_snapshot_is_refused_by_name_not_retried():
+    """A snapshot the card damaged can never become a DICOM image: the message is refused
+    (dropped and counted, its reason saying which result) instead of failing for 30 days."""
+    from edge.outbound.dicom import Study, field_image
+
+    row = {"id": 7, "created": 1.0}
+    with pytest.raises(Refused, match="result 7 is unreadable"):
+        field_image(row, b"\x00" * 64, Study("kit", "S-1", 1.0, ""), "microscopy")
 
 
 def test_a_message_whose_result_retention_removed_is_dropped(tmp_path):

@@ -105,13 +105,17 @@ def _common(ds, study: Study) -> None:
 
 def field_image(row: dict[str, Any], jpeg: bytes, study: Study, imaging: str):
     """A stored field as a VL Microscopic or VL Photographic image (its JPEG as it is)."""
-    from PIL import Image
+    from PIL import Image, UnidentifiedImageError
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.encaps import encapsulate
     from pydicom.uid import UID, JPEGBaseline8Bit
 
     sop_class, modality = IOD.get(imaging, IOD["photography"])
-    with Image.open(io.BytesIO(jpeg)) as im:
+    try:
+        im = Image.open(io.BytesIO(jpeg))
+    except UnidentifiedImageError as exc:  # damaged on the card: no retry can mend it
+        raise Refused(f"snapshot of result {row['id']} is unreadable (damaged?)") from exc
+    with im:
         if im.format != "JPEG" or im.mode != "RGB":
             raise Refused(f"snapshot of result {row['id']} is not an RGB JPEG")
         width, height = im.size

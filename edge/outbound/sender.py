@@ -2,9 +2,13 @@
 
 It connects when there is something to send, sends in queue order, and marks a message
 delivered only after the destination acknowledged it. A failure closes the connection and
-waits with backoff (1 s doubling to ``[outbox] retry_max_s``); one log line per change of state,
-not one per try. It only ever reads the store, so a destination that is down costs
-classification nothing.
+waits with backoff (1 s doubling to ``[outbox] retry_max_s``, back to 1 s once a message is
+acknowledged); one log line per change of state, not one per try. A message that fails again
+and again while its destination answers (a PACS that rejects one object with a 500) keeps its
+place for ``KEEP_ORDER_TRIES`` tries, then waits its own growing delay, so it cannot hold up
+the messages behind it. The thread outlives any failure, the store's included (a full or
+read-only card), and says so in the outbox's status. It only ever reads the store, so a
+destination that is down costs classification nothing.
 """
 
 from __future__ import annotations
@@ -18,6 +22,11 @@ from ..daemon.outbox import Message, Outbox
 from .messages import Gone, Refused, short_reason
 
 log = logging.getLogger(__name__)
+
+# Tries a failing message keeps its place in the queue (a link that drops mid-send fails the
+# message at the head; order holds through that). Past them it waits 2**tries s, up to
+# retry_max_s, while the others go.
+KEEP_ORDER_TRIES = 2
 
 
 class Destination(ABC):
@@ -55,8 +64,10 @@ class Destination(ABC):
 
 class Sender:
     def __init__(self, dest: Destination, outbox: Outbox, stop: threading.Event,
-                 retry_max_s: float = 300.0, poll_s: float = 5.0) -> None:
+                 retry_max_s: float = 300.0, poll_s: float = 5.0,
+                 keep_order_tries: int = KEEP_ORDER_TRIES) -> None:
         self.dest = dest
+        self.keep_order_tries = keep_order_tries
         self.outbox = outbox
         self._stop = stop
         self.retry_max_s = retry_max_s
@@ -65,6 +76,7 @@ class Sender:
         self._wake = outbox.event(dest.name)
         self._backoff = 1.0
         self._down_since_logged: str | None = None
+        self._unreachable = False
 
     def _failed(self, why: str) -> None:
         if self._down_since_logged != why:
@@ -85,32 +97,47 @@ class Sender:
     def run(self) -> None:
         try:
             while not self._stop.is_set():
-                self._wake.clear()
-                batch = self.outbox.due(self.dest.name)
-                if not batch:
-                    self._wake.wait(self.poll_s)
-                    continue
-                if not self.connected:
-                    try:
-                        self.dest.open()
-                    except Exception as exc:
-                        why = f"cannot connect: {short_reason(exc)}"
-                        self.outbox.unreachable(self.dest.name, why)
-                        self._failed(why)
-                        continue
-                    self.connected = True
-                    if self._down_since_logged is not None:
-                        log.info("%s: connected again; delivering %s waiting message(s)",
-                                 self.dest.describe(), "the" if len(batch) < 20 else "20+")
-                    self._down_since_logged = None
-                    self._backoff = 1.0
                 try:
-                    self._send_batch(batch)
+                    self._step()
                 except Exception as exc:  # the store itself failing: keep the thread alive
-                    log.exception("%s: sending failed", self.dest.name)
-                    self._failed(f"{type(exc).__name__}: {exc}")
+                    why = f"{type(exc).__name__}: {exc}"
+                    if self._down_since_logged != why:
+                        log.exception("%s: the outbox failed", self.dest.name)
+                    self.outbox.last_error[self.dest.name] = why
+                    self._failed(why)
         finally:
             self._disconnect()
+
+    def _step(self) -> None:
+        """Take what is due and send it (connecting first); wait when nothing is."""
+        self._wake.clear()
+        batch = self.outbox.due(self.dest.name)
+        if not batch:
+            self._wake.wait(self.poll_s)
+            return
+        if not self.connected:
+            try:
+                self.dest.open()
+            except Exception as exc:
+                why = f"cannot connect: {short_reason(exc)}"
+                self._unreachable = True
+                self.outbox.unreachable(self.dest.name, why)
+                self._failed(why)
+                return
+            self.connected = True
+            if self._unreachable:
+                log.info("%s: connected again; delivering %s waiting message(s)",
+                         self.dest.describe(), "the" if len(batch) < 20 else "20+")
+                self._unreachable = False
+                self._down_since_logged = None
+        self._send_batch(batch)
+
+    def message_delay(self, attempts: int) -> float:
+        """How long a message that failed (``attempts`` tries before this one) waits on its
+        own: nothing while it keeps its place, then 2**attempts s up to retry_max_s."""
+        if attempts < self.keep_order_tries:
+            return 0.0
+        return min(self.retry_max_s, 2.0 ** attempts)
 
     def _send_batch(self, batch: list[Message]) -> None:
         outcomes = self.dest.send_batch(batch)
@@ -118,12 +145,17 @@ class Sender:
             for msg, exc in outcomes:
                 if exc is None:
                     self.outbox.delivered(msg)
+                    self._backoff = 1.0  # the link works
+                    self._down_since_logged = None
                 elif isinstance(exc, (Gone, Refused)):
                     log.error("%s: message %s dropped: %s", self.dest.name, msg.message_id, exc)
                     self.outbox.dropped(msg, str(exc))
                 else:
                     why = short_reason(exc)
-                    self.outbox.retry(msg, why, self._backoff)
+                    delay = self.message_delay(msg.attempts)
+                    if delay:  # due only after the wait below, so that the others go first
+                        delay += self._backoff
+                    self.outbox.retry(msg, why, delay)
                     self._failed(why)
                     return
                 if self._stop.is_set():
