@@ -84,6 +84,9 @@ def make_server(app: Any, host: str, port: int, threads: int, limits: Any = None
     until it reaches this size (16 MB by default), so every MJPEG viewer would hold up to 16 MB;
     256 KB bounds that (measured: +7 MB per 90 s with two viewers before, flat after).
     ``cleanup_interval`` 1 s: the guard's header deadline is checked that often.
+    ``max_request_body_size``: waitress spools a body to a temp file (on the SD card, with the
+    unit's PrivateTmp) before the app sees it, up to 1 GB by default; the guard's body cap
+    refuses more than an upload may be at once.
     """
     from waitress import create_server
 
@@ -93,6 +96,7 @@ def make_server(app: Any, host: str, port: int, threads: int, limits: Any = None
     server = create_server(app, host=host, port=port, threads=threads, ident="fieldscope",
                            channel_timeout=30, cleanup_interval=1,
                            connection_limit=limits.limit + 16,
+                           max_request_body_size=limits.max_body_bytes,
                            outbuf_high_watermark=256 * 1024)
     return guard(server, limits)
 
@@ -191,8 +195,11 @@ def serve(cfg: Config, profile: str | None = None) -> int:
         # the threads reserved for pages and the API (the stream's cap keeps them within).
         from .web.guard import Limits
 
+        # The body cap: the largest upload plus room for the rest of its form (the app then
+        # answers 413 itself, in JSON, for one just over the limit).
         limits = Limits(cfg.web.connection_limit, cfg.web.per_client_connections,
-                        cfg.web.header_timeout_s)
+                        cfg.web.header_timeout_s,
+                        max_body_bytes=cfg.web.max_upload_mb * 1024 * 1024 + 64 * 1024)
         _serve_app(app, cfg.web.host, cfg.web.port, cfg.web.threads + cfg.web.max_streams,
                    limits=limits, must_end=lambda: pipeline.fatal is not None)
     finally:

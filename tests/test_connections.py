@@ -112,6 +112,61 @@ def test_a_trickled_request_is_closed_at_the_header_deadline(kit):
     assert took is not None and took < 4.5, took
 
 
+def _read_status(s: socket.socket, seconds: float = 5) -> bytes:
+    """The status line of the server's answer on ``s`` (b"" if it closed first)."""
+    s.settimeout(seconds)
+    data = b""
+    while b"\r\n" not in data:
+        chunk = s.recv(4096)
+        if not chunk:
+            break
+        data += chunk
+    return data.split(b"\r\n", 1)[0]
+
+
+def test_a_kept_alive_connection_that_asks_nothing_more_is_closed(kit):
+    """After its answer, a connection that sends nothing more waits like a silent one: closed
+    at the header deadline, not held (refreshing waitress's 30 s timeout) until the cap."""
+    _, port = kit
+    s = _connect(port, "127.0.0.10")
+    s.sendall(b"GET /api/health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+    assert _read_status(s).startswith(b"HTTP/1.1 200")
+    s.recv(65536)  # the rest of the answer, if any came apart
+    took = _closed_within(s, 8)
+    s.close()
+    assert took is not None and took < 2 + 2.5, took
+
+
+def test_a_trickled_body_is_closed_and_one_on_pace_is_served(kit):
+    _, port = kit
+    head = b"POST /api/health HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 100000\r\n\r\n"
+    slow = _connect(port, "127.0.0.11")
+    slow.sendall(head)
+    took = _closed_within(slow, 10, trickle=b"a")  # 2 bytes a second, past the deadline
+    slow.close()
+    assert took is not None and took < 2 + 2.5, took
+    # 40 KB/s for 3 s, past the deadline: on pace, so the whole body arrives and is answered
+    # (by the app: a 400, as the POST has no CSRF token).
+    steady = _connect(port, "127.0.0.12")
+    steady.sendall(head.replace(b"100000", b"120000"))
+    for _ in range(30):
+        steady.sendall(b"a" * 4000)
+        time.sleep(0.1)
+    assert _read_status(steady).startswith(b"HTTP/1.1 400")
+    steady.close()
+
+
+def test_a_body_over_the_upload_limit_is_refused_before_it_is_sent(kit):
+    """waitress would spool up to 1 GB per request to a temp file before the app's 413; the
+    cap answers 413 from the Content-Length alone."""
+    _, port = kit
+    s = _connect(port, "127.0.0.13")
+    s.sendall(b"POST /api/upload HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+              b"Content-Length: 300000000\r\n\r\n")
+    assert _read_status(s, 3).startswith(b"HTTP/1.1 413")
+    s.close()
+
+
 def test_one_address_holds_at_most_its_share(kit):
     base, port = kit
     held = [_connect(port, "127.0.0.9") for _ in range(4)]

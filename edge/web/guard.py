@@ -7,13 +7,21 @@ applied to waitress's own server and channel objects (waitress keeps the HTTP wo
 
 - a **header deadline**: a request line and headers must be complete within
   ``header_timeout_s`` of their first byte (or of the connection's opening, for one that sends
-  nothing); trickling does not extend it;
+  nothing, or of its last answer, for a kept-alive one that sends nothing more); trickling does
+  not extend it;
+- a **body pace**: once past that deadline, a request's body must have arrived at
+  ``min_body_bytes_per_s`` on average (4 KB/s, far below any phone's link), or it counts as
+  waiting like a trickled header;
+- a **body cap**: waitress refuses a body over ``max_body_bytes`` (413) from its
+  Content-Length or as it arrives, before it is spooled to a temp file in full (the upload
+  limit plus room for the form);
 - a **per-client cap**: one address holds at most ``per_client`` connections; more are closed
   at accept;
 - a **total cap that evicts** instead of refusing: at ``limit``, the connection that has waited
-  longest for its headers (an idle or trickling one) is closed to make room, so a full house of
+  longest (an idle, kept-alive or trickling one) is closed to make room, so a full house of
   idle sockets never locks out a phone with a real request. Connections busy with a request
-  (an upload, a live view) are never evicted; live views have their own cap (``max_streams``).
+  (an upload on pace, a live view, an answer going out) are never evicted; live views have
+  their own cap (``max_streams``).
 """
 
 from __future__ import annotations
@@ -34,25 +42,40 @@ class Limits:
     limit: int = 200
     per_client: int = 32
     header_timeout_s: float = 10.0
+    min_body_bytes_per_s: int = 4096
+    max_body_bytes: int = 16 * 1024 * 1024 + 64 * 1024
 
 
 class GuardedChannel(HTTPChannel):
-    # When the request being received got its first byte (None: nothing received yet).
+    # When the request being received got its first byte (None: nothing received yet), and
+    # how many bytes of it have come since.
     request_started: float | None = None
+    request_bytes = 0
+    limits: Limits = Limits()
 
     def received(self, data: bytes) -> bool:
         if self.request is None and data:
             self.request_started = time.time()
+            self.request_bytes = 0
+        self.request_bytes += len(data)
         return super().received(data)
 
-    def waiting_since(self) -> float | None:
-        """Since when it has been waiting for headers (None: serving, or idle after one)."""
-        if self.requests:
-            return None  # a request is being answered
-        if self.request is not None and not self.request.headers_finished:
-            return self.request_started or self.creation_time
-        if self.request is None and self.request_started is None:
-            return self.creation_time  # opened, never spoke
+    def waiting_since(self, now: float | None = None) -> float | None:
+        """Since when it has been waiting on its client (None: busy). Waiting: opened and
+        silent, headers unfinished, kept alive with nothing more to ask, or a body behind
+        its pace; busy: a request being answered, an answer going out, a body on pace."""
+        if self.requests or self.total_outbufs_len:
+            return None
+        if self.request is None:  # between requests
+            return self.creation_time if self.request_started is None else self.last_activity
+        started = self.request_started or self.creation_time
+        if not self.request.headers_finished:
+            return started
+        now = time.time() if now is None else now
+        elapsed = now - started
+        if (elapsed > self.limits.header_timeout_s
+                and self.request_bytes < self.limits.min_body_bytes_per_s * elapsed):
+            return started  # a body trickled: as good as a trickled header
         return None
 
 
@@ -112,13 +135,14 @@ class GuardedServer(BaseWSGIServer):
             self._warn("connection limit %d reached: closing the longest-waiting idle "
                        "connection (from %s)", self.limits.limit, victim.addr)
             victim.close()
-        self.channel_class(self, conn, addr, self.adj, map=self._map)
+        channel = self.channel_class(self, conn, addr, self.adj, map=self._map)
+        channel.limits = self.limits
 
     def maintenance(self, now: float) -> None:
         super().maintenance(now)
         cutoff = now - self.limits.header_timeout_s
         for channel in list(self.active_channels.values()):
-            since = channel.waiting_since() if isinstance(channel, GuardedChannel) else None
+            since = channel.waiting_since(now) if isinstance(channel, GuardedChannel) else None
             if since is not None and since < cutoff:
                 channel.will_close = True
 
