@@ -184,6 +184,9 @@ def test_huge_and_bomb_uploads_are_refused(daemon):
         data={"image": (io.BytesIO(b"\xff" * (2 * 1024 * 1024)), "big.jpg")},
     )
     assert r.status_code == 413 and "larger than 1 MB" in r.get_json()["error"]
+    # The page's script is told the limit, to say so before sending (the server itself cuts
+    # a larger body off, which a browser may see only as a broken connection).
+    assert b'data-max-mb="1"' in c.get("/").data
     from tests.test_preprocess import png_claiming
 
     r = c.post(

@@ -32,7 +32,7 @@ def _ctx():
 
 @bp.get("/")
 def live():
-    pipe, _ = _ctx()
+    pipe, cfg = _ctx()
     status = pipe.status()
     b = pipe.model
     return render_template(
@@ -42,6 +42,7 @@ def live():
         names=b.manifest.get("label_names", {}),
         min_focus=pipe.cfg.pipeline.min_focus,
         profiles=pipe.profiles(),
+        max_upload_mb=cfg.web.max_upload_mb,
     )
 
 

@@ -101,7 +101,14 @@
     const headers = { "X-CSRFToken": csrf(), Accept: "application/json" };
     if (isJson) headers["Content-Type"] = "application/json";
     const resp = await fetch(url, { method: "POST", headers, body });
-    const data = await resp.json();
+    // Not every answer is the app's JSON: the server itself refuses a body over the upload
+    // limit (413, plain text) before the app sees it.
+    const text = await resp.text();
+    let data;
+    try { data = JSON.parse(text); } catch (e) {
+      data = { error: resp.status === 413 ? "the image is larger than the kit accepts (HTTP 413)"
+        : "HTTP " + resp.status + " " + (text.split("\n")[0] || resp.statusText) };
+    }
     if (!resp.ok) throw new Error(data.error || resp.statusText);
     return data;
   }
@@ -130,8 +137,17 @@
   const up = $("#upload-form");
   if (up) up.addEventListener("submit", async (ev) => {
     ev.preventDefault();
+    const file = $("#upload-file").files[0];
+    // Said here, before sending: the server refuses a larger body at once, and a browser
+    // still sending it may see only a broken connection.
+    const maxMb = Number(up.dataset.maxMb);
+    if (file && maxMb && file.size > maxMb * 1024 * 1024) {
+      report("Upload failed: the image is " + (file.size / 1048576).toFixed(1) +
+        " MB; the kit accepts up to " + maxMb + " MB", true);
+      return;
+    }
     const form = new FormData();
-    form.append("image", $("#upload-file").files[0]);
+    form.append("image", file);
     const code = $("#sample-code") && $("#sample-code").value;
     if (code) form.append("sample_code", code);
     try { report("Stored " + describe(await post("/api/classify", form, false))); }
