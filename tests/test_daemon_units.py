@@ -373,6 +373,30 @@ def test_storage_status_of_a_vanished_data_folder_is_low_space_not_an_error(tmp_
     store.close()
 
 
+def test_a_result_is_never_acknowledged_into_a_vanished_data_folder(tmp_path):
+    """The data folder removed (or its card unmounted) under a running kit: SQLite would go on
+    writing into the deleted file and every id handed out would be lost at the next start.
+    Saves fail with a clear error instead, health says why, and nothing is made again where
+    the folder was."""
+    import shutil
+
+    from edge.daemon.results import ResultsService
+    from edge.daemon.store import StorageError, Store
+
+    data = tmp_path / "data"
+    store = Store(data, min_free_mb=1)
+    results = ResultsService(store, use=None)
+    store.save(RESULT, "capture", "S-1", jpeg=b"\xff\xd8 a jpeg")
+    shutil.rmtree(data)
+    with pytest.raises(StorageError, match="is gone") as err:
+        store.save(RESULT, "capture", "S-1", jpeg=b"\xff\xd8 a jpeg")
+    assert "card back" in err.value.hint
+    status = results.storage_status()
+    assert status["ok"] is False and "fieldscope.db is gone" in status["error"]
+    assert not data.exists()  # no snapshot folders made again in its place
+    store.close()
+
+
 def test_a_failed_retention_leaves_no_transaction_open(tmp_path):
     """A retention delete that fails (here: a trigger refusing it) is rolled back, so the
     next store still works instead of tripping on a transaction left open."""

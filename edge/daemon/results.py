@@ -168,9 +168,10 @@ class ResultsService:
             free: float | None = s.free_mb()
         except OSError:  # the data folder is gone (an unmounted card): as bad as full
             free = None
+        gone = s.vanished()
         return {
-            "ok": s.last_error is None,
-            "error": s.last_error,
+            "ok": s.last_error is None and gone is None,
+            "error": gone or s.last_error,
             "free_mb": round(free, 1) if free is not None else None,
             "low_space": free is None or free < s.min_free_mb,
             "min_free_mb": s.min_free_mb,

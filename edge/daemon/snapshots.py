@@ -46,6 +46,8 @@ class Snapshots:
         is only durable once its parent is synced)."""
         folder = self.folder / day
         if not folder.is_dir():
+            if not self.folder.is_dir():  # never made again here: the card may be gone
+                raise FileNotFoundError(f"the snapshot folder {self.folder} is gone")
             missing = []
             p = folder
             while not p.is_dir():

@@ -23,6 +23,7 @@ from __future__ import annotations
 import builtins  # `list` is also a method of Store
 import json
 import logging
+import os
 import shutil
 import sqlite3
 import threading
@@ -153,6 +154,11 @@ class Store:
             isolation_level=None,
         )
         self._db.row_factory = sqlite3.Row
+        self._db_path = db
+        # The database file's identity (device, inode): SQLite goes on writing into a file
+        # that was deleted or whose card was unmounted, and every result stored then would be
+        # lost at the next start (see vanished()).
+        self._identity: tuple[int, int] | None = None  # set once the file surely exists
         self._in_transaction: list[SaveHook] = []
         self._after_commit: list[Callable[[], None]] = []
         # Tests set this to stop the process between two steps of a store (see STEPS).
@@ -168,8 +174,28 @@ class Store:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(SCHEMA)
+        self._identity = self._file_identity()
         self._migrate()
         self.reconciled = self.reconcile()
+
+    def _file_identity(self) -> tuple[int, int] | None:
+        try:
+            st = os.stat(self._db_path)
+        except OSError:
+            return None
+        return st.st_dev, st.st_ino
+
+    def vanished(self) -> str | None:
+        """Why the data folder is no longer the one the kit opened, or None: its database
+        removed (the folder deleted, the card unmounted) or replaced by another file."""
+        if self._identity is None:
+            return None
+        now = self._file_identity()
+        if now == self._identity:
+            return None
+        what = "is gone" if now is None else "was replaced"
+        return (f"the kit's database {self._db_path} {what} (data folder removed, or its card "
+                "unmounted)")
 
     def _migrate(self) -> None:
         for table, column, kind in ADDED_COLUMNS:
@@ -255,6 +281,9 @@ class Store:
         try:
             if self._closing:  # shutting down: write nothing a closed database can't name
                 raise sqlite3.ProgrammingError("the store is closed (the daemon is stopping)")
+            gone = self.vanished()
+            if gone:  # acknowledging into a deleted file would lose the result at restart
+                raise FileNotFoundError(gone)
             # The file first, outside the lock that reads and health checks wait on (an SD
             # card's fsync can take hundreds of milliseconds); no row names it yet.
             snapshot = self.files.write(jpeg) if jpeg else None
@@ -313,6 +342,7 @@ class Store:
             log.error("storage failed: %s", self.last_error)
             raise StorageError(
                 f"could not store the result: {exc}",
+                "put the kit's card back and restart FieldScope" if self.vanished() else
                 "free disk space; results resume storing by themselves",
             ) from exc
         if self.last_error:
