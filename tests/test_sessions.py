@@ -41,6 +41,31 @@ def test_a_cookie_saved_before_logout_is_refused_after_it(daemon):  # noqa: F811
     assert copy.get("/api/status").status_code == 401
 
 
+def test_a_card_that_turns_read_only_locks_nobody_out(daemon, monkeypatch):  # noqa: F811
+    """ext4 remounts a failing card read-only: sessions can no longer be written, yet the
+    logged-in phone keeps working, a new login works (kept in memory), both are listed on the
+    System page, and a logout still ends a session although its row cannot be deleted."""
+    from edge.web import sessions as sessions_module
+
+    _, app = daemon(**{"web.password": PASSWORD})
+    phone = _login(app)
+    saved = _cookie(phone)
+    store = app.extensions["fieldscope_auth"]["sessions"]
+    store._db.execute("PRAGMA query_only=ON")  # what a read-only card does to every write
+    monkeypatch.setattr(sessions_module, "TOUCH_EVERY_S", 0.0)  # every request tries a touch
+    assert phone.get("/api/status").status_code == 200
+    admin = _login(app)
+    assert store.storage_error and "readonly" in store.storage_error
+    page = admin.get("/system")
+    assert page.status_code == 200
+    assert len(re.findall(r'name="id" value="([0-9a-f]{64})"', page.get_data(as_text=True))) == 2
+    phone.post("/logout", data={"csrf_token": csrf_of(phone)})
+    assert _with_cookie(app, saved).get("/api/status").status_code == 401
+    in_memory = _cookie(admin)
+    admin.post("/logout", data={"csrf_token": csrf_of(admin)})
+    assert _with_cookie(app, in_memory).get("/api/status").status_code == 401
+
+
 def test_a_password_change_ends_every_session(daemon):  # noqa: F811
     pipeline, app = daemon(**{"web.password": PASSWORD})
     saved = _cookie(_login(app))

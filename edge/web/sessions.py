@@ -7,11 +7,16 @@ tag of the password it was opened with. A session ends when it is logged out, en
 System page, idle or old past its limits, or opened with a password that is no longer the
 kit's (a password change, by config reload or restart, ends every session). A cookie copied
 before any of these is refused after it.
+
+A card that turns read-only or fails under the kit (ext4 remounts read-only on errors) must not
+lock everyone out of the page that says so: a session that cannot be written is kept in memory
+until the daemon stops, and a logout that cannot be written is remembered there too.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import secrets
 import sqlite3
 import threading
@@ -29,6 +34,7 @@ CREATE TABLE IF NOT EXISTS web_sessions (
     password_tag TEXT NOT NULL
 );
 """
+log = logging.getLogger(__name__)
 TOUCH_EVERY_S = 60.0  # last_seen is written at most this often (an SD card wears)
 
 
@@ -46,23 +52,46 @@ class Sessions:
         self.idle_s, self.max_age_s = idle_s, max_age_s
         self.tag = password_tag(password_hash)
         self._lock = threading.Lock()
+        # Sessions the card would not take: digest -> [created, last_seen, client, agent].
+        self._in_memory: dict[str, list[Any]] = {}
+        self._ended: set[str] = set()  # logged out while the card refused the DELETE
+        self.storage_error: str | None = None
         self._db = sqlite3.connect(str(db), check_same_thread=False, timeout=10,
                                    isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.executescript(SCHEMA)
         with self._lock:  # sessions of another password end now
-            self._db.execute("DELETE FROM web_sessions WHERE password_tag != ?", (self.tag,))
+            self._write("DELETE FROM web_sessions WHERE password_tag != ?", (self.tag,))
+
+    def _write(self, sql: str, args: tuple) -> sqlite3.Cursor | None:
+        """One write, under the lock; None when the card refuses it (logged once a change)."""
+        try:
+            cur = self._db.execute(sql, args)
+        except sqlite3.Error as exc:
+            why = f"{type(exc).__name__}: {exc}"
+            if why != self.storage_error:
+                log.warning("login sessions: the database refuses writes (%s); keeping them "
+                            "in memory until FieldScope stops", why)
+            self.storage_error = why
+            return None
+        self.storage_error = None
+        return cur
+
+    def _expired(self, created: float, last_seen: float, now: float) -> bool:
+        return now - last_seen > self.idle_s or now - created > self.max_age_s
 
     def open(self, client: str, agent: str) -> str:
         """A new session; returns its id (for the cookie)."""
         sid = secrets.token_urlsafe(32)
-        now = time.time()
+        digest, now = _digest(sid), time.time()
+        client, agent = client[:64], agent[:200]
         with self._lock:
-            self._db.execute(
+            if self._write(
                 "INSERT INTO web_sessions (digest, created, last_seen, client, agent, "
                 "password_tag) VALUES (?,?,?,?,?,?)",
-                (_digest(sid), now, now, client[:64], agent[:200], self.tag),
-            )
+                (digest, now, now, client, agent, self.tag),
+            ) is None:
+                self._in_memory[digest] = [now, now, client, agent]
         return sid
 
     def valid(self, sid: str | None) -> bool:
@@ -71,6 +100,15 @@ class Sessions:
             return False
         digest, now = _digest(sid), time.time()
         with self._lock:
+            if digest in self._ended:
+                return False
+            kept = self._in_memory.get(digest)
+            if kept is not None:
+                if self._expired(kept[0], kept[1], now):
+                    del self._in_memory[digest]
+                    return False
+                kept[1] = now
+                return True
             row = self._db.execute(
                 "SELECT created, last_seen, password_tag FROM web_sessions WHERE digest=?",
                 (digest,),
@@ -78,13 +116,11 @@ class Sessions:
             if row is None:
                 return False
             created, last_seen, tag = row
-            if (tag != self.tag or now - last_seen > self.idle_s
-                    or now - created > self.max_age_s):
-                self._db.execute("DELETE FROM web_sessions WHERE digest=?", (digest,))
+            if tag != self.tag or self._expired(created, last_seen, now):
+                self._write("DELETE FROM web_sessions WHERE digest=?", (digest,))
                 return False
-            if now - last_seen > TOUCH_EVERY_S:
-                self._db.execute("UPDATE web_sessions SET last_seen=? WHERE digest=?",
-                                 (now, digest))
+            if now - last_seen > TOUCH_EVERY_S:  # a refused touch costs nothing but its age
+                self._write("UPDATE web_sessions SET last_seen=? WHERE digest=?", (now, digest))
         return True
 
     def end(self, sid: str | None) -> None:
@@ -93,22 +129,41 @@ class Sessions:
 
     def end_digest(self, digest: str) -> bool:
         with self._lock:
-            cur = self._db.execute("DELETE FROM web_sessions WHERE digest=?", (digest,))
-        return cur.rowcount > 0
+            if self._in_memory.pop(digest, None) is not None:
+                return True
+            known = self._db.execute(
+                "SELECT 1 FROM web_sessions WHERE digest=?", (digest,)).fetchone() is not None
+            if not known:
+                return False
+            if self._write("DELETE FROM web_sessions WHERE digest=?", (digest,)) is None:
+                self._ended.add(digest)  # refused from now on, although its row stays
+        return True
 
     def active(self, current: str | None = None) -> list[dict[str, Any]]:
         """Live sessions, newest first: a short id, client, browser, since, last seen."""
         now = time.time()
         mine = _digest(current) if current else None
         with self._lock:
-            self._db.execute(
+            if self._write(
                 "DELETE FROM web_sessions WHERE password_tag != ? OR last_seen < ? OR "
-                "created < ?", (self.tag, now - self.idle_s, now - self.max_age_s))
-            rows = self._db.execute(
-                "SELECT digest, created, last_seen, client, agent FROM web_sessions "
-                "ORDER BY created DESC").fetchall()
+                "created < ?", (self.tag, now - self.idle_s, now - self.max_age_s),
+            ) is not None:  # the card takes writes again: the logouts it refused, now
+                for d in list(self._ended):
+                    if self._write("DELETE FROM web_sessions WHERE digest=?", (d,)) is not None:
+                        self._ended.discard(d)
+            rows = [r for r in self._db.execute(
+                "SELECT digest, created, last_seen, client, agent, password_tag "
+                "FROM web_sessions").fetchall()
+                if r[5] == self.tag and not self._expired(r[1], r[2], now)
+                and r[0] not in self._ended]
+            for d, kept in list(self._in_memory.items()):
+                if self._expired(kept[0], kept[1], now):
+                    del self._in_memory[d]
+                else:
+                    rows.append((d, *kept, self.tag))
+        rows.sort(key=lambda r: r[1], reverse=True)
         return [{"id": d[:16], "digest": d, "since": c, "last_seen": s, "client": cl,
-                 "agent": a, "this": d == mine} for d, c, s, cl, a in rows]
+                 "agent": a, "this": d == mine} for d, c, s, cl, a, _ in rows]
 
     def close(self) -> None:
         with self._lock:
