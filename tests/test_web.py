@@ -148,6 +148,79 @@ def test_capture_lands_in_a_sample_with_summary_and_exports(daemon, blood_sample
     assert [x["code"] for x in c.get("/api/samples").get_json()["samples"]] == ["P-001"]
 
 
+def test_a_field_that_fails_the_quality_gate_states_no_finding_anywhere(daemon, blood_samples):
+    """A blurred or over-exposed field keeps its scores for the record, but no page, export or
+    message may say "refer" or "no ALL pattern" of it, nor outline it as flagged."""
+    from edge.outbound.messages import result_message
+
+    pipeline, app = daemon(**{"pipeline.min_focus": 1e9})  # every image fails the gate
+    c = app.test_client()
+    token = csrf_of(c)
+    outcomes = set()
+    for path in blood_samples[:4]:
+        r = c.post("/api/classify", headers={"X-CSRFToken": token},
+                   data={"image": (io.BytesIO(path.read_bytes()), "f.jpg"), "sample_code": "Q-1"})
+        assert r.status_code == 201
+        doc = r.get_json()
+        assert doc["assessable"] is False and doc["decision"]["positive"] is False
+        outcomes.add(doc["decision"]["outcome"])
+        assert doc["decision"]["text"].startswith("not assessable")
+    assert outcomes == {"not assessable"}
+    rule = pipeline.profile.classifier.bundle.decision
+    words = (rule["positive"], rule["negative"])
+    rows = c.get("/api/samples/Q-1").get_json()["results"]
+    assert {(x["decision_outcome"], x["decision_positive"]) for x in rows} == {
+        ("not assessable", 0)}
+    csv_text = c.get("/api/samples/Q-1/export.csv").get_data(as_text=True)
+    page = c.get("/samples/Q-1").get_data(as_text=True)
+    report = c.get("/samples/Q-1/report").get_data(as_text=True)
+    for text in (csv_text, page, report.split("<h2>Fields</h2>")[1]):
+        assert not any(w in text for w in words)
+    assert 'class="field flag"' not in page and "not assessable (image quality)" in csv_text
+
+    class Msg:
+        result_id, message_id = rows[0]["id"], "m"
+
+    message = result_message(pipeline.store, Msg(), "kit")
+    assert message["decision_outcome"] == "not assessable" and not message["decision_positive"]
+
+
+def test_a_sample_code_with_a_newline_and_a_broken_json_body_are_refused(daemon, blood_samples):
+    """"P-1\n" would pass a "^...$" pattern (and later break the CSV's header with a 500); a
+    capture whose JSON does not parse must not go on as a capture without its sample."""
+    _, app = daemon()
+    c = app.test_client()
+    token = csrf_of(c)
+    r = c.post("/api/classify", headers={"X-CSRFToken": token},
+               data={"image": (io.BytesIO(blood_samples[0].read_bytes()), "f.jpg"),
+                     "sample_code": "SMEAR-7\n"})
+    assert r.status_code == 400 and "sample_code" in r.get_json()["error"]
+    assert c.get("/api/samples/SMEAR-7%0A/export.csv").status_code == 400
+    r = c.post("/api/capture", data='{"sample_code": "P-1"', content_type="application/json",
+               headers={"X-CSRFToken": token})
+    assert r.status_code == 400 and "not valid JSON" in r.get_json()["error"]
+
+
+def test_the_printed_rule_is_the_one_captures_and_uploads_are_judged_by(daemon):
+    """A bundle with test-time views judges uploads on their mean by ``tta_threshold``: the
+    report states that threshold, the Model page both, each with its use."""
+    from tests.conftest import ROOT
+
+    skin = ROOT / "models" / "skin-lesion"
+    images = sorted((skin / "samples").glob("*.jpg"))
+    pipeline, app = daemon(images=images[:2], bundle=skin)
+    rule = pipeline.profile.classifier.bundle.decision
+    c = app.test_client()
+    r = c.post("/api/classify", headers={"X-CSRFToken": csrf_of(c)},
+               data={"image": (io.BytesIO(images[0].read_bytes()), "s.jpg"), "sample_code": "R-1"})
+    assert r.status_code == 201 and r.get_json()["decision"]["threshold"] == rule["tta_threshold"]
+    report = c.get("/samples/R-1/report").get_data(as_text=True)
+    assert f"{rule['group']} ≥ {rule['tta_threshold']:.4g} →" in report
+    model = c.get("/model").get_data(as_text=True)
+    assert f"≥ {rule['threshold']:.4g} → {rule['positive']} on the live stream" in model
+    assert f"≥ {rule['tta_threshold']:.4g} on captures and uploads" in model
+
+
 @pytest.mark.parametrize(
     "payload,status,needle",
     [

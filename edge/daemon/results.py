@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..errors import FieldScopeError
+from ..inference.postprocess import not_assessable
 from ..inference.quality import assess
 from .budget import DecodeBudget
 from .frames import encode_jpeg, prepare_frame
@@ -111,8 +112,11 @@ class ResultsService:
                            members=True, image=source)
         doc = result.to_dict()
         doc["quality"] = quality.to_dict()
-        # Out of scope counts like a failed quality gate: no finding, never flagged.
+        # Out of scope counts like a failed quality gate: no finding, never flagged. A field
+        # the gate failed keeps its scores for the record, but not a decision either way.
         doc["assessable"] = quality.assessable and result.in_scope
+        if not quality.assessable and result.in_scope and doc.get("decision"):
+            doc["decision"] = not_assessable(doc["decision"], quality.reason)
         jpeg = encode_jpeg(rgb, run.cfg.storage.snapshot_quality)
         doc["id"] = self.store.save(
             doc,

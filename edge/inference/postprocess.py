@@ -82,6 +82,16 @@ def decide(
     }
 
 
+def not_assessable(decision: dict[str, Any], reason: str) -> dict[str, Any]:
+    """The decision for an image the quality gate failed (blurred, over-exposed): like one out
+    of scope, neither positive nor negative, so no export, page or message states a finding
+    on it; the score is kept for the record."""
+    out = dict(decision)
+    out.update(positive=False, outcome="not assessable",
+               text=f"not assessable: {reason or 'image quality'}")
+    return out
+
+
 def out_of_scope(decision: dict[str, Any] | None, texts: dict[str, str]) -> dict[str, Any]:
     """The decision for an image the scope check rejected: neither positive nor negative (it is
     never flagged and never counted as a negative; the score is kept for the record)."""

@@ -167,9 +167,9 @@ def field_report(row: dict[str, Any], image, study: Study, bundle: Bundle | None
                               relationship_type=contains),
         hd.sr.TextContentItem(
             codes.DCM.Finding,
-            (f"{row['label']} ({row['score']:.3f})" if row["assessable"]
-             else unassessed_reason(row))
-            + (f"; decision: {row['decision_outcome']}" if row.get("decision_outcome") else ""),
+            (f"{row['label']} ({row['score']:.3f})"
+             + (f"; decision: {row['decision_outcome']}" if row.get("decision_outcome") else "")
+             if row["assessable"] else unassessed_reason(row)),
             relationship_type=contains),
     ]
     if row.get("group_score") is not None:

@@ -28,7 +28,8 @@ from ..daemon.store import StorageError
 from ..errors import ImageError
 
 bp = Blueprint("api", __name__)
-SAMPLE_CODE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+# Matched whole (fullmatch): with match, "$" would also accept a code ending in a newline.
+SAMPLE_CODE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
 def _ctx():
@@ -43,7 +44,7 @@ def _error(message: str, status: int):
 def _sample_code(raw: object) -> str | None:
     if raw is None or raw == "":
         return None
-    if not isinstance(raw, str) or not SAMPLE_CODE.match(raw):
+    if not isinstance(raw, str) or not SAMPLE_CODE.fullmatch(raw):
         abort(make_response(_error("sample_code: 1–64 letters, digits, '.', '_' or '-'", 400)))
     return raw
 
@@ -208,6 +209,8 @@ def classify():
 def capture():
     pipe, _ = _ctx()
     body = request.get_json(silent=True)
+    if body is None and request.is_json and request.get_data():
+        return _error('the body is not valid JSON; send e.g. {"sample_code": "P-001"}', 400)
     if body is None:
         body = {}
     elif not isinstance(body, dict):
@@ -251,6 +254,8 @@ def sample_fhir(code: str):
 
 @bp.get("/api/samples/<code>/export.csv")
 def sample_csv(code: str):
+    from ..outbound.messages import unassessed_reason
+
     pipe, _ = _ctx()
     summary = pipe.results.sample_summary(_sample_code(code) or "")
     if not summary:
@@ -284,7 +289,7 @@ def sample_csv(code: str):
                 time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(r["created"])),
                 r["label"],
                 f"{r['score']:.4f}",
-                r["decision_outcome"] or "",
+                (r["decision_outcome"] or "") if r["assessable"] else unassessed_reason(r),
                 "" if r["group_score"] is None else f"{r['group_score']:.4f}",
                 int(r["assessable"]),
                 int(r["in_scope"]),

@@ -63,7 +63,7 @@ def samples():
 
 
 def _summary_or_404(pipe, code: str) -> dict:
-    summary = pipe.results.sample_summary(code) if SAMPLE_CODE.match(code) else None
+    summary = pipe.results.sample_summary(code) if SAMPLE_CODE.fullmatch(code) else None
     if not summary:
         abort(404)
     return summary
