@@ -114,8 +114,11 @@
   }
 
   function describe(d) {
-    return "#" + d.id + ": " + d.label + " " + d.score.toFixed(2) +
-      (d.decision ? " — " + d.decision.text : "") + (d.sample_code ? " (sample " + d.sample_code + ")" : "");
+    // No label or score for a field without a finding (out of scope, failed the quality gate).
+    const what = d.assessable === false
+      ? (d.decision ? d.decision.text : "not assessable" + (d.quality && d.quality.reason ? ": " + d.quality.reason : ""))
+      : d.label + " " + d.score.toFixed(2) + (d.decision ? " — " + d.decision.text : "");
+    return "#" + d.id + ": " + what + (d.sample_code ? " (sample " + d.sample_code + ")" : "");
   }
 
   // The sample code survives the page being drawn again (a profile switch reloads it).
