@@ -12,7 +12,7 @@ import types
 import numpy as np
 import pytest
 
-from edge.capture import make_source
+from edge.capture import SourceError, make_source
 from edge.config import load_config
 from tests.conftest import require_module
 
@@ -100,6 +100,31 @@ def test_picamera2_gets_streams_rate_and_locked_exposure_and_colour(picamera2_mo
     assert cam.calls[-2:] == [("stop",), ("close",)]
 
 
+def test_a_picamera2_that_fails_to_start_or_stop_is_still_released(picamera2_module):
+    """picamera2 holds the camera until close(): one that failed to start, or whose stop
+    raised (unplugged), must be closed, or every reopen finds it in use."""
+
+    class FailsToStart(FakePicamera2):
+        def start(self):
+            super().start()
+            raise RuntimeError("Failed to start camera: Device or resource busy")
+
+    class FailsToStop(FakePicamera2):
+        def stop(self):
+            super().stop()
+            raise RuntimeError("camera unplugged")
+
+    picamera2_module.Picamera2 = FailsToStart
+    with pytest.raises(SourceError, match="unavailable"):
+        _source(kind="picamera2").open()
+    assert FakePicamera2.instances[-1].calls[-2:] == [("stop",), ("close",)]
+    picamera2_module.Picamera2 = FailsToStop
+    src = _source(kind="picamera2")
+    src.open()
+    src.close()  # raises nothing: the camera is gone either way
+    assert FakePicamera2.instances[-1].calls[-2:] == [("stop",), ("close",)]
+
+
 def test_picamera2_on_auto_sends_only_the_frame_rate(picamera2_module):
     src = _source(kind="picamera2", fps=2.0)
     src.open()
@@ -185,8 +210,6 @@ def test_v4l2_still_uses_the_still_size_then_returns_to_live(cv2_capture):
 
 
 def test_v4l2_unplugged_is_a_source_error(cv2_capture):
-    from edge.capture import SourceError
-
     with pytest.raises(SourceError, match="cannot open /dev/video9"):
         _source(kind="v4l2", path="/dev/video9").open()
 

@@ -9,11 +9,14 @@ checked by tests/test_cameras.py against a stand-in module; a real camera is unv
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import numpy as np
 
 from .base import Source, SourceError
+
+log = logging.getLogger(__name__)
 
 
 class Picamera2Source(Source):
@@ -64,6 +67,7 @@ class Picamera2Source(Source):
                 "picamera2 is not installed: `sudo apt install python3-picamera2` and create the "
                 "venv with --system-site-packages (scripts/install.sh does both)"
             ) from exc
+        cam = None
         try:
             cam = Picamera2(self.camera_num)
             main = (
@@ -81,6 +85,8 @@ class Picamera2Source(Source):
             cam.configure(config)
             cam.start()
         except Exception as exc:  # libcamera raises RuntimeError and friends
+            if cam is not None:  # acquired but not started: release it, or every reopen
+                _release(cam)    # finds the camera "in use" until the daemon restarts
             raise SourceError(f"camera {self.camera_num} unavailable: {exc}") from exc
         self._cam = cam
 
@@ -110,8 +116,19 @@ class Picamera2Source(Source):
 
     def close(self) -> None:
         if self._cam is not None:
-            try:
-                self._cam.stop()
-                self._cam.close()
-            finally:
-                self._cam = None
+            cam, self._cam = self._cam, None
+            _release(cam)
+
+
+def _release(cam: Any) -> None:
+    """Stop and close a camera, closing it although stop fails (an unplugged camera's stop
+    raises): only close gives the camera back to libcamera for the next open."""
+    try:
+        cam.stop()
+    except Exception:
+        log.debug("stopping the camera failed", exc_info=True)
+    finally:
+        try:
+            cam.close()
+        except Exception:
+            log.warning("closing the camera failed", exc_info=True)
