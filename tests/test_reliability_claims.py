@@ -21,9 +21,11 @@ class UnusableSource(Source):
 
     def __init__(self) -> None:
         self.opens = 0
+        self.opened_at: list[float] = []
 
     def open(self) -> None:
         self.opens += 1
+        self.opened_at.append(time.monotonic())
 
     def read(self) -> np.ndarray:
         time.sleep(0.002)
@@ -34,12 +36,16 @@ def test_25_unusable_frames_in_a_row_reopen_the_camera(blood_bundle, tmp_path):
     source = UnusableSource()
     pipe, _ = _pipeline(blood_bundle, tmp_path, [], source=source)
     pipe.start()
-    poll(lambda: source.opens >= 2, 30, 0.02)
+    poll(lambda: source.opens >= 3, 30, 0.02)
     errors = pipe.state.errors
     pipe.stop()
     pipe.store.close()
-    assert source.opens >= 2, "the camera was never reopened"
-    assert errors >= 25
+    assert source.opens >= 3, "the camera was never reopened"
+    assert errors >= 50
+    # With backoff: the wait before each reopen grows (1 s, then 2 s), although every read
+    # succeeds; the frames are what is of no use.
+    t = source.opened_at
+    assert t[2] - t[1] > (t[1] - t[0]) + 0.5, t
 
 
 class ForeverSource(Source):

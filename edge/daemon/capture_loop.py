@@ -81,7 +81,6 @@ class CaptureLoop:
                     was = self.board.state.camera
                     self.board.publish(camera="ok", camera_error=None)
                     log.info("source %s delivers (was %s)", self.source.describe(), was)
-                    backoff = 1.0
             except SourceFinished as exc:
                 # Final: the kit stays up with its results; nothing to reopen, nothing lost.
                 self.board.publish(camera="finished", camera_error=None)
@@ -118,15 +117,19 @@ class CaptureLoop:
             try:
                 if prep:
                     frame.small, frame.times, frame.quality = self._prepare(rgb)
+                    # Back to the first backoff only once a frame is of use: a camera that
+                    # opens and reads but sends only frames that cannot be used must not be
+                    # reopened every 25 frames and a second.
+                    backoff = 1.0
                 bad_frames = 0
             except Exception as exc:  # a malformed frame is dropped; the camera keeps going
                 self.board.publish(count=("errors",))
                 bad_frames += 1
                 now = time.monotonic()
-                if bad_frames == 1 or now - last_bad_log > 60:
+                if not last_bad_log or now - last_bad_log > 60:
                     # The first with its traceback, then a line a minute, not one per frame.
                     log.error("could not prepare frame %d (%d in a row): %s", self.next_id,
-                              bad_frames, exc, exc_info=bad_frames == 1)
+                              bad_frames, exc, exc_info=not last_bad_log)
                     last_bad_log = now
                 self.next_id += 1
                 if bad_frames >= BAD_FRAMES_LIMIT:
