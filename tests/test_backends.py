@@ -223,6 +223,66 @@ def test_tpu_that_fails_then_returns_is_used_again(
     assert "works again" in r.notes[0] and clf.degraded is None
 
 
+def test_a_tpu_that_opens_but_fails_every_invoke_backs_off(
+    coral, coral_bundle, parrot, host_with_tpu, fake_tpu_lib, monkeypatch
+):
+    """It enumerates again after a reset but every transfer fails: each re-probe that opens it
+    and fails at once doubles the wait (it went back to 15 s at each open, for ever)."""
+    from edge.inference import classifier as classifier_module
+
+    def usb_reset():
+        raise RuntimeError("Edge TPU: USB transfer error")
+
+    clf = Classifier(_bundle_running_on_fake_tpu(coral, coral_bundle))
+    clf.reprobe_s = 0.2
+    clf.backend.interpreter.invoke = usb_reset
+    assert clf.classify(str(parrot)).backend == "cpu"
+    real_open = classifier_module.open_edgetpu
+
+    def opens_but_fails(*args, **kwargs):
+        selection = real_open(*args, **kwargs)
+        selection.backend.interpreter.invoke = usb_reset
+        return selection
+
+    monkeypatch.setattr(classifier_module, "open_edgetpu", opens_but_fails)
+    for expected in (0.4, 0.8):
+        time.sleep(clf.reprobe_s + 0.05)
+        r = clf.classify(str(parrot))
+        assert r.backend == "cpu" and r.label == "macaw"  # the CPU stood in again
+        assert clf.reprobe_s == pytest.approx(expected)
+    assert len(clf.describe()["fallbacks"]) <= classifier_module.FALLBACK_EVENTS_KEPT
+
+
+def test_a_cpu_model_that_cannot_stand_in_is_reported_not_reopened_each_frame(
+    coral, coral_bundle, parrot, host_with_tpu, fake_tpu_lib, monkeypatch
+):
+    """The TPU fails and the bundle's CPU model disagrees with the manifest: classification
+    fails with both reasons, health says degraded, and the CPU model is not reopened (and
+    refused) at every frame."""
+    from edge.inference import classifier as classifier_module
+    from tests.conftest import ROOT
+
+    bundle = _bundle_running_on_fake_tpu(coral, coral_bundle)
+    other = ROOT / "models" / "skin-lesion" / "skin-lesion_int8.tflite"  # 224x168, not 224x224
+    bundle = Bundle(None, bundle.manifest, {**bundle.artifacts, "int8": Artifact("int8", other)})
+    clf = Classifier(bundle)
+    assert clf.backend.name == "edgetpu"
+    opened = []
+    real_open_cpu = classifier_module.open_cpu
+    monkeypatch.setattr(classifier_module, "open_cpu",
+                        lambda *a, **k: opened.append(1) or real_open_cpu(*a, **k))
+
+    def usb_reset():
+        raise RuntimeError("Edge TPU: USB transfer error")
+
+    clf.backend.interpreter.invoke = usb_reset
+    for _ in range(3):
+        with pytest.raises(EdgeTpuError, match="cannot stand in: .*manifest says 224×224"):
+            clf.classify(str(parrot))
+    assert len(opened) == 1
+    assert "cannot stand in" in clf.describe()["degraded"]["reason"]
+
+
 def _raise_no_tpu(*args, **kwargs):
     raise EdgeTpuError("no Edge TPU found")
 

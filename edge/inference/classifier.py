@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field, fields
@@ -32,6 +33,7 @@ from .scope import ScopeModel, dequantize_map, match_taps, pooled_tap
 log = logging.getLogger(__name__)
 REPROBE_FIRST_S = 15.0
 REPROBE_MAX_S = 600.0
+FALLBACK_EVENTS_KEPT = 20
 
 
 @dataclass(frozen=True)
@@ -109,12 +111,18 @@ class Classifier:
         self.device = device
         selection = open_backend(bundle, backend, threads, device, self.runtime)
         self.backend_reason = selection.reason
-        self.fallback_events: list[str] = []
+        # The last switches between TPU and CPU (bounded: a TPU that fails every few minutes
+        # for months must not grow the status without end).
+        self.fallback_events: deque[str] = deque(maxlen=FALLBACK_EVENTS_KEPT)
         # Set while an Edge TPU that failed mid-run is replaced by the CPU: {"since", "reason"};
         # the TPU is tried again with backoff (a USB reset re-enumerates it within seconds).
         self.degraded: dict[str, Any] | None = None
         self.reprobe_s = REPROBE_FIRST_S
         self._reprobe_at = 0.0
+        # Back on the TPU after a re-probe, but no invoke has worked there yet: one that opens
+        # and then fails every transfer must keep doubling its wait, not start again at 15 s.
+        self._unproven = False
+        self._cpu_unusable: str | None = None  # why the CPU model cannot stand in, once known
         self._use(selection.backend)
         self._members = [self._open_member(art) for art in bundle.members]
         # Decoded no smaller than the largest input of any member, so that each resizes from
@@ -278,23 +286,62 @@ class Classifier:
         tensor = self.adapter(rgb)  # shape or type problems surface here, before the TPU
         notes = self._maybe_reprobe()
         try:
-            return self._run(tensor, taps), notes
+            out = self._run(tensor, taps)
         except Exception as exc:
             if self.backend.name != "edgetpu" or self.policy != "auto":
                 if self.backend.name == "edgetpu":
                     raise EdgeTpuError(f"the Edge TPU failed during inference: {exc}") from exc
                 raise
-            why = f"the Edge TPU failed during inference ({exc}); switched to the CPU"
-            log.warning("%s; trying it again in %.0f s", why, self.reprobe_s)
-            self.fallback_events.append(why)
-            selection = open_cpu(self.bundle, self.runtime, self.threads, f"CPU fallback: {why}")
-            old = self.backend
-            self._use(selection.backend)
-            self.backend_reason = selection.reason
+            return self._fall_back(exc, rgb, taps, notes)
+        if self._unproven and self.backend.name == "edgetpu":
+            self._unproven = False  # it works: a later failure starts the backoff again
+            self.reprobe_s = REPROBE_FIRST_S
+        return out, notes
+
+    def _fall_back(self, exc: Exception, rgb: np.ndarray, taps: bool,
+                   notes: list[str]) -> tuple[tuple[np.ndarray, list[np.ndarray]], list[str]]:
+        """The Edge TPU failed mid-run: the bundle's CPU model stands in, the TPU is tried again
+        with backoff. A CPU model that cannot stand in (it disagrees with the manifest) leaves
+        the kit degraded with both reasons, the TPU still re-probed, instead of reopening the
+        CPU model at every frame."""
+        if self._unproven:  # back on it, and it failed before any invoke worked
+            self.reprobe_s = min(self.reprobe_s * 2, REPROBE_MAX_S)
+            self._unproven = False
+        why = f"the Edge TPU failed during inference ({exc}); switched to the CPU"
+        self._reprobe_at = time.monotonic() + self.reprobe_s
+        try:
+            if self._cpu_unusable:
+                raise BundleError(self._cpu_unusable)
+            selection = open_cpu(self.bundle, self.runtime, self.threads,
+                                 f"CPU fallback: {why}")
+            self._use_checked(selection.backend)
+        except Exception as cpu_exc:
+            self._cpu_unusable = str(cpu_exc)
+            why = (f"the Edge TPU failed during inference ({exc}) and the CPU model cannot "
+                   f"stand in: {cpu_exc}")
+            if not self.degraded or self.degraded["reason"] != why:
+                log.error("%s; trying the Edge TPU again in %.0f s", why, self.reprobe_s)
+                self.fallback_events.append(why)
             self.degraded = {"since": time.time(), "reason": why}
-            self._reprobe_at = time.monotonic() + self.reprobe_s
+            raise EdgeTpuError(why) from exc
+        log.warning("%s; trying it again in %.0f s", why, self.reprobe_s)
+        self.fallback_events.append(why)
+        self.backend_reason = selection.reason
+        self.degraded = {"since": time.time(), "reason": why}
+        return self._run(self.adapter(rgb), taps), notes + [why]
+
+    def _use_checked(self, backend: Backend) -> None:
+        """Switch to ``backend`` if it fits the manifest (closing the old one), else close it
+        and raise, leaving the old one in place."""
+        old = self.backend
+        try:
+            self._use(backend)
+        except Exception:
+            backend.close()
+            self._use(old)
+            raise
+        if old is not backend:
             old.close()
-            return self._run(self.adapter(rgb), taps), notes + [why]
 
     def feature_maps(self, rgb: np.ndarray) -> list[np.ndarray]:
         """Every feature output of the model for one prepared input, as float (H, W, C) maps
@@ -319,15 +366,19 @@ class Classifier:
             self._reprobe_at = time.monotonic() + self.reprobe_s
             log.debug("Edge TPU still unusable (%s); next try in %.0f s", exc, self.reprobe_s)
             return []
-        old = self.backend
-        self._use(selection.backend)
+        try:
+            self._use_checked(selection.backend)
+        except Exception as exc:
+            self.reprobe_s = min(self.reprobe_s * 2, REPROBE_MAX_S)
+            self._reprobe_at = time.monotonic() + self.reprobe_s
+            log.debug("Edge TPU model unusable (%s); next try in %.0f s", exc, self.reprobe_s)
+            return []
         self.backend_reason = f"{selection.reason} (back after a failure)"
-        old.close()
         note = "the Edge TPU works again; inference is back on it"
         log.warning("%s", note)
         self.fallback_events.append(note)
         self.degraded = None
-        self.reprobe_s = REPROBE_FIRST_S
+        self._unproven = True  # the backoff resets once an invoke works there
         return [note]
 
     def classify(
