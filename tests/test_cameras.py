@@ -218,7 +218,9 @@ def test_bad_camera_options_are_refused():
     from edge.config import ConfigError
 
     for bad in ({"source.colour_gains": [1.0]}, {"source.exposure_us": -1},
-                {"source.colour_gains": [0.0, 99.0]}):
+                {"source.colour_gains": [0.0, 99.0]}, {"source.width": 0},
+                {"source.height": -5}, {"source.still_width": 1000},
+                {"source.still_width": -1, "source.still_height": -1}):
         with pytest.raises(ConfigError):
             load_config(None, {"source.path": "x", **bad})
 

@@ -187,6 +187,14 @@ def test_refused_bundle_falls_back_to_the_previous_good_one(tmp_path, blood_bund
     clf = open_classifier(cfg)
     assert clf.bundle.root == blood_bundle
     assert "configured bundle refused" in clf.backend_reason
+    # A fallback that is not there either: the error says first why the bundle was refused.
+    cfg = load_config(None, {"model.bundle": str(broken), "source.path": "x",
+                             "model.fallback_bundle": str(tmp_path / "previous")})
+    from edge.errors import FieldScopeError
+
+    with pytest.raises(FieldScopeError,
+                       match=r"refused \(.*manifest says.*fallback_bundle.*previous"):
+        open_classifier(cfg)
 
 
 KILLER = """

@@ -145,8 +145,10 @@ def test_shipped_demo_has_both_uses(tmp_path, monkeypatch):
     ],
 )
 def test_profile_mistakes_are_named(tmp_path, extra, message):
-    with pytest.raises(ConfigError, match=message):
-        load_config(write_config(tmp_path, extra))
+    path = write_config(tmp_path, extra)
+    with pytest.raises(ConfigError, match=message) as err:
+        load_config(path)
+    assert str(path) in str(err.value)  # and the file they are in
 
 
 def test_profiles_and_a_global_model_or_command_line_model_conflict(tmp_path):

@@ -156,17 +156,24 @@ def load_config(
                 "table when the config has profiles"
             )
         top = {"source": shared_source, "pipeline": dict(raw.get("pipeline", {}))}
-        cfg.profiles, cfg.default_profile = _profiles(
-            profiles_raw, top, Path(path).resolve().parent if path else None
-        )
+        try:
+            cfg.profiles, cfg.default_profile = _profiles(
+                profiles_raw, top, Path(path).resolve().parent if path else None
+            )
+        except ConfigError as exc:
+            if not path:
+                raise
+            raise ConfigError(f"{path}: {exc.message}", exc.hint) from exc
     password_from_env(cfg)
+    where = f"{path}: " if path else ""  # which file, as the loader's own errors say
     for pid in cfg.all_profiles():
         try:
             validate(cfg.for_profile(pid), camera=camera)
         except ConfigError as exc:
-            if not cfg.profiles:
+            if not cfg.profiles and not where:
                 raise
-            raise ConfigError(f"profile {pid!r}: {exc.message}", exc.hint) from exc
+            own = f"profile {pid!r}: " if cfg.profiles else ""
+            raise ConfigError(f"{where}{own}{exc.message}", exc.hint) from exc
     return cfg
 
 

@@ -74,6 +74,14 @@ class SourceSection:
             raise ConfigError("[source].timeout_s must be positive")
         if not 0 < self.fps <= 120:
             raise ConfigError("[source].fps must be between 0 and 120")
+        if not (0 < self.width <= 8192 and 0 < self.height <= 8192):
+            raise ConfigError("[source] width and height must be between 1 and 8192 pixels")
+        if (self.still_width > 0) != (self.still_height > 0) or min(
+                self.still_width, self.still_height) < 0 or max(
+                self.still_width, self.still_height) > 16384:
+            raise ConfigError(
+                "[source] still_width and still_height: both 0 (the camera's own size) or "
+                "both between 1 and 16384")
 
 
 @dataclass

@@ -38,7 +38,14 @@ def open_classifier(cfg: Config) -> Classifier:
             exc,
             m.fallback_bundle,
         )
-        clf = classifier(load_model(m.fallback_bundle))
+        try:
+            clf = classifier(load_model(m.fallback_bundle))
+        except FieldScopeError as second:  # say why the real one was refused, first
+            raise FieldScopeError(
+                f"model {cfg.bundle_path} refused ({exc.message}), and the fallback "
+                f"([model].fallback_bundle) {m.fallback_bundle} too: {second.message}",
+                exc.hint,
+            ) from second
         clf.backend_reason += f" · configured bundle refused: {exc.message}"
         return clf
 
