@@ -120,6 +120,8 @@ def test_folds_give_every_image_one_prediction_from_a_model_that_never_saw_it(da
     assert oof["logits"].shape == (len(ids), 4, 7) and np.isfinite(oof["logits"]).all()
     assert (np.abs(oof["logits"]).sum(axis=(1, 2)) > 0).all()  # every row was predicted
     assert list(oof["views"]) == ["identity", "flip_lr", "flip_ud", "rot180"]
+    recipe = json.loads(str(oof["recipe"]))  # what pairing it with another model's checks
+    assert recipe["folds"] == 3 and recipe["input_size"] == list(HW)
     fold_of: dict = {}
     for lesion, fold in zip(oof["lesion"], oof["fold"], strict=True):
         assert fold_of.setdefault(lesion, fold) == fold  # a lesion's images in one fold
@@ -401,6 +403,39 @@ def test_oof_scores_are_what_the_bundle_would_give(tmp_path):
     other = _oof_file(tmp_path / "d.npz", ids[::-1], lesions, y, b, views, [168, 224])
     with pytest.raises(ValueError, match="not the same images"):
         oof_scores([(skin, fa), (skin, other)])
+
+
+def test_oof_files_that_do_not_pair_are_refused(tmp_path):
+    """One fold's file given for the whole, two models whose folds differ (another run's
+    split), and files made with another recipe: each refused by name, before any score."""
+    import json
+
+    from edge.inference.bundle import load_bundle
+    from training.oof import oof_scores
+
+    skin = load_bundle(ROOT / "models/skin-lesion")
+    rng = np.random.default_rng(2)
+    n, ids = 12, [f"img{i}" for i in range(12)]
+    lesions, y = [f"L{i // 2}" for i in range(n)], rng.integers(0, 7, n)
+    views = ["identity", "flip_lr", "flip_ud", "rot180"]
+    z = rng.normal(0, 2, (n, 4, 7))
+    fa = _oof_file(tmp_path / "a.npz", ids, lesions, y, z, views, [168, 224])
+    part = tmp_path / "oof-x.fold1of3.npz"
+    np.savez(part, index=np.arange(4), logits=z[:4], recipe=np.array("{}"))
+    with pytest.raises(ValueError, match="not a whole out-of-fold file"):
+        oof_scores([(skin, part)])
+    with np.load(fa) as d:
+        base = {k: d[k] for k in d.files}
+    moved = tmp_path / "b.npz"
+    np.savez(moved, **{**base, "fold": np.arange(n) % 3})
+    with pytest.raises(ValueError, match="'fold' differs"):
+        oof_scores([(skin, fa), (skin, moved)])
+    recipe = {"folds": 3, "epochs": 20, "precision": "bf16", "seed": 0}
+    mine, theirs = tmp_path / "c.npz", tmp_path / "d.npz"
+    np.savez(mine, **base, recipe=np.array(json.dumps(recipe)))
+    np.savez(theirs, **base, recipe=np.array(json.dumps({**recipe, "epochs": 25, "seed": 4})))
+    with pytest.raises(ValueError, match="made with other epochs than"):
+        oof_scores([(skin, mine), (skin, theirs)])
 
 
 def test_import_member_builds_a_bundle_as_users_run_it(member, tmp_path):

@@ -252,7 +252,7 @@ def out_of_fold(x, y, targets, ids, lesions, group, init, args, hw, seed, epochs
     probs = F.softmax(torch.from_numpy(logits), dim=2).mean(1).numpy()
     return {"image_id": np.array(ids), "lesion": np.array(lesions), "y": y, "fold": folds,
             "logits": logits, "views": np.array(VIEWS), "input_size": np.array(hw),
-            "metrics": metrics(y, probs, group)}
+            "recipe": np.array(json.dumps(recipe)), "metrics": metrics(y, probs, group)}
 
 
 def seconds_per_epoch(x, n_classes: int, init: dict, args, hw, n_images: int) -> float:
@@ -454,7 +454,7 @@ def folds_main(args, split, x, y, labels, group, init, members, report, start, d
                           deadline, log, name)
         found = oof.pop("metrics")
         write_whole(args.out / f"oof-{name}.npz",
-                    partial(np.savez, labels=np.array(labels), **oof))
+                    partial(np.savez, labels=np.array(labels), **oof))  # with its recipe
         report["oof"][name] = {"input_size": list(hw), "seed": seed, "n": len(yy),
                                "metrics": found,
                                # a resumed run skips finished folds and epochs: its own time only

@@ -45,6 +45,10 @@ def oof_scores(models: list[tuple[Bundle, Path]]) -> Scores:
     for bundle, path in models:
         with np.load(path) as d:
             data = {k: d[k] for k in d.files}
+        if "labels" not in data or "image_id" not in data:
+            raise ValueError(f"{path}: not a whole out-of-fold file (one fold's file, "
+                             "oof-NAME.foldFofK.npz, holds only its part; give oof-NAME.npz, "
+                             "written once every fold is done)")
         if list(data["labels"]) != list(bundle.labels):
             raise ValueError(f"{path}: labels {list(data['labels'])} are not {bundle.labels}")
         size = [int(v) for v in data["input_size"]]
@@ -56,6 +60,8 @@ def oof_scores(models: list[tuple[Bundle, Path]]) -> Scores:
         elif list(data["image_id"]) != list(ref["image_id"]):
             raise ValueError(f"{path}: not the same images, in the same order, as "
                              f"{models[0][1]}")
+        else:
+            _same_folds(path, data, models[0][1], ref)
         have = [str(v) for v in data["views"]]
         missing = [v for v in views if v not in have]
         if missing:
@@ -70,6 +76,26 @@ def oof_scores(models: list[tuple[Bundle, Path]]) -> Scores:
                   positive=np.isin(ref["y"], group),
                   score=per_model[0][:, views.index("identity")],
                   tta=np.mean([g.mean(1) for g in per_model], axis=0))
+
+
+# What every model's fold file must share (the rest, input size and seed, is each model's own).
+SHARED_RECIPE = ("folds", "epochs", "precision", "images", "batch", "lr", "wd", "dropout",
+                 "drop_connect", "power", "variant")
+
+
+def _same_folds(path: Path, data: dict, ref_path: Path, ref: dict) -> None:
+    """Two models' out-of-fold files pair only if each image had the same label, lesion and
+    fold in both (the same fold models' split) and, where the files record it (runs since
+    the recipe was written into the whole file), the same recipe."""
+    for key in ("y", "lesion", "fold"):
+        if not np.array_equal(data[key], ref[key]):
+            raise ValueError(f"{path}: its {key!r} differs from {ref_path}'s (other folds or "
+                             "another split: made by another run)")
+    if "recipe" in data and "recipe" in ref:
+        mine, theirs = json.loads(str(data["recipe"])), json.loads(str(ref["recipe"]))
+        differ = [k for k in SHARED_RECIPE if mine.get(k) != theirs.get(k)]
+        if differ:
+            raise ValueError(f"{path}: made with other {', '.join(differ)} than {ref_path}")
 
 
 def _model_ids(bundles: list[Bundle]) -> list[dict]:
