@@ -348,6 +348,60 @@ def test_an_ensemble_can_take_its_thresholds_from_out_of_fold_scores(tiny_run, t
     check = rule["chosen_on"]["validation"]
     assert check["n"] == len(parts["val"]) and "tta_sensitivity" in check
     assert "On the kit's own validation scores (int8" in card
+    # Carried over as an operating point ([decision] oof_carry = "specificity"): the thresholds
+    # sit on the kit's own validation scores at the out-of-fold specificity, both files are
+    # kept, and `training threshold` recomputes them.
+    import dataclasses
+
+    from training.threshold import OOF_FILE, carry_over, read_scores
+
+    carried_cfg = dataclasses.replace(
+        cfg, decision=dataclasses.replace(cfg.decision, oof_carry="specificity"))
+    moved = tmp_path / "carried"
+    build_ensemble(carried_cfg, out, [out], moved, parts, "9.9.9-oof", oof_scores=csv_path)
+    rule = load_bundle(moved).decision
+    own = read_scores(moved / "threshold_scores.csv")
+    assert len(own.image) == len(parts["val"])  # the kit's own validation scores
+    assert (moved / OOF_FILE).read_bytes() == csv_path.read_bytes()
+    want, _ = carry_over(scores, own, target, how["method"], how["confidence"])
+    assert rule["tta_threshold"] == shipped(want["tta_threshold"])
+    assert rule["threshold"] == shipped(want["threshold"])
+    assert rule["chosen_on"]["carried_from"]["n"] == n
+    again = recompute(moved, rule)
+    assert shipped(again["tta_threshold"]) == rule["tta_threshold"]
+    assert shipped(again["threshold"]) == rule["threshold"]
+    assert "the operating point is carried over, not the score" in (moved / "CARD.md").read_text()
+
+
+def test_an_operating_point_carries_over_where_a_score_does_not():
+    """Fold models whose scores are a monotone stretch of the shipped models' (more extreme,
+    as hard labels make them): the threshold chosen on them, used as it is, flags nearly every
+    negative of the shipped scores; carried over as a specificity, the shipped scores get the
+    threshold with that specificity, the lowest such, ties included."""
+    from training.threshold import Scores, at_specificity, carry_over, choose, rates
+
+    rng = np.random.default_rng(5)
+    n = 600
+    positive = rng.random(n) < 0.25
+    own = np.clip(rng.normal(0.25 + 0.45 * positive, 0.15), 1e-4, 1 - 1e-4)
+    stretched = own ** 4  # same order, another scale
+    lesion = np.array([f"L{k // 2}" for k in range(n)])
+    oof = Scores(image=[str(k) for k in range(n)], lesion=lesion, positive=positive,
+                 score=stretched, tta=stretched)
+    mine = Scores(image=oof.image, lesion=lesion, positive=positive, score=own, tta=own)
+    as_is = choose(positive, stretched, lesion, 0.9, "validation", 0.95)
+    q = rates(positive, stretched, as_is)["specificity"]
+    assert rates(positive, own, as_is)["specificity"] < q - 0.3  # the score does not carry
+    got, carried = carry_over(oof, mine, 0.9, "validation", 0.95)
+    assert carried["tta_threshold"]["specificity"] == q
+    t = got["tta_threshold"]
+    assert rates(positive, own, t)["specificity"] >= q  # the operating point does
+    assert rates(positive, own, np.nextafter(t, 0))["specificity"] < q  # and it is the lowest
+    assert rates(positive, own, t)["sensitivity"] >= 0.9  # the same order, the same images
+    tied = np.array([0.1, 0.2, 0.2, 0.2, 0.5])
+    none = np.zeros(5, bool)
+    assert rates(none, tied, at_specificity(none, tied, 0.4))["specificity"] >= 0.4
+    assert at_specificity(none, tied, 0.0) == 0.1
 
 
 def test_evaluate_judges_an_ensemble_as_a_capture_classifies(tiny_run, tmp_path):

@@ -55,6 +55,11 @@ class DecisionConfig:
     # target holds on new lesions rather than on the validation images' luck.
     threshold_method: str = "validation"
     threshold_confidence: float = 0.95
+    # With out-of-fold scores (`ensemble --oof-scores`): "score" uses the threshold chosen on
+    # them as it is; "specificity" carries their operating point over instead: the fold models'
+    # specificity at that threshold, applied as a quantile of the kit's own benign validation
+    # scores (for fold models whose scores sit on another scale than the shipped models').
+    oof_carry: str = "score"
     positive: str = "refer"
     negative: str = "no referral"
     # What the kit calls an image the scope check rejects, and what the live page says while
@@ -292,6 +297,9 @@ def _check(cfg: Config, path: Path) -> None:
     if cfg.decision.threshold_method not in ("validation", "lesion_bound"):
         raise ConfigError(f"{path} [decision] threshold_method: "
                           f"{cfg.decision.threshold_method!r} is not validation or lesion_bound")
+    if cfg.decision.oof_carry not in ("score", "specificity"):
+        raise ConfigError(f"{path} [decision] oof_carry: {cfg.decision.oof_carry!r} is not "
+                          "score or specificity")
     if not 0.5 <= cfg.decision.threshold_confidence < 1:
         raise ConfigError(f"{path} [decision] threshold_confidence must be in [0.5, 1)")
     if not 0 < cfg.decision.target_sensitivity <= 1:

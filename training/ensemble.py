@@ -28,7 +28,16 @@ from .config import Config
 from .datasets import Sample
 from .evaluate import group_indices, predict, sensitivity_ci, validation_scores
 from .metrics import summarise
-from .threshold import SCORES_FILE, choose, chosen_on, rates, shipped, write_scores
+from .threshold import (
+    OOF_FILE,
+    SCORES_FILE,
+    carry_over,
+    choose,
+    chosen_on,
+    rates,
+    shipped,
+    write_scores,
+)
 
 log = logging.getLogger(__name__)
 KEYS = ("accuracy", "balanced_accuracy", "macro_auc", "group_auc", "sensitivity", "specificity",
@@ -121,20 +130,35 @@ def build_ensemble(cfg: Config, first_dir: Path, others: list[Path], out: Path,
     # over every view (what captures, uploads and `classify` give).
     val_scores = validation_scores(staged, parts["val"], "int8", tta=bool(staged.tta),
                                    members=True)
-    scores = given if given is not None else val_scores
+    carry = given is not None and cfg.decision.oof_carry == "specificity"
+    scores = given if given is not None and not carry else val_scores
     assert scores.tta is not None and val_scores.tta is not None
     rule = manifest["decision"]
-    rule.update(threshold=shipped(choose(scores.positive, scores.score, scores.lesion, target,
-                                         **how)),
-                tta_threshold=shipped(choose(scores.positive, scores.tta, scores.lesion, target,
-                                             **how)),
-                target_sensitivity=target, threshold_method=cfg.decision.threshold_method)
+    if carry:
+        assert given is not None
+        got, carried = carry_over(given, val_scores, target, how["method"], how["confidence"])
+        rule.update(threshold=shipped(got["threshold"]),
+                    tta_threshold=shipped(got["tta_threshold"]))
+    else:
+        rule.update(threshold=shipped(choose(scores.positive, scores.score, scores.lesion,
+                                             target, **how)),
+                    tta_threshold=shipped(choose(scores.positive, scores.tta, scores.lesion,
+                                                 target, **how)))
+    rule.update(target_sensitivity=target, threshold_method=cfg.decision.threshold_method)
     rule.pop("threshold_confidence", None)
     if cfg.decision.threshold_method == "lesion_bound":
         rule["threshold_confidence"] = cfg.decision.threshold_confidence
     # The ensemble's own validation scores replace the first bundle's copy.
     rule["chosen_on"] = chosen_on(scores, write_scores(out / SCORES_FILE, scores), rule)
-    if given is not None:
+    if carry:
+        assert given is not None
+        # The operating point came from the out-of-fold scores, kept beside the ones the
+        # thresholds sit on, so that `training threshold` recomputes both steps.
+        rule["chosen_on"]["carried_from"] = {
+            "source": OOF_SOURCE, "file": OOF_FILE,
+            "sha256": write_scores(out / OOF_FILE, given), "n": len(given.image),
+            **carried}
+    elif given is not None:
         rule["chosen_on"]["source"] = OOF_SOURCE
         # The fold models stand in for the shipped ones: what the thresholds chosen on them
         # reach on the kit's own (int8, every member and view) validation scores.
@@ -186,6 +210,14 @@ def _chosen_text(rule: dict) -> str:
              "by a fold model that never saw it)" if c.get("source") == OOF_SOURCE
              else f"{c['n']} validation images they were chosen on")
     v = c.get("validation")
+    moved = c.get("carried_from")
+    carried = (f" Each sits at the specificity that lesion-grouped fold models (the members' "
+               f"recipe trained again on the other folds, float scores) reach at their own "
+               f"threshold on {moved['n']} out-of-fold images of train + validation (live "
+               f"stream {_pct(moved['threshold']['specificity'])}, captures "
+               f"{_pct(moved['tta_threshold']['specificity'])}; their scores are kept in "
+               f"`{moved['file']}`): their scores sit on another scale than the members', so "
+               "the operating point is carried over, not the score." if moved else "")
     check = (f" On the kit's own validation scores (int8, {v['n']} images) the captures' "
              f"threshold flags {_pct(v.get('tta_sensitivity'))} at specificity "
              f"{_pct(v.get('tta_specificity'))}: the fold models are the members' recipe "
@@ -195,7 +227,8 @@ def _chosen_text(rule: dict) -> str:
             f"threshold flags {_pct(c['sensitivity'])} of the {rule['group']} ones at "
             f"specificity {_pct(c['specificity'])}, the captures' {_pct(c['tta_sensitivity'])} "
             f"at {_pct(c['tta_specificity'])}. Their scores are kept in `{c['file']}`: "
-            "`python -m training threshold --model DIR` recomputes both from them." + check)
+            "`python -m training threshold --model DIR` recomputes both from them." + carried
+            + check)
 
 
 def _targets(targets: dict[str, float], row: dict) -> list[str]:
@@ -230,6 +263,8 @@ def _card_section(out: Path, manifest: dict, rows: dict, latency: dict, n: int,
         + ("out-of-fold predictions of lesion-grouped fold models over train + validation "
            "(the members' recipe trained again on the other folds; float scores)"
            if (rule.get("chosen_on") or {}).get("source") == OOF_SOURCE
+           else "validation split at the operating point carried over from out-of-fold "
+           "predictions" if "carried_from" in (rule.get("chosen_on") or {})
            else "validation split") + " on the scores it judges"
         + (" at the lesion-level lower bound" if rule.get("threshold_method") == "lesion_bound"
            else "") + "." + _chosen_text(rule)

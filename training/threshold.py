@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +21,8 @@ import numpy as np
 from .metrics import threshold_for_sensitivity, threshold_with_bound
 
 SCORES_FILE = "threshold_scores.csv"
+# The out-of-fold scores an operating point was carried over from (see carry_over).
+OOF_FILE = "threshold_oof_scores.csv"
 BOOTSTRAP = {"n_boot": 2000, "seed": 0}  # lesion_bound's resamples (kept in chosen_on)
 
 
@@ -52,6 +55,38 @@ def choose(positive: np.ndarray, score: np.ndarray, lesion: np.ndarray, target: 
         return threshold_with_bound(positive, score, lesion, target, confidence,
                                     **BOOTSTRAP)[0]
     return threshold_for_sensitivity(positive, score, target)
+
+
+def at_specificity(positive: np.ndarray, score: np.ndarray, specificity: float) -> float:
+    """The lowest threshold at which at least ``specificity`` of the negatives score below it
+    (``score >= threshold`` flags), ties included."""
+    neg = np.sort(np.asarray(score, dtype=np.float64)[~positive])
+    if not len(neg):
+        raise ValueError("no negative image to place a specificity on")
+    k = min(len(neg), math.ceil(specificity * len(neg) - 1e-12))
+    if k == 0:
+        return float(neg[0])  # nothing need score below it
+    return float(np.nextafter(neg[k - 1], np.inf))
+
+
+def carry_over(oof: Scores, own: Scores, target: float, method: str,
+               confidence: float) -> tuple[dict[str, float], dict[str, dict]]:
+    """Thresholds on ``own`` (the shipped models' validation scores) at the operating point
+    chosen on ``oof``: the threshold for ``target`` there (by ``method``), the specificity it
+    has there, and on ``own`` the lowest threshold with that specificity. For fold models whose
+    scores are more extreme than the shipped models' (another recipe): a score does not carry
+    over, a specificity can, if the shipped models rank at least as well. Returns the
+    thresholds and, per threshold, what was carried."""
+    thresholds, carried = {}, {}
+    for key, col in (("threshold", "score"), ("tta_threshold", "tta")):
+        theirs, mine = getattr(oof, col), getattr(own, col)
+        if theirs is None or mine is None:
+            continue
+        t = choose(oof.positive, theirs, oof.lesion, target, method, confidence)
+        q = rates(oof.positive, theirs, t)["specificity"]
+        thresholds[key] = at_specificity(own.positive, mine, q)
+        carried[key] = {"out_of_fold_threshold": t, "specificity": q}
+    return thresholds, carried
 
 
 def rates(positive: np.ndarray, score: np.ndarray, threshold: float) -> dict[str, float]:
@@ -130,6 +165,18 @@ def recompute(bundle_dir: Path, decision: dict) -> dict:
         raise ValueError(f"{bundle_dir}: chosen with resamples {record.get('bootstrap')}, this "
                          f"version recomputes with {BOOTSTRAP}")
     how = (decision["target_sensitivity"], method, decision.get("threshold_confidence", 0.95))
+    if "carried_from" in record:  # an operating point carried over from out-of-fold scores
+        source = bundle_dir / record["carried_from"]["file"]
+        if not source.is_file() or hashlib.sha256(source.read_bytes()).hexdigest() != record[
+                "carried_from"]["sha256"]:
+            raise ValueError(f"{source}: missing, or its digest differs from the manifest's")
+        thresholds, _ = carry_over(read_scores(source), scores, *how)
+        got: dict = dict(thresholds)
+        got.update(rates(scores.positive, scores.score, shipped(got["threshold"])))
+        if "tta_threshold" in got and scores.tta is not None:
+            got.update({f"tta_{k}": v for k, v in
+                        rates(scores.positive, scores.tta, shipped(got["tta_threshold"])).items()})
+        return got
     # The rates are those of the thresholds as a manifest keeps them (see shipped).
     out: dict = {"threshold": choose(scores.positive, scores.score, scores.lesion, *how)}
     out.update(rates(scores.positive, scores.score, shipped(out["threshold"])))
