@@ -182,6 +182,28 @@ def test_a_message_that_keeps_failing_does_not_hold_up_the_others(tmp_path):
     store.close()
 
 
+def test_a_message_held_back_takes_its_place_again_when_the_next_one_fails_too(tmp_path):
+    """A message that has failed often before (held back at its next failure, for 32 s) fails
+    again, and so does the next one: the fault is the destination's, so the first takes its
+    place again and all are delivered in their order, without waiting out its delay."""
+    store, outbox = open_store(tmp_path, ("mqtt",))
+    ids = [store.save(RESULT, "live") for _ in range(3)]
+    with store._lock:
+        store._db.execute("UPDATE outbox SET attempts = 5 WHERE result_id = ?", (ids[0],))
+    dest = Recorder(failures=2)
+    run_sender(outbox, dest, lambda: len(dest.sent) == 3, retry_max_s=60.0)
+    assert dest.sent == ids
+    store.close()
+
+
+def test_a_message_delay_never_overflows(tmp_path):
+    """2.0 ** 1024 raises OverflowError: a message refused for days reaches that many tries."""
+    store, outbox = open_store(tmp_path, ("mqtt",))
+    sender = Sender(Recorder(), outbox, threading.Event(), retry_max_s=300.0)
+    assert sender.message_delay(5000) == 300.0 and sender.message_delay(1) == 0.0
+    store.close()
+
+
 def test_the_sender_outlives_a_failing_store(tmp_path):
     """The card fills or turns read-only under the outbox: the sender says so in the status
     and goes on; once the store works again, what was queued is delivered."""

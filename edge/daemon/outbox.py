@@ -189,6 +189,14 @@ class Outbox:
         self.changed()
         self.last_error[msg.destination] = error
 
+    def reschedule(self, msg: Message, delay_s: float = 0.0) -> None:
+        """Due again after ``delay_s`` (no try counted): a message held back on its own delay
+        whose fault turned out to be its destination's takes its place in the queue again."""
+        with self._store.locked() as db:
+            db.execute("UPDATE outbox SET next_try = ? WHERE id = ?",
+                       (time.time() + delay_s, msg.id))
+        self.changed()
+
     def unreachable(self, destination: str, error: str) -> None:
         """A try to reach the destination failed (nothing was sent): counted as failed."""
         with self._store.locked() as db:

@@ -4,11 +4,12 @@ It connects when there is something to send, sends in queue order, and marks a m
 delivered only after the destination acknowledged it. A failure closes the connection and
 waits with backoff (1 s doubling to ``[outbox] retry_max_s``, back to 1 s once a message is
 acknowledged); one log line per change of state, not one per try. A message that fails again
-and again while its destination answers (a PACS that rejects one object with a 500) keeps its
-place for ``KEEP_ORDER_TRIES`` tries, then waits its own growing delay, so it cannot hold up
-the messages behind it. The thread outlives any failure, the store's included (a full or
-read-only card), and says so in the outbox's status. It only ever reads the store, so a
-destination that is down costs classification nothing.
+and again (a PACS that rejects one object with a 500) keeps its place for ``KEEP_ORDER_TRIES``
+tries, then waits its own growing delay while the next one is tried: if that one fails too, the
+fault is the destination's and the first takes its place again; if it is delivered, the first
+stays back, so it cannot hold up the messages behind it. The thread outlives any failure, the
+store's included (a full or read-only card), and says so in the outbox's status. It only ever
+reads the store, so a destination that is down costs classification nothing.
 """
 
 from __future__ import annotations
@@ -77,6 +78,10 @@ class Sender:
         self._backoff = 1.0
         self._down_since_logged: str | None = None
         self._unreachable = False
+        # The message last pushed back on its own delay, until a delivery shows that the
+        # destination takes others (then it was the message) or another message fails too
+        # (then it was the destination, and it takes its place in the queue again).
+        self._held: Message | None = None
 
     def _failed(self, why: str) -> None:
         if self._down_since_logged != why:
@@ -137,7 +142,7 @@ class Sender:
         own: nothing while it keeps its place, then 2**attempts s up to retry_max_s."""
         if attempts < self.keep_order_tries:
             return 0.0
-        return min(self.retry_max_s, 2.0 ** attempts)
+        return min(self.retry_max_s, 2.0 ** min(attempts, 32))  # 2.0 ** 1024 overflows
 
     def _send_batch(self, batch: list[Message]) -> None:
         outcomes = self.dest.send_batch(batch)
@@ -147,14 +152,19 @@ class Sender:
                     self.outbox.delivered(msg)
                     self._backoff = 1.0  # the link works
                     self._down_since_logged = None
+                    self._held = None  # the one held back failed on its own: it stays back
                 elif isinstance(exc, (Gone, Refused)):
                     log.error("%s: message %s dropped: %s", self.dest.name, msg.message_id, exc)
                     self.outbox.dropped(msg, str(exc))
                 else:
                     why = short_reason(exc)
+                    if self._held is not None and self._held.id != msg.id:
+                        self.outbox.reschedule(self._held)  # the destination's fault: in order
+                        self._held = None
                     delay = self.message_delay(msg.attempts)
                     if delay:  # due only after the wait below, so that the others go first
                         delay += self._backoff
+                        self._held = msg
                     self.outbox.retry(msg, why, delay)
                     self._failed(why)
                     return
