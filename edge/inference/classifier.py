@@ -308,7 +308,9 @@ class Classifier:
             self.reprobe_s = min(self.reprobe_s * 2, REPROBE_MAX_S)
             self._unproven = False
         why = f"the Edge TPU failed during inference ({exc}); switched to the CPU"
-        self._reprobe_at = time.monotonic() + self.reprobe_s
+        was_degraded = self.degraded is not None
+        if not was_degraded:  # the re-probe is due after the backoff from the first failure,
+            self._reprobe_at = time.monotonic() + self.reprobe_s  # not pushed on each frame
         try:
             if self._cpu_unusable:
                 raise BundleError(self._cpu_unusable)
@@ -322,7 +324,8 @@ class Classifier:
             if not self.degraded or self.degraded["reason"] != why:
                 log.error("%s; trying the Edge TPU again in %.0f s", why, self.reprobe_s)
                 self.fallback_events.append(why)
-            self.degraded = {"since": time.time(), "reason": why}
+            self.degraded = {"since": self.degraded["since"] if self.degraded else time.time(),
+                             "reason": why}
             raise EdgeTpuError(why) from exc
         log.warning("%s; trying it again in %.0f s", why, self.reprobe_s)
         self.fallback_events.append(why)
