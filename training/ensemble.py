@@ -36,6 +36,7 @@ from .threshold import (
     chosen_on,
     rates,
     shipped,
+    shipped_up,
     write_scores,
 )
 
@@ -137,8 +138,8 @@ def build_ensemble(cfg: Config, first_dir: Path, others: list[Path], out: Path,
     if carry:
         assert given is not None
         got, carried = carry_over(given, val_scores, target, how["method"], how["confidence"])
-        rule.update(threshold=shipped(got["threshold"]),
-                    tta_threshold=shipped(got["tta_threshold"]))
+        rule.update(threshold=shipped_up(got["threshold"]),
+                    tta_threshold=shipped_up(got["tta_threshold"]))
     else:
         rule.update(threshold=shipped(choose(scores.positive, scores.score, scores.lesion,
                                              target, **how)),
@@ -211,8 +212,9 @@ def _chosen_text(rule: dict) -> str:
              else f"{c['n']} validation images they were chosen on")
     v = c.get("validation")
     moved = c.get("carried_from")
-    carried = (f" Each sits at the specificity that lesion-grouped fold models (the members' "
-               f"recipe trained again on the other folds, float scores) reach at their own "
+    carried = (f" Each sits at the specificity that lesion-grouped fold models (trained again "
+               "on the other folds, on hard labels to their last epoch; float scores) reach at "
+               f"their own "
                f"threshold on {moved['n']} out-of-fold images of train + validation (live "
                f"stream {_pct(moved['threshold']['specificity'])}, captures "
                f"{_pct(moved['tta_threshold']['specificity'])}; their scores are kept in "
@@ -220,8 +222,9 @@ def _chosen_text(rule: dict) -> str:
                "the operating point is carried over, not the score." if moved else "")
     check = (f" On the kit's own validation scores (int8, {v['n']} images) the captures' "
              f"threshold flags {_pct(v.get('tta_sensitivity'))} at specificity "
-             f"{_pct(v.get('tta_specificity'))}: the fold models are the members' recipe "
-             "trained again, not the shipped models, and their float scores stand in for these."
+             f"{_pct(v.get('tta_specificity'))}: the fold models are trained again (hard labels, "
+             "their last epoch), not the shipped models, and their float scores stand in for "
+             "these."
              if v else "")
     return (f" On the {where}, the live stream's "
             f"threshold flags {_pct(c['sensitivity'])} of the {rule['group']} ones at "
@@ -261,7 +264,8 @@ def _card_section(out: Path, manifest: dict, rows: dict, latency: dict, n: int,
         f"{rule['group']} ≥ {rule['tta_threshold']:.4f} on the ensemble's averages (the live "
         f"stream, on the first model's one view: {rule['threshold']:.4f}), each chosen on the "
         + ("out-of-fold predictions of lesion-grouped fold models over train + validation "
-           "(the members' recipe trained again on the other folds; float scores)"
+           "(trained again on the other folds, on hard labels to their last epoch; float "
+           "scores)"
            if (rule.get("chosen_on") or {}).get("source") == OOF_SOURCE
            else "validation split at the operating point carried over from out-of-fold "
            "predictions" if "carried_from" in (rule.get("chosen_on") or {})

@@ -46,6 +46,14 @@ def shipped(threshold: float) -> float:
     return kept if kept <= t else round(kept - 1e-4, 4)
 
 
+def shipped_up(threshold: float) -> float:
+    """A threshold placed at a specificity, as the manifest keeps it: four decimals, never below
+    the threshold itself (rounded down it would flag again the negatives it was placed above)."""
+    t = float(threshold)
+    kept = round(t, 4)
+    return kept if kept >= t else round(kept + 1e-4, 4)
+
+
 def choose(positive: np.ndarray, score: np.ndarray, lesion: np.ndarray, target: float,
            method: str, confidence: float) -> float:
     """The threshold for ``target`` sensitivity: on these images as they are (``validation``)
@@ -76,12 +84,16 @@ def carry_over(oof: Scores, own: Scores, target: float, method: str,
     has there, and on ``own`` the lowest threshold with that specificity. For fold models whose
     scores are more extreme than the shipped models' (another recipe): a score does not carry
     over, a specificity can, if the shipped models rank at least as well. Returns the
-    thresholds and, per threshold, what was carried."""
+    thresholds (kept with :func:`shipped_up`, so the specificity stays) and, per threshold,
+    what was carried."""
     thresholds, carried = {}, {}
     for key, col in (("threshold", "score"), ("tta_threshold", "tta")):
         theirs, mine = getattr(oof, col), getattr(own, col)
         if theirs is None or mine is None:
             continue
+        if oof.positive.all() or not oof.positive.any():
+            raise ValueError("out-of-fold scores need images in and out of the decision group "
+                             "to carry a specificity over")
         t = choose(oof.positive, theirs, oof.lesion, target, method, confidence)
         q = rates(oof.positive, theirs, t)["specificity"]
         thresholds[key] = at_specificity(own.positive, mine, q)
@@ -171,11 +183,11 @@ def recompute(bundle_dir: Path, decision: dict) -> dict:
                 "carried_from"]["sha256"]:
             raise ValueError(f"{source}: missing, or its digest differs from the manifest's")
         thresholds, _ = carry_over(read_scores(source), scores, *how)
-        got: dict = dict(thresholds)
-        got.update(rates(scores.positive, scores.score, shipped(got["threshold"])))
+        got: dict = {**thresholds, "rounded": "up"}
+        got.update(rates(scores.positive, scores.score, shipped_up(got["threshold"])))
         if "tta_threshold" in got and scores.tta is not None:
-            got.update({f"tta_{k}": v for k, v in
-                        rates(scores.positive, scores.tta, shipped(got["tta_threshold"])).items()})
+            got.update({f"tta_{k}": v for k, v in rates(
+                scores.positive, scores.tta, shipped_up(got["tta_threshold"])).items()})
         return got
     # The rates are those of the thresholds as a manifest keeps them (see shipped).
     out: dict = {"threshold": choose(scores.positive, scores.score, scores.lesion, *how)}
@@ -191,9 +203,10 @@ def compare(got: dict, decision: dict) -> list[tuple[str, float | None, float | 
     """(threshold key, recomputed, shipped, the same) for every threshold either side has: a
     shipped threshold the file cannot recompute, or the reverse, is not the same."""
     rows = []
+    keep = shipped_up if got.get("rounded") == "up" else shipped
     for key in ("threshold", "tta_threshold"):
         if key in got or key in decision:
-            mine = shipped(got[key]) if key in got else None
+            mine = keep(got[key]) if key in got else None
             rows.append((key, mine, decision.get(key), mine is not None
                          and mine == decision.get(key)))
     return rows
