@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import re
+import time
 from pathlib import Path
 
 from tests.test_web import csrf_of, daemon, jpeg_of  # noqa: F401  (the fixture)
@@ -59,6 +60,13 @@ def test_a_card_that_turns_read_only_locks_nobody_out(daemon, monkeypatch):  # n
     page = admin.get("/system")
     assert page.status_code == 200
     assert len(re.findall(r'name="id" value="([0-9a-f]{64})"', page.get_data(as_text=True))) == 2
+    # In use all along, past the idle limit of its last recorded touch: still logged in.
+    assert phone.get("/api/status").status_code == 200
+    store.idle_s = 1.0
+    for _ in range(3):
+        time.sleep(0.4)
+        assert phone.get("/api/status").status_code == 200
+    store.idle_s = 3600
     phone.post("/logout", data={"csrf_token": csrf_of(phone)})
     assert _with_cookie(app, saved).get("/api/status").status_code == 401
     in_memory = _cookie(admin)

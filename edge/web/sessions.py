@@ -110,17 +110,20 @@ class Sessions:
                 kept[1] = now
                 return True
             row = self._db.execute(
-                "SELECT created, last_seen, password_tag FROM web_sessions WHERE digest=?",
-                (digest,),
+                "SELECT created, last_seen, password_tag, client, agent FROM web_sessions "
+                "WHERE digest=?", (digest,),
             ).fetchone()
             if row is None:
                 return False
-            created, last_seen, tag = row
+            created, last_seen, tag, client, agent = row
             if tag != self.tag or self._expired(created, last_seen, now):
                 self._write("DELETE FROM web_sessions WHERE digest=?", (digest,))
                 return False
-            if now - last_seen > TOUCH_EVERY_S:  # a refused touch costs nothing but its age
-                self._write("UPDATE web_sessions SET last_seen=? WHERE digest=?", (now, digest))
+            if now - last_seen > TOUCH_EVERY_S and self._write(
+                    "UPDATE web_sessions SET last_seen=? WHERE digest=?", (now, digest)) is None:
+                # Refused: its last-seen time goes on in memory, or a browser in use all
+                # along would be logged out once the stale one passed the idle limit.
+                self._in_memory[digest] = [created, now, client, agent]
         return True
 
     def end(self, sid: str | None) -> None:
@@ -129,12 +132,11 @@ class Sessions:
 
     def end_digest(self, digest: str) -> bool:
         with self._lock:
-            if self._in_memory.pop(digest, None) is not None:
-                return True
+            kept = self._in_memory.pop(digest, None) is not None
             known = self._db.execute(
                 "SELECT 1 FROM web_sessions WHERE digest=?", (digest,)).fetchone() is not None
             if not known:
-                return False
+                return kept
             if self._write("DELETE FROM web_sessions WHERE digest=?", (digest,)) is None:
                 self._ended.add(digest)  # refused from now on, although its row stays
         return True
@@ -155,7 +157,7 @@ class Sessions:
                 "SELECT digest, created, last_seen, client, agent, password_tag "
                 "FROM web_sessions").fetchall()
                 if r[5] == self.tag and not self._expired(r[1], r[2], now)
-                and r[0] not in self._ended]
+                and r[0] not in self._ended and r[0] not in self._in_memory]
             for d, kept in list(self._in_memory.items()):
                 if self._expired(kept[0], kept[1], now):
                     del self._in_memory[d]
