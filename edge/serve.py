@@ -193,13 +193,13 @@ def serve(cfg: Config, profile: str | None = None) -> int:
     try:
         # Live views hold a thread each for their whole life: they get their own, on top of
         # the threads reserved for pages and the API (the stream's cap keeps them within).
-        from .web.guard import Limits
+        from .web.guard import FORM_ROOM_BYTES, Limits
 
         # The body cap: the largest upload plus room for the rest of its form (the app then
         # answers 413 itself, in JSON, for one just over the limit).
         limits = Limits(cfg.web.connection_limit, cfg.web.per_client_connections,
                         cfg.web.header_timeout_s,
-                        max_body_bytes=cfg.web.max_upload_mb * 1024 * 1024 + 64 * 1024)
+                        max_body_bytes=cfg.web.max_upload_mb * 1024 * 1024 + FORM_ROOM_BYTES)
         _serve_app(app, cfg.web.host, cfg.web.port, cfg.web.threads + cfg.web.max_streams,
                    limits=limits, must_end=lambda: pipeline.fatal is not None)
     finally:

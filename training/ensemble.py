@@ -32,7 +32,7 @@ from .threshold import (
     OOF_FILE,
     SCORES_FILE,
     carry_over,
-    choose,
+    choose_both,
     chosen_on,
     rates,
     shipped,
@@ -138,14 +138,11 @@ def build_ensemble(cfg: Config, first_dir: Path, others: list[Path], out: Path,
     if carry:
         assert given is not None
         got, carried = carry_over(given, val_scores, target, how["method"], how["confidence"])
-        rule.update(threshold=shipped_up(got["threshold"]),
-                    tta_threshold=shipped_up(got["tta_threshold"]))
+        keep = shipped_up  # a specificity holds only for a threshold never below it
     else:
-        rule.update(threshold=shipped(choose(scores.positive, scores.score, scores.lesion,
-                                             target, **how)),
-                    tta_threshold=shipped(choose(scores.positive, scores.tta, scores.lesion,
-                                                 target, **how)))
-    rule.update(target_sensitivity=target, threshold_method=cfg.decision.threshold_method)
+        got, keep = choose_both(scores, target, how["method"], how["confidence"]), shipped
+    rule.update({key: keep(got[key]) for key in ("threshold", "tta_threshold")},
+                target_sensitivity=target, threshold_method=cfg.decision.threshold_method)
     rule.pop("threshold_confidence", None)
     if cfg.decision.threshold_method == "lesion_bound":
         rule["threshold_confidence"] = cfg.decision.threshold_confidence

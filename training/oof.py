@@ -78,9 +78,8 @@ def oof_scores(models: list[tuple[Bundle, Path]]) -> Scores:
                   tta=np.mean([g.mean(1) for g in per_model], axis=0))
 
 
-# What every model's fold file must share (the rest, input size and seed, is each model's own).
-SHARED_RECIPE = ("folds", "epochs", "precision", "images", "batch", "lr", "wd", "dropout",
-                 "drop_connect", "power", "variant")
+# What of a fold recipe (gpu_members.fold_recipe) is each model's own; all else must agree.
+OWN_RECIPE = ("input_size", "seed")
 
 
 def _same_folds(path: Path, data: dict, ref_path: Path, ref: dict) -> None:
@@ -93,7 +92,8 @@ def _same_folds(path: Path, data: dict, ref_path: Path, ref: dict) -> None:
                              "another split: made by another run)")
     if "recipe" in data and "recipe" in ref:
         mine, theirs = json.loads(str(data["recipe"])), json.loads(str(ref["recipe"]))
-        differ = [k for k in SHARED_RECIPE if mine.get(k) != theirs.get(k)]
+        differ = [k for k in sorted(mine.keys() | theirs.keys())
+                  if k not in OWN_RECIPE and mine.get(k) != theirs.get(k)]
         if differ:
             raise ValueError(f"{path}: made with other {', '.join(differ)} than {ref_path}")
 

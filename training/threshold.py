@@ -65,6 +65,18 @@ def choose(positive: np.ndarray, score: np.ndarray, lesion: np.ndarray, target: 
     return threshold_for_sensitivity(positive, score, target)
 
 
+def choose_both(scores: Scores, target: float, method: str,
+                confidence: float) -> dict[str, float]:
+    """Both thresholds chosen on ``scores`` themselves: ``threshold`` on one view,
+    ``tta_threshold`` on the views' mean where the scores have it."""
+    out = {"threshold": choose(scores.positive, scores.score, scores.lesion, target, method,
+                               confidence)}
+    if scores.tta is not None:
+        out["tta_threshold"] = choose(scores.positive, scores.tta, scores.lesion, target,
+                                      method, confidence)
+    return out
+
+
 def at_specificity(positive: np.ndarray, score: np.ndarray, specificity: float) -> float:
     """The lowest threshold at which at least ``specificity`` of the negatives score below it
     (``score >= threshold`` flags), ties included."""
@@ -183,19 +195,16 @@ def recompute(bundle_dir: Path, decision: dict) -> dict:
                 "carried_from"]["sha256"]:
             raise ValueError(f"{source}: missing, or its digest differs from the manifest's")
         thresholds, _ = carry_over(read_scores(source), scores, *how)
-        got: dict = {**thresholds, "rounded": "up"}
-        got.update(rates(scores.positive, scores.score, shipped_up(got["threshold"])))
-        if "tta_threshold" in got and scores.tta is not None:
-            got.update({f"tta_{k}": v for k, v in rates(
-                scores.positive, scores.tta, shipped_up(got["tta_threshold"])).items()})
-        return got
+        out: dict = {**thresholds, "rounded": "up"}
+        keep = shipped_up
+    else:
+        out = choose_both(scores, *how)
+        keep = shipped
     # The rates are those of the thresholds as a manifest keeps them (see shipped).
-    out: dict = {"threshold": choose(scores.positive, scores.score, scores.lesion, *how)}
-    out.update(rates(scores.positive, scores.score, shipped(out["threshold"])))
-    if scores.tta is not None:
-        out["tta_threshold"] = choose(scores.positive, scores.tta, scores.lesion, *how)
+    out.update(rates(scores.positive, scores.score, keep(out["threshold"])))
+    if "tta_threshold" in out and scores.tta is not None:
         out.update({f"tta_{k}": v for k, v in
-                    rates(scores.positive, scores.tta, shipped(out["tta_threshold"])).items()})
+                    rates(scores.positive, scores.tta, keep(out["tta_threshold"])).items()})
     return out
 
 

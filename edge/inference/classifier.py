@@ -308,9 +308,8 @@ class Classifier:
             self.reprobe_s = min(self.reprobe_s * 2, REPROBE_MAX_S)
             self._unproven = False
         why = f"the Edge TPU failed during inference ({exc}); switched to the CPU"
-        was_degraded = self.degraded is not None
-        if not was_degraded:  # the re-probe is due after the backoff from the first failure,
-            self._reprobe_at = time.monotonic() + self.reprobe_s  # not pushed on each frame
+        if self.degraded is None:  # the re-probe is due after the backoff from the first
+            self._reprobe_at = time.monotonic() + self.reprobe_s  # failure, not each frame's
         try:
             if self._cpu_unusable:
                 raise BundleError(self._cpu_unusable)

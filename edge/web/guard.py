@@ -37,13 +37,17 @@ from waitress.server import BaseWSGIServer
 log = logging.getLogger(__name__)
 
 
+# Room beside the image in an upload's form (its field names, boundaries, the sample code).
+FORM_ROOM_BYTES = 64 * 1024
+
+
 @dataclass(frozen=True)
 class Limits:
     limit: int = 200
     per_client: int = 32
     header_timeout_s: float = 10.0
     min_body_bytes_per_s: int = 4096
-    max_body_bytes: int = 16 * 1024 * 1024 + 64 * 1024
+    max_body_bytes: int = 16 * 1024 * 1024 + FORM_ROOM_BYTES  # [web] max_upload_mb's default
 
 
 class GuardedChannel(HTTPChannel):
